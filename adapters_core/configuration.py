@@ -318,6 +318,8 @@ class AdapterConfigBase(_FrozenConfig):
         if not isinstance(data, Mapping):
             raise ValueError(f"an adapter config must be a JSON object, got {type(data).__name__}")
         arch = data.get("architecture")
+        if cls is not AdapterConfigBase and "architecture" not in data:
+            return cls._from_dict(data, strict)  # a partial dict read by a concrete class
         if arch is None or arch == "bottleneck":
             target: type[AdapterConfigBase] = BnConfig
         elif arch == "lora":
@@ -332,8 +334,7 @@ class AdapterConfigBase(_FrozenConfig):
             raise ValueError(f"{cls.__name__}.from_dict got a config of architecture {arch!r}")
         if issubclass(cls, target):
             target = cls  # called on a concrete class: its defaults fill missing keys
-        config = target._from_dict(data, strict)
-        return config
+        return target._from_dict(data, strict)
 
     @classmethod
     def _from_dict(cls, data: Mapping[str, Any], strict: bool) -> AdapterConfigBase:
