@@ -49,7 +49,7 @@ def test_repr_is_constructor_code() -> None:
     assert repr(Split("a", "b", splits=[2, 3])) == "Split('a', 'b', splits=[2, 3])"
     assert repr(Average("a", "b", weights=[1, 3])) == "Average('a', 'b', weights=[0.25, 0.75])"
     assert repr(Parallel("a", "b")) == "Parallel('a', 'b')"
-    assert eval(repr(block)) == block  # noqa: S307 - round trip of our own repr
+    assert eval(repr(block)) == block  # the repr is the code that builds the block
 
 
 def test_eq_and_hash() -> None:
