@@ -1,0 +1,110 @@
+"""create_app(settings) -> FastAPI: the lifespan loads the backbone and starts the batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from server.auth import KeyRing
+from server.batcher import Batcher
+from server.engine import Engine
+from server.inference import make_runner
+from server.metrics import Metrics
+from server.middleware import ServeMiddleware
+from server.problems import install_problem_handlers, rewrite_openapi_errors
+from server.residency import Residency
+from server.routes import adapters, health, inference, openai
+from server.runtime import Runtime
+from server.settings import Settings, env_settings
+from server.store import AdapterStore
+
+log = logging.getLogger("adapterserve")
+EngineFactory = Callable[[Settings], Engine]
+
+
+def default_engine(settings: Settings) -> Engine:
+    return Engine(settings.model_path, settings.device, settings.dtype)
+
+
+def build_runtime(app: FastAPI, settings: Settings, engine: Engine) -> Runtime:
+    """Wire store, residency and batcher around a loaded engine (call on the event loop)."""
+    metrics: Metrics = app.state.metrics
+    store = AdapterStore(settings.store_dir)
+    residency = Residency(engine, settings.adapter_cache_bytes, metrics, lambda m: store.version_dir(m.tenant, m.name, m.version))
+    batcher = Batcher(
+        make_runner(engine, residency), metrics, max_batch_size=settings.max_batch_size,
+        max_batch_tokens=settings.max_batch_tokens, max_wait_s=settings.max_wait_ms / 1000.0, queue_size=settings.queue_size,
+    )
+    residency.on_doomed = lambda: batcher.executor.submit(residency.unload_pending)
+    return Runtime(settings, store, app.state.keyring, metrics, engine, residency, batcher)
+
+
+def create_app(settings: Settings | None = None, engine_factory: EngineFactory = default_engine) -> FastAPI:
+    """A fresh app with its own metrics registry, store handle and (at startup) backbone."""
+    settings = settings or env_settings()
+    keyring = KeyRing(settings.api_keys_file)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if keyring.open_mode:
+            log.warning("no API keys file: running OPEN (every caller is tenant 'default' with the admin role), bound to %s", settings.host)
+        engine = await asyncio.to_thread(engine_factory, settings)
+        runtime = build_runtime(app, settings, engine)
+        runtime.batcher.start()
+        app.state.runtime = runtime
+        log.info("ready: store %s, %d tenants configured", runtime.store.root, len(keyring.tenants()))
+        try:
+            yield
+        finally:
+            app.state.runtime = None
+            await runtime.batcher.stop()
+
+    app = FastAPI(
+        title="AdapterServe", version="0.1.0", lifespan=lifespan,
+        description="One transformer backbone serving many hot-swappable adapters. Errors are application/problem+json.",
+    )
+    app.state.settings = settings
+    app.state.keyring = keyring
+    app.state.metrics = Metrics(known_tenants=keyring.tenants())
+    app.state.runtime = None
+    app.state.draining = False
+    app.state.inflight = 0
+    install_problem_handlers(app)
+    for module in (adapters, inference, openai, health):
+        app.include_router(module.router)
+    app.add_middleware(ServeMiddleware, metrics=app.state.metrics, state=app.state, max_upload_bytes=settings.max_upload_bytes)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            app.openapi_schema = rewrite_openapi_errors(schema)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+async def drain(app: FastAPI) -> bool:
+    """Refuse new /v1 requests (middleware), let in-flight, queued and running ones finish (bounded by
+    DRAIN_TIMEOUT_S).
+
+    Returns True if everything finished in time."""
+    settings: Settings = app.state.settings
+    app.state.draining = True
+    app.state.metrics.draining.set(1)
+    runtime: Runtime | None = app.state.runtime
+    loop = asyncio.get_running_loop()
+    end = loop.time() + settings.drain_timeout_s
+    while loop.time() < end:
+        busy = app.state.inflight > 0 or (runtime is not None and not runtime.batcher.idle)
+        if not busy:
+            return True
+        await asyncio.sleep(0.05)
+    log.warning("drain timeout (%.0fs) passed with work still in flight", settings.drain_timeout_s)
+    return False

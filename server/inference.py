@@ -1,0 +1,111 @@
+"""The batch runner: residency + engine for one group of jobs, on the inference thread."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from server.batcher import Job, Runner
+from server.composition import Resolved
+from server.engine import Engine, Segment
+from server.problems import ProblemError
+from server.residency import AdapterUnavailable, Residency
+
+log = logging.getLogger("adapterserve.inference")
+
+Task = Literal["embedding", "classification"]
+
+
+@dataclass(frozen=True)
+class Work:
+    """What a queued job asks for."""
+
+    resolved: Resolved
+    task: Task
+
+
+def group_key(work: Work) -> tuple[str, str]:
+    """Jobs that may share one forward pass: same task kind (and, for classification, the same head)."""
+    if work.task == "classification" and work.resolved.head is not None:
+        return ("classification", work.resolved.head.internal)
+    return ("embedding", "")
+
+
+def segments_for(jobs: Sequence[Job]) -> list[Segment]:
+    """Consecutive jobs with the same composition become one segment (one BatchSplit child)."""
+    segs: list[Segment] = []
+    for job in jobs:
+        work: Work = job.payload
+        head = work.resolved.head.internal if work.task == "classification" and work.resolved.head else None
+        if segs and segs[-1].block == work.resolved.block and segs[-1].head == head and work.resolved.parallel_width == 1:
+            segs[-1] = Segment(segs[-1].block, segs[-1].rows + job.rows, head)
+        else:
+            segs.append(Segment(work.resolved.block, list(job.rows), head, work.resolved.parallel_width))
+    return segs
+
+
+def _split(outputs: list[Any], jobs: Sequence[Job]) -> list[Any]:
+    """Per-segment outputs back to per-job outputs (a segment may hold several jobs)."""
+    results: list[Any] = []
+    seg_iter = iter(outputs)
+    current, offset = None, 0
+    for job in jobs:
+        if current is None or offset >= len(current):
+            current, offset = next(seg_iter), 0
+        n = len(job.rows)
+        results.append(current[offset : offset + n])
+        offset += n
+    return results
+
+
+def make_runner(engine: Engine, residency: Residency) -> Runner:
+    """A runner for the batcher: load/pin the jobs' adapters, run one forward, unpin."""
+
+    def forward(jobs: Sequence[Job]) -> list[Any]:
+        segs = segments_for(jobs)
+        if any(s.head for s in segs):
+            return _split(engine.classify(segs), jobs)
+        if segs[0].width > 1:
+            return engine.embed(segs)
+        return _split(engine.embed(segs), jobs)
+
+    def run(jobs: Sequence[Job]) -> list[Any]:
+        results: list[Any] = [None] * len(jobs)
+        ready: list[int] = []
+        for i, job in enumerate(jobs):
+            try:
+                residency.prepare(job.payload.resolved.metas)
+                ready.append(i)
+            except AdapterUnavailable as exc:
+                results[i] = ProblemError(503, "adapter-unavailable", str(exc))
+        if not ready:
+            return results
+        batch = [jobs[i] for i in ready]
+        try:
+            try:
+                outs = forward(batch)
+            except ValueError:
+                if len(batch) == 1:
+                    raise
+                outs = []  # something in the mix cannot share a pass: isolate each job
+                for job in batch:
+                    try:
+                        outs.append(forward([job])[0])
+                    except ValueError as exc:
+                        outs.append(ProblemError(422, "invalid-composition", str(exc)))
+            for i, out in zip(ready, outs, strict=True):
+                results[i] = out
+        except ValueError as exc:
+            results[ready[0]] = ProblemError(422, "invalid-composition", str(exc))
+        except Exception as exc:
+            log.exception("forward pass failed")
+            for i in ready:
+                results[i] = ProblemError(500, "inference-failed", f"the forward pass failed: {type(exc).__name__}: {exc}")
+        finally:
+            for job in batch:
+                residency.unpin_metas(job.payload.resolved.metas)
+        return results
+
+    return run

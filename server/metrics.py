@@ -1,0 +1,49 @@
+"""Prometheus collectors on a per-app registry (several apps can live in one process, e.g. in tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+METRICS_MEDIA_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OTHER_TENANT = "other"
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass
+class Metrics:
+    """All adapterserve_* collectors; `tenant_label` keeps tenant cardinality bounded."""
+
+    known_tenants: set[str] = field(default_factory=set)
+    registry: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(auto_describe=True))
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        p = "adapterserve_"
+        self.requests = Counter(p + "requests", "HTTP requests by route template and status", ["route", "status"], registry=r)
+        self.request_seconds = Histogram(p + "request_seconds", "HTTP request latency", ["route"], buckets=_LATENCY, registry=r)
+        self.queue_seconds = Histogram(p + "queue_seconds", "Time an inference request waited in the queue", buckets=_LATENCY, registry=r)
+        self.inference_seconds = Histogram(p + "inference_seconds", "Time of one batched forward pass", buckets=_LATENCY, registry=r)
+        self.batch_size = Histogram(p + "batch_size", "Rows (inputs) per forward pass", buckets=_SIZES, registry=r)
+        self.batch_distinct_adapters = Histogram(
+            p + "batch_distinct_adapters", "Distinct adapter compositions per forward pass", buckets=_SIZES, registry=r
+        )
+        self.queue_depth = Gauge(p + "queue_depth", "Inference requests waiting in the queue", registry=r)
+        self.adapters_resident = Gauge(p + "adapters_resident", "Adapters loaded into the model", registry=r)
+        self.adapter_cache_bytes = Gauge(p + "adapter_cache_bytes", "Bytes of adapter weights loaded into the model", registry=r)
+        self.adapter_loads = Counter(p + "adapter_loads", "Adapter loads into the model by result", ["result"], registry=r)
+        self.adapter_load_seconds = Histogram(p + "adapter_load_seconds", "Time to load one adapter", buckets=_LATENCY, registry=r)
+        self.tenant_requests = Counter(p + "tenant_requests", "API requests per tenant (tenants from the keys file only)", ["tenant"], registry=r)
+        self.draining = Gauge(p + "draining", "1 while the server drains before exiting", registry=r)
+        for result in ("ok", "error"):
+            self.adapter_loads.labels(result=result)
+
+    def tenant_label(self, tenant: str) -> str:
+        """The label value for a tenant: itself if it is a configured tenant, else 'other'."""
+        return tenant if tenant in self.known_tenants else OTHER_TENANT
+
+    def render(self) -> bytes:
+        """The text exposition format 0.0.4."""
+        return generate_latest(self.registry)

@@ -1,0 +1,218 @@
+"""Which adapters are loaded into the model now: byte budget, LRU eviction, pins, deferred unloads.
+
+Loading and unloading touch the model, so `prepare`/`unload_pending` run only on the inference
+thread; `hold`/`release`/`retire` are called from the event loop. One lock guards the books.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from server.metrics import Metrics
+from server.store import VersionMeta, file_sha256
+
+log = logging.getLogger("adapterserve.residency")
+
+
+class AdapterLoader(Protocol):
+    """What residency needs from the model side."""
+
+    def load(self, path: Path, internal: str) -> int: ...  # returns bytes now held by the model
+
+    def unload(self, internal: str) -> None: ...
+
+
+class AdapterUnavailable(Exception):
+    """An adapter could not be loaded (deleted, corrupt, or rejected by the model)."""
+
+
+@dataclass
+class _Entry:
+    meta: VersionMeta
+    nbytes: int
+    pins: int = 0
+
+
+@dataclass
+class _Retired:
+    trash: Path
+    internals: set[str] = field(default_factory=set)
+
+
+class Residency:
+    """LRU cache of loaded adapters keyed by internal (per-version) name."""
+
+    def __init__(self, loader: AdapterLoader, budget_bytes: int, metrics: Metrics, path_of: Callable[[VersionMeta], Path]) -> None:
+        self.loader = loader
+        self.budget = budget_bytes
+        self.metrics = metrics
+        self._path_of = path_of
+        self._lock = threading.Lock()
+        self._resident: OrderedDict[str, _Entry] = OrderedDict()  # LRU order: oldest first
+        self._inflight: dict[str, int] = {}  # internal -> queued or running requests using it
+        self._moved: dict[str, Path] = {}  # internal -> version folder in the trash after a delete
+        self._retired: dict[str, _Retired] = {}  # internal -> its trash record
+        self._doomed: set[str] = set()  # deleted and resident: unload once no request uses it
+        self.on_doomed: Callable[[], None] | None = None  # asks the inference thread to run unload_pending
+
+    # -- event-loop side -------------------------------------------------------------------------
+    def hold(self, metas: Iterable[VersionMeta]) -> None:
+        """A request resolved to these versions: keep their files until `release`."""
+        with self._lock:
+            for m in metas:
+                self._inflight[m.internal] = self._inflight.get(m.internal, 0) + 1
+
+    def release(self, metas: Iterable[VersionMeta]) -> None:
+        with self._lock:
+            for m in metas:
+                n = self._inflight.get(m.internal, 0) - 1
+                if n > 0:
+                    self._inflight[m.internal] = n
+                    continue
+                self._inflight.pop(m.internal, None)
+                self._settle(m.internal)
+
+    def retire(self, metas: Iterable[VersionMeta], trash: Path) -> None:
+        """The adapter was deleted from the store (moved to `trash`): unload and remove its files
+        once the requests that resolved it have finished."""
+        record = _Retired(trash)
+        with self._lock:
+            for m in metas:
+                record.internals.add(m.internal)
+                self._moved[m.internal] = trash / str(m.version)
+                self._retired[m.internal] = record
+            for internal in list(record.internals):
+                self._settle(internal)
+            if not record.internals:
+                shutil.rmtree(trash, ignore_errors=True)
+
+    def _settle(self, internal: str) -> None:
+        """Called under the lock when nothing in flight uses `internal` any more."""
+        if internal not in self._retired or self._inflight.get(internal):
+            return
+        if internal in self._resident:
+            self._doomed.add(internal)  # the inference thread unloads it
+            if self.on_doomed is not None:
+                self.on_doomed()
+            return
+        self._forget(internal)
+
+    def _forget(self, internal: str) -> None:
+        record = self._retired.pop(internal, None)
+        self._moved.pop(internal, None)
+        if record is not None:
+            record.internals.discard(internal)
+            if not record.internals:
+                shutil.rmtree(record.trash, ignore_errors=True)
+
+    # -- inference-thread side -------------------------------------------------------------------
+    def prepare(self, metas: Iterable[VersionMeta]) -> None:
+        """Make every adapter resident and pinned (load on demand, evict LRU to fit the budget).
+
+        Raises AdapterUnavailable naming the first adapter that cannot be loaded; nothing stays pinned then.
+        """
+        wanted = list({m.internal: m for m in metas}.values())
+        self.unload_pending()
+        pinned: list[str] = []
+        try:
+            for meta in wanted:
+                self._ensure(meta)
+                with self._lock:
+                    self._resident[meta.internal].pins += 1
+                    pinned.append(meta.internal)
+        except Exception:
+            self.unpin(pinned)
+            raise
+
+    def unpin(self, internals: Iterable[str]) -> None:
+        with self._lock:
+            for internal in internals:
+                entry = self._resident.get(internal)
+                if entry is not None and entry.pins > 0:
+                    entry.pins -= 1
+
+    def unpin_metas(self, metas: Iterable[VersionMeta]) -> None:
+        self.unpin({m.internal for m in metas})
+
+    def _ensure(self, meta: VersionMeta) -> None:
+        internal = meta.internal
+        with self._lock:
+            entry = self._resident.get(internal)
+            if entry is not None:
+                self._resident.move_to_end(internal)
+                return
+            path = self._moved.get(internal) or self._path_of(meta)
+        self._make_room(meta.nbytes)
+        start = time.perf_counter()
+        try:
+            self._verify(meta, path)
+            nbytes = self.loader.load(path, internal)
+        except Exception as exc:
+            self.metrics.adapter_loads.labels(result="error").inc()
+            log.error("loading %s/%s v%d failed: %s", meta.tenant, meta.name, meta.version, exc)
+            raise AdapterUnavailable(f"adapter {meta.name!r} (version {meta.version}) cannot be loaded: {exc}") from exc
+        self.metrics.adapter_loads.labels(result="ok").inc()
+        self.metrics.adapter_load_seconds.observe(time.perf_counter() - start)
+        with self._lock:
+            self._resident[internal] = _Entry(meta, nbytes)
+            self._publish()
+
+    @staticmethod
+    def _verify(meta: VersionMeta, path: Path) -> None:
+        """Refuse files whose checksum no longer matches meta.json (corruption on the volume)."""
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} is gone (the adapter was deleted)")
+        for name, info in meta.files.items():
+            if file_sha256(path / name) != info.sha256:
+                raise ValueError(f"{name} does not match its stored sha256")
+
+    def _make_room(self, incoming: int) -> None:
+        while True:
+            with self._lock:
+                used = sum(e.nbytes for e in self._resident.values())
+                if used + incoming <= self.budget:
+                    return
+                victim = next((k for k, e in self._resident.items() if e.pins == 0), None)
+                if victim is None:  # everything resident is pinned by this batch: exceed the budget briefly
+                    log.warning("adapter cache over budget: all %d resident adapters are in use", len(self._resident))
+                    return
+            self._unload(victim)
+
+    def _unload(self, internal: str) -> None:
+        try:
+            self.loader.unload(internal)
+        finally:
+            with self._lock:
+                self._resident.pop(internal, None)
+                self._doomed.discard(internal)
+                if internal in self._retired and not self._inflight.get(internal):
+                    self._forget(internal)
+                self._publish()
+
+    def unload_pending(self) -> None:
+        """Unload deleted adapters that no request uses any more."""
+        with self._lock:
+            doomed = [i for i in self._doomed if not self._inflight.get(i) and not self._resident.get(i, _Entry(None, 0)).pins]  # type: ignore[arg-type]
+        for internal in doomed:
+            self._unload(internal)
+
+    def _publish(self) -> None:
+        self.metrics.adapters_resident.set(len(self._resident))
+        self.metrics.adapter_cache_bytes.set(sum(e.nbytes for e in self._resident.values()))
+
+    # -- introspection ---------------------------------------------------------------------------
+    def resident(self) -> list[str]:
+        with self._lock:
+            return list(self._resident)
+
+    def is_resident(self, internal: str) -> bool:
+        with self._lock:
+            return internal in self._resident

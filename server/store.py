@@ -1,0 +1,257 @@
+"""Durable adapter store: <root>/<tenant>/<adapter>/<version>/ with meta.json; atomic, crash-safe writes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("adapterserve.store")
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+META_FILE = "meta.json"
+TMP_DIR = ".tmp"
+TRASH_DIR = ".trash"
+STALE_AFTER_S = 3600.0
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1024 * 1024):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def overall_sha256(files: dict[str, FileInfo]) -> str:
+    """One checksum for the version: sha256 over the sorted 'name sha256' lines (independent of upload form)."""
+    lines = "".join(f"{name} {files[name].sha256}\n" for name in sorted(files))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class VersionMeta:
+    """What meta.json says about one stored version."""
+
+    tenant: str
+    name: str
+    version: int
+    created: str
+    uploader: str
+    method: str
+    methods: tuple[str, ...]
+    has_head: bool
+    nbytes: int
+    files: dict[str, FileInfo]
+    sha256: str
+    size: int
+    head: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.tenant, self.name, self.version)
+
+    @property
+    def internal(self) -> str:
+        """The model-side name ([A-Za-z0-9_]+), unique per stored version even across delete/re-upload."""
+        raw = f"{self.tenant}/{self.name}/{self.version}/{self.sha256}/{self.created}"
+        return "a_" + hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["methods"] = list(self.methods)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> VersionMeta:
+        d = dict(d)
+        d["files"] = {k: FileInfo(**v) for k, v in d["files"].items()}
+        d["methods"] = tuple(d.get("methods", ()))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Upload:
+    """What validation learned about a staged upload, recorded in meta.json."""
+
+    method: str
+    methods: tuple[str, ...]
+    has_head: bool
+    nbytes: int
+    head: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class AdapterStore:
+    """The source of truth for adapters; every process sharing `root` sees the same versions."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / TMP_DIR).mkdir(exist_ok=True)
+        (self.root / TRASH_DIR).mkdir(exist_ok=True)
+        self._lock = threading.Lock()
+        self._meta_cache: dict[tuple[str, str, int], VersionMeta] = {}
+        self._tag = f"{socket.gethostname()}-{os.getpid()}"
+        self.cleanup()
+
+    # -- housekeeping -------------------------------------------------------------------------
+    def cleanup(self) -> None:
+        """Remove leftovers of crashed uploads and deletes (stale ones only: replicas may share the root)."""
+        now = time.time()
+        for sub in (TMP_DIR, TRASH_DIR):
+            for entry in (self.root / sub).iterdir():
+                try:
+                    if entry.name.startswith(self._tag + "-") or now - entry.stat().st_mtime > STALE_AFTER_S:
+                        shutil.rmtree(entry, ignore_errors=True)
+                except OSError:
+                    pass
+
+    def staging_dir(self) -> Path:
+        """A fresh temp folder on the store's filesystem (so the final rename is atomic)."""
+        path = self.root / TMP_DIR / f"{self._tag}-{uuid.uuid4().hex}"
+        path.mkdir()
+        return path
+
+    # -- reading ------------------------------------------------------------------------------
+    def adapter_dir(self, tenant: str, name: str) -> Path:
+        return self.root / tenant / name
+
+    def version_dir(self, tenant: str, name: str, version: int) -> Path:
+        return self.root / tenant / name / str(version)
+
+    def versions(self, tenant: str, name: str) -> list[int]:
+        """Committed versions, ascending (a version folder exists only once fully written)."""
+        try:
+            entries = os.listdir(self.adapter_dir(tenant, name))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(int(e) for e in entries if e.isdigit())
+
+    def meta(self, tenant: str, name: str, version: int) -> VersionMeta | None:
+        key = (tenant, name, version)
+        cached = self._meta_cache.get(key)
+        if cached is not None:
+            return cached
+        try:
+            data = json.loads((self.version_dir(tenant, name, version) / META_FILE).read_text())
+        except FileNotFoundError:
+            return None
+        meta = VersionMeta.from_json(data)
+        self._meta_cache[key] = meta
+        return meta
+
+    def latest(self, tenant: str, name: str) -> VersionMeta | None:
+        """The newest version of an adapter, or None if the tenant has no such adapter."""
+        if not NAME_RE.match(name):
+            return None
+        for version in reversed(self.versions(tenant, name)):
+            meta = self.meta(tenant, name, version)
+            if meta is not None:
+                return meta
+        return None
+
+    def names(self, tenant: str) -> list[str]:
+        try:
+            entries = sorted(os.listdir(self.root / tenant))
+        except FileNotFoundError:
+            return []
+        return [e for e in entries if NAME_RE.match(e) and self.versions(tenant, e)]
+
+    def list(self, tenant: str) -> list[VersionMeta]:
+        """The latest version of each of a tenant's adapters."""
+        out = []
+        for name in self.names(tenant):
+            meta = self.latest(tenant, name)
+            if meta is not None:
+                out.append(meta)
+        return out
+
+    def all_versions(self, tenant: str, name: str) -> list[VersionMeta]:
+        return [m for v in self.versions(tenant, name) if (m := self.meta(tenant, name, v)) is not None]
+
+    def tenant_bytes(self, tenant: str) -> int:
+        return sum(m.size for n in self.names(tenant) for m in self.all_versions(tenant, n))
+
+    # -- writing ------------------------------------------------------------------------------
+    def commit(self, tenant: str, name: str, staged: Path, upload: Upload, uploader: str) -> VersionMeta:
+        """Move a validated staging folder into place as the next version (fsync, then one rename)."""
+        if not NAME_RE.match(name):
+            raise ValueError(f"invalid adapter name {name!r}")
+        files: dict[str, FileInfo] = {}
+        for path in sorted(staged.iterdir()):
+            if path.name == META_FILE:
+                continue
+            files[path.name] = FileInfo(file_sha256(path), path.stat().st_size)
+        with self._lock:
+            (self.root / tenant / name).mkdir(parents=True, exist_ok=True)
+            for _attempt in range(100):
+                current = self.versions(tenant, name)
+                version = (current[-1] if current else 0) + 1
+                meta = VersionMeta(
+                    tenant=tenant, name=name, version=version,
+                    created=datetime.now(UTC).isoformat(timespec="microseconds"), uploader=uploader,
+                    method=upload.method, methods=upload.methods, has_head=upload.has_head, nbytes=upload.nbytes,
+                    files=files, sha256=overall_sha256(files), size=sum(f.size for f in files.values()),
+                    head=upload.head, extra=upload.extra,
+                )
+                meta_path = staged / META_FILE
+                with meta_path.open("w") as f:
+                    json.dump(meta.to_json(), f, indent=2, sort_keys=True)
+                    f.flush()
+                    os.fsync(f.fileno())
+                _fsync_dir(staged)
+                target = self.version_dir(tenant, name, version)
+                try:
+                    os.rename(staged, target)  # atomic; fails if another replica took this version
+                except OSError:
+                    if target.exists():
+                        continue
+                    raise
+                _fsync_dir(target.parent)
+                _fsync_dir(target.parent.parent)
+                self._meta_cache[meta.key] = meta
+                log.info("stored %s/%s version %d (%s, %d bytes)", tenant, name, version, meta.method, meta.size)
+                return meta
+        raise RuntimeError(f"could not allocate a version for {tenant}/{name}")
+
+    def delete(self, tenant: str, name: str) -> Path | None:
+        """Atomically remove an adapter (all versions) from the store; returns its new home in the trash
+        (removed by the caller once in-flight requests are done), or None if it did not exist."""
+        src = self.adapter_dir(tenant, name)
+        if not NAME_RE.match(name) or not src.is_dir():
+            return None
+        dest = self.root / TRASH_DIR / f"{self._tag}-{uuid.uuid4().hex}"
+        with self._lock:
+            os.rename(src, dest)
+            _fsync_dir(src.parent)
+            for key in [k for k in self._meta_cache if k[0] == tenant and k[1] == name]:
+                del self._meta_cache[key]
+        log.info("deleted %s/%s", tenant, name)
+        return dest

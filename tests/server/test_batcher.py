@@ -1,0 +1,137 @@
+"""Batcher unit tests with an injected runner (no model)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from server.batcher import Batcher, DeadlineExceeded, Job, QueueFull
+from server.metrics import Metrics
+
+
+def _job(n: int, group: str = "g", adapter: str = "a", deadline_s: float = 30.0, solo: bool = False) -> Job:
+    return Job(rows=[[1, 2, 3]] * n, group=group, payload=adapter, deadline=time.monotonic() + deadline_s,
+               adapters=frozenset({adapter}), solo=solo)
+
+
+class Recorder:
+    def __init__(self, block: threading.Event | None = None) -> None:
+        self.calls: list[list[Job]] = []
+        self.threads: set[str] = set()
+        self.block = block
+
+    def __call__(self, jobs: Sequence[Job]) -> list[object]:
+        self.threads.add(threading.current_thread().name)
+        if self.block is not None:
+            self.block.wait(10)
+        self.calls.append(list(jobs))
+        return [f"{j.payload}:{len(j.rows)}" for j in jobs]
+
+
+def test_batches_group_and_resolve_each_future() -> None:
+    async def main() -> Recorder:
+        rec = Recorder()
+        b = Batcher(rec, Metrics(), max_batch_size=8, max_wait_s=0.05)
+        b.start()
+        jobs = [_job(2, group="emb" if i % 2 else "cls", adapter=f"a{i}") for i in range(6)]
+        futures = [b.submit(j) for j in jobs]
+        results = await asyncio.gather(*futures)
+        await b.stop()
+        assert results == [f"a{i}:2" for i in range(6)]
+        return rec
+
+    rec = asyncio.run(main())
+    assert all(name.startswith("inference") for name in rec.threads)
+    assert threading.main_thread().name not in rec.threads
+    for call in rec.calls:
+        assert len({j.group for j in call}) == 1  # one task kind per forward
+        assert sum(len(j.rows) for j in call) <= 8
+
+
+def test_max_batch_size_splits_batches() -> None:
+    async def main() -> Recorder:
+        rec = Recorder()
+        b = Batcher(rec, Metrics(), max_batch_size=4, max_wait_s=0.05)
+        b.start()
+        await asyncio.gather(*[b.submit(_job(1, adapter=f"a{i}")) for i in range(10)])
+        await b.stop()
+        return rec
+
+    rec = asyncio.run(main())
+    assert all(sum(len(j.rows) for j in c) <= 4 for c in rec.calls)
+    assert sum(len(c) for c in rec.calls) == 10
+
+
+def test_full_queue_raises_queue_full() -> None:
+    async def main() -> None:
+        gate = threading.Event()
+        b = Batcher(Recorder(gate), Metrics(), max_batch_size=1, max_wait_s=0, queue_size=2)
+        b.start()
+        first = b.submit(_job(1))
+        await asyncio.sleep(0.1)  # the first job is now running (blocked), the queue is empty
+        b.submit(_job(1))
+        b.submit(_job(1))
+        with pytest.raises(QueueFull):
+            b.submit(_job(1))
+        gate.set()
+        await first
+        await b.stop()
+
+    asyncio.run(main())
+
+
+def test_expired_job_is_dropped_before_running() -> None:
+    async def main() -> Recorder:
+        gate = threading.Event()
+        rec = Recorder(gate)
+        b = Batcher(rec, Metrics(), max_batch_size=1, max_wait_s=0)
+        b.start()
+        blocker = b.submit(_job(1, adapter="blocker"))
+        await asyncio.sleep(0.05)
+        late = b.submit(_job(1, adapter="late", deadline_s=0.01))
+        await asyncio.sleep(0.1)
+        gate.set()
+        await blocker
+        with pytest.raises(DeadlineExceeded):
+            await late
+        await b.stop()
+        return rec
+
+    rec = asyncio.run(main())
+    assert [j.payload for c in rec.calls for j in c] == ["blocker"]
+
+
+def test_runner_exception_per_job_and_idle() -> None:
+    def runner(jobs: Sequence[Job]) -> list[object]:
+        return [ValueError("bad") if j.payload == "bad" else "ok" for j in jobs]
+
+    async def main() -> None:
+        b = Batcher(runner, Metrics(), max_batch_size=8, max_wait_s=0.02)
+        b.start()
+        ok, bad = b.submit(_job(1, adapter="ok")), b.submit(_job(1, adapter="bad"))
+        assert await ok == "ok"
+        with pytest.raises(ValueError):
+            await bad
+        assert await b.wait_idle(5)
+        assert b.idle
+        await b.stop()
+
+    asyncio.run(main())
+
+
+def test_solo_job_runs_alone() -> None:
+    async def main() -> Recorder:
+        rec = Recorder()
+        b = Batcher(rec, Metrics(), max_batch_size=16, max_wait_s=0.05)
+        b.start()
+        await asyncio.gather(b.submit(_job(1, adapter="x")), b.submit(_job(1, adapter="p", solo=True)), b.submit(_job(1, adapter="y")))
+        await b.stop()
+        return rec
+
+    rec = asyncio.run(main())
+    solo_calls = [c for c in rec.calls if any(j.solo for j in c)]
+    assert solo_calls and all(len(c) == 1 for c in solo_calls)

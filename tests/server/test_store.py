@@ -1,0 +1,155 @@
+"""Store, intake and safetensors checks (no model)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from server.intake import ByteBudget, accepted_name, extract_archive
+from server.problems import ProblemError
+from server.safetensors_check import read_safetensors_shapes
+from server.store import AdapterStore, Upload
+
+UP = Upload(method="seq_bn", methods=("bottleneck",), has_head=False, nbytes=123)
+
+
+def _stage(store: AdapterStore, payload: bytes = b"x") -> Path:
+    d = store.staging_dir()
+    (d / "adapter_config.json").write_text(json.dumps({"config": {}}))
+    (d / "adapter.safetensors").write_bytes(payload)
+    return d
+
+
+def test_commit_versions_and_meta(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    m1 = store.commit("acme", "sent", _stage(store, b"one"), UP, "acme:k")
+    m2 = store.commit("acme", "sent", _stage(store, b"two"), UP, "acme:k")
+    assert (m1.version, m2.version) == (1, 2)
+    assert store.latest("acme", "sent") == m2
+    assert m1.sha256 != m2.sha256 and m1.internal != m2.internal
+    meta = json.loads((tmp_path / "acme" / "sent" / "2" / "meta.json").read_text())
+    assert meta["files"]["adapter.safetensors"]["size"] == 3 and meta["sha256"] == m2.sha256
+    assert not list((tmp_path / ".tmp").iterdir())
+    # a new process sees the same thing
+    again = AdapterStore(tmp_path)
+    assert [m.sha256 for m in again.list("acme")] == [m2.sha256]
+    assert again.versions("acme", "sent") == [1, 2]
+
+
+def test_torn_write_is_invisible_and_cleaned(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    store.commit("acme", "a", _stage(store), UP, "u")
+    torn = _stage(store)  # a crash before the rename: only the staging dir exists
+    assert torn.exists() and store.versions("acme", "a") == [1]
+    os.utime(torn, (0, 0))
+    AdapterStore(tmp_path)  # startup cleanup removes stale staging dirs
+    assert not torn.exists()
+
+
+def test_delete_moves_to_trash(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    store.commit("acme", "a", _stage(store), UP, "u")
+    trash = store.delete("acme", "a")
+    assert trash is not None and (trash / "1" / "meta.json").exists()
+    assert store.latest("acme", "a") is None and store.list("acme") == []
+    assert store.delete("acme", "a") is None
+
+
+def test_names_are_checked(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    assert store.latest("acme", "../etc") is None
+    with pytest.raises(ValueError):
+        store.commit("acme", "../x", _stage(store), UP, "u")
+
+
+def test_safetensors_checks(tmp_path: Path) -> None:
+    good = tmp_path / "g.safetensors"
+    save_file({"w": torch.zeros(2, 3)}, str(good))
+    assert read_safetensors_shapes(good) == {"w": (2, 3)}
+    bad = tmp_path / "b.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
+    with pytest.raises(ValueError, match="not JSON"):
+        read_safetensors_shapes(bad)
+    short = tmp_path / "s.safetensors"
+    short.write_bytes(good.read_bytes()[:-4])
+    with pytest.raises(ValueError):
+        read_safetensors_shapes(short)
+
+
+def test_accepted_names() -> None:
+    assert accepted_name("adapter.safetensors") == "adapter.safetensors"
+    assert accepted_name("README.md") is None
+    with pytest.raises(ProblemError) as e:
+        accepted_name("pytorch_adapter.bin")
+    assert e.value.status == 415
+    with pytest.raises(ProblemError):
+        accepted_name("evil.py")
+
+
+def _tar(members: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for name, target in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type = tarfile.SYMTYPE
+            info.linkname = target
+            tf.addfile(info)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "members,links,match",
+    [
+        ({"../adapter_config.json": b"{}"}, None, "outside"),
+        ({"/etc/adapter_config.json": b"{}"}, None, "absolute"),
+        ({"adapter_config.json": b"{}"}, {"adapter.safetensors": "/etc/passwd"}, "link"),
+        ({"a/adapter_config.json": b"{}", "b/adapter.safetensors": b"x"}, None, "one adapter folder"),
+    ],
+)
+def test_unsafe_tar_rejected(tmp_path: Path, members: dict[str, bytes], links: dict[str, str] | None, match: str) -> None:
+    arc = tmp_path / "a.tar.gz"
+    arc.write_bytes(_tar(members, links))
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with pytest.raises(ProblemError, match=match):
+        extract_archive(arc, "a.tar.gz", dest, ByteBudget(1 << 20))
+    assert not list(dest.iterdir())
+
+
+def test_tar_and_zip_with_top_folder(tmp_path: Path) -> None:
+    arc = tmp_path / "a.tar.gz"
+    arc.write_bytes(_tar({"sent/adapter_config.json": b"{}", "sent/adapter.safetensors": b"x"}))
+    dest = tmp_path / "t"
+    dest.mkdir()
+    extract_archive(arc, "a.tar.gz", dest, ByteBudget(1 << 20))
+    assert sorted(p.name for p in dest.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    z = tmp_path / "a.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("adapter_config.json", "{}")
+        zf.writestr("../adapter.safetensors", "x")
+    dest2 = tmp_path / "z"
+    dest2.mkdir()
+    with pytest.raises(ProblemError, match="outside"):
+        extract_archive(z, "a.zip", dest2, ByteBudget(1 << 20))
+
+
+def test_archive_bomb_hits_budget(tmp_path: Path) -> None:
+    arc = tmp_path / "a.tar.gz"
+    arc.write_bytes(_tar({"adapter_config.json": b"{}", "adapter.safetensors": b"\0" * 200_000}))
+    dest = tmp_path / "o"
+    dest.mkdir()
+    with pytest.raises(ProblemError) as e:
+        extract_archive(arc, "a.tar.gz", dest, ByteBudget(100_000))
+    assert e.value.status == 413
