@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONSTRAINTS := constraints.txt
 
-.PHONY: install test lint serve bench clean
+.PHONY: install test lint serve bench clean deploy-check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ lint: install
 test: install
 	$(BIN)/ruff check adapters_core server tests bench
 	$(BIN)/python -m pytest -q tests
+
+# Offline checks of Dockerfile, k8s manifests, alerts and dashboard (also part of `make test`).
+deploy-check: install
+	$(BIN)/python -m pytest -q tests/deploy
 
 serve: install
 	$(BIN)/adapterserve serve --host 127.0.0.1 --port 8000 --store ./data
