@@ -1,0 +1,260 @@
+"""Bottleneck adapters (seq_bn, double_seq_bn, par_bn, Compacter) and their per-row batched application.
+
+A location hands us h (the sublayer output), x (the residual input) and the model's LayerNorm (or None
+for pre-LN models). `apply_bottlenecks` returns the value *before* the model's own residual/LayerNorm
+step ("pre-final"), so the host keeps doing that step itself and rows without adapters stay untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import get_activation
+
+from .phm import PHMLayer
+
+
+def activation(name: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """AdapterHub's activation names, resolved through transformers' registry."""
+    if name is None:
+        return nn.Identity()
+    key = name.lower()
+    if key == "leakyrelu":
+        return nn.LeakyReLU()
+    if key in ("linear", "identity"):
+        return nn.Identity()
+    return get_activation(key)
+
+
+class Activation(nn.Module):
+    """A named activation as a module (sits inside adapter_down like AdapterHub's)."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name.lower()
+        self.fn = activation(name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+class BottleneckAdapter(nn.Module):
+    """One adapter at one location: adapter_down = [LN?, Linear|PHM, act], adapter_up = Linear|PHM."""
+
+    def __init__(self, hidden: int, down: int, config: object, shared: nn.ParameterDict | None = None):
+        super().__init__()
+        if not isinstance(config.scaling, (int, float)) or isinstance(config.scaling, bool):
+            raise ValueError(f"scaling={config.scaling!r} is not supported; use a number")
+        self.config = config
+        self.down_size = max(1, down)
+        self.scaling = float(config.scaling)
+        self.is_parallel = bool(config.is_parallel)
+        layers: list[nn.Module] = []
+        if config.ln_before:
+            self.adapter_norm_before = nn.LayerNorm(hidden)
+            layers.append(self.adapter_norm_before)
+        if config.phm_layer:
+            layers.append(PHMLayer(hidden, self.down_size, config, shared))
+            self.adapter_up = PHMLayer(self.down_size, hidden, config, shared)
+        else:
+            layers.append(nn.Linear(hidden, self.down_size))
+            self.adapter_up = nn.Linear(self.down_size, hidden)
+        layers.append(Activation(config.non_linearity))
+        self.adapter_down = nn.Sequential(*layers)
+        if config.ln_after:
+            self.adapter_norm_after = nn.LayerNorm(hidden)
+        self.dropout = nn.Dropout(config.dropout)
+        self._init_weights(config.init_weights)
+
+    @property
+    def down_proj(self) -> nn.Module:
+        return self.adapter_down[1 if self.config.ln_before else 0]
+
+    def _init_weights(self, scheme: str) -> None:
+        linears = [m for m in (self.down_proj, self.adapter_up) if isinstance(m, nn.Linear)]
+        with torch.no_grad():
+            if scheme == "bert":
+                for m in linears:
+                    m.weight.normal_(0.0, 0.02)
+                    m.bias.zero_()
+            elif scheme == "mam_adapter":
+                if isinstance(self.down_proj, nn.Linear):
+                    nn.init.kaiming_uniform_(self.down_proj.weight, a=5**0.5)
+                    self.down_proj.bias.zero_()
+                if isinstance(self.adapter_up, nn.Linear):
+                    self.adapter_up.weight.zero_()
+                    self.adapter_up.bias.zero_()
+            elif scheme == "houlsby":
+                for m in linears:
+                    nn.init.trunc_normal_(m.weight, 0.0, 1e-2, -2e-2, 2e-2)
+                    m.bias.zero_()
+            else:
+                raise ValueError(f"unknown init_weights {scheme!r}")
+
+    # AdapterHub's three stages, kept separate so stacks compose exactly like theirs.
+    def pre_forward(
+        self, hidden: torch.Tensor, x: torch.Tensor, layer_norm: nn.Module | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(adapter input, adapter residual)."""
+        if self.is_parallel:
+            return x, x
+        cfg = self.config
+        residual = hidden if cfg.residual_before_ln is True else None
+        if cfg.original_ln_before:
+            hidden = hidden + x
+            if cfg.residual_before_ln == "post_add":
+                residual = hidden
+            if layer_norm is not None:
+                hidden = layer_norm(hidden)
+        if not cfg.residual_before_ln:
+            residual = hidden
+        return hidden, residual
+
+    def forward(self, z: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        up = self.adapter_up(self.adapter_down(z)) * self.scaling
+        return self.finish(up, residual)
+
+    def finish(self, up: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        out = self.dropout(up)
+        if self.is_parallel:
+            return self.adapter_norm_after(out) if self.config.ln_after else out
+        if self.config.adapter_residual_before_ln:
+            out = out + residual
+        if self.config.ln_after:
+            out = self.adapter_norm_after(out)
+        if not self.config.adapter_residual_before_ln:
+            out = out + residual
+        return out
+
+    def pre_final(self, hidden: torch.Tensor, h_in: torch.Tensor) -> torch.Tensor:
+        """The value the host's residual/LN step receives (parallel adapters add the sublayer output)."""
+        return hidden + h_in if self.is_parallel else hidden
+
+    def signature(self) -> tuple:
+        """Adapters with equal signatures run together in one gathered batched matmul."""
+        cfg = self.config
+        return (
+            self.is_parallel, cfg.original_ln_before, cfg.residual_before_ln, cfg.adapter_residual_before_ln,
+            cfg.non_linearity.lower(), self.down_size, self.scaling,
+        )
+
+    @property
+    def batchable(self) -> bool:
+        return not (self.config.ln_before or self.config.ln_after or self.training and self.dropout.p > 0)
+
+    def linear_params(self) -> tuple[tuple[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]]:
+        return _linear_params(self.down_proj), _linear_params(self.adapter_up)
+
+
+def _linear_params(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(m, PHMLayer):
+        return m.linear_params()
+    return m.weight, m.bias
+
+
+@dataclass(frozen=True)
+class BottleneckResult:
+    """Pre-final values for `rows` (None = all rows), and whether the host still applies its LN/residual."""
+
+    value: torch.Tensor
+    rows: torch.Tensor | None
+    original_ln_after: bool
+
+
+def _gathered_linear(
+    x: torch.Tensor, params: Sequence[tuple[torch.Tensor, torch.Tensor | None]], row_slot: torch.Tensor
+) -> torch.Tensor:
+    """Row r of x times the weight of slot row_slot[r], for all rows in one bmm."""
+    w = torch.stack([p[0] for p in params])[row_slot]  # [R, out, in]
+    y = torch.bmm(x, w.transpose(1, 2))
+    if params[0][1] is not None:
+        b = torch.stack([p[1] for p in params])[row_slot]
+        y = y + b[:, None, :]
+    return y
+
+
+def _run_gathered(
+    adapters: Sequence[BottleneckAdapter], row_slot: torch.Tensor, h: torch.Tensor, x: torch.Tensor,
+    layer_norm: nn.Module | None,
+) -> torch.Tensor:
+    lead = adapters[0]
+    z, residual = lead.pre_forward(h, x, layer_norm)
+    downs, ups = zip(*(a.linear_params() for a in adapters), strict=True)
+    act = lead.adapter_down[-1]
+    up = _gathered_linear(act(_gathered_linear(z, downs, row_slot)), ups, row_slot) * lead.scaling
+    return lead.pre_final(lead.finish(up, residual), h)
+
+
+def _run_stack(
+    stack: Sequence[BottleneckAdapter], h: torch.Tensor, x: torch.Tensor, layer_norm: nn.Module | None
+) -> torch.Tensor:
+    hidden = h
+    for adapter in stack:
+        z, residual = adapter.pre_forward(hidden, x, layer_norm)
+        hidden = adapter(z, residual)
+    return stack[-1].pre_final(hidden, h)
+
+
+def apply_bottlenecks(
+    adapters: nn.ModuleDict,
+    groups: Sequence[tuple[tuple[str, ...], Sequence[int]]],
+    h: torch.Tensor,
+    x: torch.Tensor,
+    layer_norm: nn.Module | None,
+) -> list[BottleneckResult]:
+    """Run every routed row through its adapter stack; rows sharing a signature share one bmm."""
+    n_rows = h.shape[0]
+    results: list[BottleneckResult] = []
+    batched: dict[tuple, list[tuple[BottleneckAdapter, Sequence[int]]]] = {}
+    for names, rows in groups:
+        stack = [adapters[n] for n in names]
+        if len(stack) == 1 and stack[0].batchable:
+            batched.setdefault((stack[0].signature(), stack[0].config.original_ln_after), []).append(
+                (stack[0], rows)
+            )
+            continue
+        idx = _index(rows, n_rows, h.device)
+        hs, xs = (h, x) if idx is None else (h[idx], x[idx])
+        results.append(BottleneckResult(_run_stack(stack, hs, xs, layer_norm), idx, stack[-1].config.original_ln_after))
+    for (_, ln_after), members in batched.items():
+        if len(members) == 1:
+            adapter, rows = members[0]
+            idx = _index(rows, n_rows, h.device)
+            hs, xs = (h, x) if idx is None else (h[idx], x[idx])
+            results.append(BottleneckResult(_run_stack([adapter], hs, xs, layer_norm), idx, ln_after))
+            continue
+        all_rows = [r for _, rows in members for r in rows]
+        slots = [i for i, (_, rows) in enumerate(members) for _ in rows]
+        idx = _index(all_rows, n_rows, h.device)
+        hs, xs = (h, x) if idx is None else (h[idx], x[idx])
+        row_slot = torch.tensor(slots, device=h.device)
+        value = _run_gathered([a for a, _ in members], row_slot, hs, xs, layer_norm)
+        results.append(BottleneckResult(value, idx, ln_after))
+    return results
+
+
+def _index(rows: Sequence[int], n_rows: int, device: torch.device) -> torch.Tensor | None:
+    if len(rows) == n_rows and all(r == i for i, r in enumerate(rows)):
+        return None
+    return torch.tensor(list(rows), device=device)
+
+
+def merge_rows(base: torch.Tensor, results: Sequence[BottleneckResult], fn: Callable[[BottleneckResult], torch.Tensor]) -> torch.Tensor:
+    """Write each result's transformed rows into a copy of `base` (or return it when it covers all rows)."""
+    if len(results) == 1 and results[0].rows is None:
+        return fn(results[0])
+    out = base.clone()
+    for res in results:
+        value = fn(res)
+        if res.rows is None:
+            out = value
+        else:
+            out = out.index_copy(0, res.rows, value)
+    return out
+
+
+__all__ = ["BottleneckAdapter", "apply_bottlenecks", "merge_rows", "BottleneckResult", "activation", "F"]

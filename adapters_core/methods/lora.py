@@ -1,0 +1,172 @@
+"""LoRA (additive low-rank update) and (IA)^3 (multiplicative scaling vector) on linear layers.
+
+A target layer may be fused (GPT-2's c_attn holds q, k and v): then an adapter covers only the enabled
+thirds, listed in `out_index`, and LoRA's B is block-diagonal over them (AdapterHub's grouped conv1d).
+Application is per row: rows sharing a kind and shape run as one gathered bmm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class LoRA(nn.Module):
+    """delta(x) = dropout(x) @ A^T @ B_eff^T * alpha / r, written into the enabled outputs."""
+
+    kind = "add"
+
+    def __init__(self, in_features: int, out_enabled: int, groups: int, config: object):
+        super().__init__()
+        if config.composition_mode != "add":
+            raise ValueError("LoRA needs composition_mode='add'")
+        self.r, self.groups = config.r, groups
+        self.scaling = config.alpha / config.r
+        self.lora_A = nn.Parameter(torch.zeros(config.r * groups, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_enabled, config.r))
+        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        with torch.no_grad():
+            if config.init_weights == "lora":
+                nn.init.kaiming_uniform_(self.lora_A, a=5**0.5)
+            elif config.init_weights == "bert":
+                self.lora_A.normal_(0.0, 0.02)
+                self.lora_B.normal_(0.0, 0.02)
+            elif config.init_weights == "ia3":
+                self.lora_A.fill_(1.0)
+                self.lora_B.fill_(1.0)
+            else:
+                raise ValueError(f"unknown init_weights {config.init_weights!r}")
+
+    def b_effective(self) -> torch.Tensor:
+        """B as one (out_enabled, r * groups) matrix: block-diagonal when the layer is fused."""
+        if self.groups == 1:
+            return self.lora_B
+        return torch.block_diag(*self.lora_B.chunk(self.groups, dim=0))
+
+    def delta_weight(self) -> torch.Tensor:
+        """(out_enabled, in) update that merging adds to the base weight."""
+        return self.b_effective() @ self.lora_A * self.scaling
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lora_dropout(hidden) @ self.lora_A.t() @ self.b_effective().t() * self.scaling
+
+    def shape_key(self) -> tuple:
+        return ("add", tuple(self.lora_A.shape), tuple(self.lora_B.shape))
+
+
+class IA3(nn.Module):
+    """out[..., enabled] *= lora_B * alpha (a learned vector per output feature)."""
+
+    kind = "scale"
+
+    def __init__(self, out_enabled: int, config: object):
+        super().__init__()
+        if config.composition_mode != "scale":
+            raise ValueError("(IA)^3 needs composition_mode='scale'")
+        if config.r != 1:
+            raise ValueError(f"(IA)^3 needs r=1, got r={config.r}")
+        if config.dropout > 0:
+            raise ValueError("(IA)^3 does not support dropout")
+        self.scaling = float(config.alpha)
+        self.lora_B = nn.Parameter(torch.zeros(out_enabled, 1))
+        with torch.no_grad():
+            if config.init_weights == "ia3":
+                self.lora_B.fill_(1.0)
+            elif config.init_weights == "bert":
+                self.lora_B.normal_(0.0, 0.02)
+            elif config.init_weights != "lora":
+                raise ValueError(f"unknown init_weights {config.init_weights!r}")
+
+    def vector(self) -> torch.Tensor:
+        return self.lora_B[:, 0] * self.scaling
+
+    def forward(self, hidden: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        vec = self.vector()
+        return vec.expand(like.shape[:-1] + vec.shape) if hidden is None else hidden * vec
+
+    def shape_key(self) -> tuple:
+        return ("scale", tuple(self.lora_B.shape))
+
+
+def _scatter(out: torch.Tensor, out_index: torch.Tensor | None, fn) -> torch.Tensor:
+    if out_index is None:
+        return fn(out)
+    res = out.clone()
+    res[..., out_index] = fn(out[..., out_index])
+    return res
+
+
+def apply_loras(
+    loras: nn.ModuleDict,
+    groups: Sequence[tuple[tuple[str, ...], Sequence[int]]],
+    x: torch.Tensor,
+    out: torch.Tensor,
+    out_index: torch.Tensor | None,
+    skip: str | None = None,
+) -> torch.Tensor:
+    """Return `out` with every routed row's LoRA/IA3 applied; `skip` names an adapter merged into the weight."""
+    n_rows = out.shape[0]
+    result = out
+    batched: dict[tuple, list[tuple[nn.Module, Sequence[int]]]] = {}
+    for names, rows in groups:
+        names = tuple(n for n in names if n != skip)
+        if not names:
+            continue
+        mods = [loras[n] for n in names]
+        if len(mods) == 1:
+            batched.setdefault(mods[0].shape_key(), []).append((mods[0], rows))
+            continue
+        idx = _rows(rows, n_rows, out.device)
+        xs = x if idx is None else x[idx]
+        hidden: torch.Tensor | None = None
+        for mod in mods:
+            if isinstance(mod, IA3):
+                hidden = mod(hidden, xs[..., :1].expand(*xs.shape[:-1], mod.lora_B.shape[0]))
+            else:
+                hidden = mod(xs if hidden is None else hidden)
+        result = _combine(result, idx, hidden, mods[-1].kind, out_index)
+    for members in batched.values():
+        all_rows = [r for _, rows in members for r in rows]
+        idx = _rows(all_rows, n_rows, out.device)
+        xs = x if idx is None else x[idx]
+        mods = [m for m, _ in members]
+        if len(mods) == 1:
+            mod = mods[0]
+            hidden = mod(xs) if isinstance(mod, LoRA) else mod.vector()
+        else:
+            slot = torch.tensor([i for i, (_, rows) in enumerate(members) for _ in rows], device=out.device)
+            hidden = _gathered(mods, slot, xs)
+        result = _combine(result, idx, hidden, mods[0].kind, out_index)
+    return result
+
+
+def _gathered(mods: Sequence[nn.Module], slot: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    if isinstance(mods[0], IA3):
+        vecs = torch.stack([m.vector() for m in mods])[slot]  # [R, out]
+        return vecs.view(vecs.shape[0], *([1] * (xs.dim() - 2)), vecs.shape[-1])
+    a = torch.stack([m.lora_A for m in mods])[slot]
+    b = torch.stack([m.b_effective() for m in mods])[slot]
+    s = torch.tensor([m.scaling for m in mods], dtype=xs.dtype, device=xs.device)[slot]
+    flat = xs.reshape(xs.shape[0], -1, xs.shape[-1])
+    y = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2)) * s[:, None, None]
+    return y.reshape(*xs.shape[:-1], y.shape[-1])
+
+
+def _combine(
+    result: torch.Tensor, idx: torch.Tensor | None, hidden: torch.Tensor, kind: str, out_index: torch.Tensor | None
+) -> torch.Tensor:
+    def op(block: torch.Tensor) -> torch.Tensor:
+        return block + hidden if kind == "add" else block * hidden
+
+    if idx is None:
+        return _scatter(result, out_index, op)
+    rows = result[idx]
+    return result.index_copy(0, idx, _scatter(rows, out_index, op))
+
+
+def _rows(rows: Sequence[int], n_rows: int, device: torch.device) -> torch.Tensor | None:
+    if len(rows) == n_rows and all(r == i for i, r in enumerate(rows)):
+        return None
+    return torch.tensor(list(rows), device=device)

@@ -1,0 +1,591 @@
+"""The adapter mixin: add/delete/activate/train/save/load/eject/merge on any supported HF model.
+
+`init(model)` wires the model's base once (models/wiring.py) and mixes `AdapterModelMixin` into its
+class, like AdapterHub's `adapters.init`. The base model's forward is entered through a pre-hook that
+validates and compiles the active setup into a routing plan before any tensor is touched.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import models as _models  # noqa: F401  (registers the architectures)
+from .composition import AdapterCompositionBlock, parse_composition, validate_composition
+from .configuration import (
+    AdapterConfigBase,
+    BnConfig,
+    LoRAConfig,
+    PrefixTuningConfig,
+    method_kinds,
+    method_name,
+)
+from .context import AdapterSetup
+from .formats import (
+    FORMAT_VERSION,
+    AdapterFiles,
+    PeftFiles,
+    is_peft_dir,
+    read_adapter_dir,
+    read_peft_dir,
+    write_adapter_dir,
+)
+from .methods.bottleneck import BottleneckAdapter
+from .methods.lora import IA3, LoRA
+from .methods.phm import make_shared_phm_parameters
+from .methods.prefix_tuning import PrefixTuningModule
+from .models.base import ArchSpec, spec_for
+from .models.wiring import Wiring
+from .routing import ForwardContext, compile_plan, forward_context
+
+_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+# Segments after which AdapterHub puts the adapter name in a state-dict key.
+_NAME_SLOTS = ("adapters", "loras", "prefix_tunings", "shared_parameters")
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What an adapter folder holds, checked against a model without loading it."""
+
+    name: str
+    method: str
+    config: AdapterConfigBase
+    nbytes: int
+    n_params: int
+    has_head: bool
+    source_format: str
+
+
+@dataclass
+class Registry:
+    """Per base model: the adapters it holds and the statically active setup."""
+
+    spec: ArchSpec
+    wiring: Wiring
+    configs: dict[str, AdapterConfigBase] = field(default_factory=dict)
+    active: AdapterCompositionBlock | None = None
+    hook_state: threading.local = field(default_factory=threading.local)
+
+
+def _check_name(name: str) -> None:
+    if not name or not set(name) <= _NAME_OK or "." in name:
+        raise ValueError(f"invalid adapter name {name!r}: use letters, digits, '_' and '-' only")
+
+
+def _replicate(value: Any, k: int) -> Any:
+    return value.repeat(k, *([1] * (value.dim() - 1))) if isinstance(value, torch.Tensor) else value
+
+
+_BATCH_KWARGS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int:
+    for key in ("input_ids", "inputs_embeds"):
+        if kwargs.get(key) is not None:
+            return int(kwargs[key].shape[0])
+    if args and isinstance(args[0], torch.Tensor):
+        return int(args[0].shape[0])
+    raise ValueError("cannot find input_ids or inputs_embeds to size the batch")
+
+
+def _seq_len(args: tuple, kwargs: dict) -> int | None:
+    for key in ("input_ids", "inputs_embeds"):
+        if kwargs.get(key) is not None:
+            return int(kwargs[key].shape[1])
+    if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
+        return int(args[0].shape[1])
+    return None
+
+
+class AdapterModelMixin:
+    """Adapter management mixed into a transformers model by `init`."""
+
+    # -- plumbing ----------------------------------------------------------------------------------
+    @property
+    def adapter_base(self) -> nn.Module:
+        return self.base_model
+
+    @property
+    def adapters_registry(self) -> Registry:
+        return self.adapter_base._adapterserve_registry
+
+    @property
+    def _wiring(self) -> Wiring:
+        return self.adapters_registry.wiring
+
+    def adapter_methods(self) -> dict[str, frozenset[str]]:
+        return {name: method_kinds(cfg) for name, cfg in self.adapters_registry.configs.items()}
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self.adapters_registry.configs
+
+    @property
+    def adapters_config(self) -> dict[str, AdapterConfigBase]:
+        return dict(self.adapters_registry.configs)
+
+    # -- add / delete ------------------------------------------------------------------------------
+    def add_adapter(
+        self, name: str, config: AdapterConfigBase | dict | str | None = None, overwrite_ok: bool = False,
+        set_active: bool = False,
+    ) -> None:
+        _check_name(name)
+        cfg = AdapterConfigBase.load(config if config is not None else "seq_bn")
+        if self.has_adapter(name):
+            if not overwrite_ok:
+                raise ValueError(f"an adapter named {name!r} already exists")
+            self.delete_adapter(name)
+        try:
+            for member in cfg.methods():
+                if isinstance(member, BnConfig):
+                    self._add_bottleneck(name, member)
+                elif isinstance(member, LoRAConfig):
+                    self._add_lora(name, member)
+                elif isinstance(member, PrefixTuningConfig):
+                    self._add_prefix(name, member)
+                else:
+                    raise ValueError(f"unsupported adapter config {member!r}")
+        except Exception:
+            self._remove_modules(name)
+            raise
+        self.adapters_registry.configs[name] = cfg
+        ref = next(self.adapter_base.parameters())
+        for p in self.adapter_parameters(name):
+            p.data = p.data.to(device=ref.device, dtype=ref.dtype)
+        if set_active:
+            self.set_active_adapters(name)
+
+    def _hidden(self) -> int:
+        return int(self.adapter_base.config.hidden_size)
+
+    def _add_bottleneck(self, name: str, cfg: BnConfig) -> None:
+        wiring = self._wiring
+        shared = make_shared_phm_parameters(cfg) if cfg.phm_layer else None
+        if shared is not None and len(shared):
+            wiring.shared_parameters[name] = shared
+        hidden = self._hidden()
+        added = 0
+        for (layer, location), loc in wiring.bottlenecks.items():
+            if layer in cfg.leave_out or not getattr(cfg, location):
+                continue
+            down = int(hidden // cfg.reduction_factor_for(layer))
+            loc.adapters[name] = BottleneckAdapter(hidden, down, cfg, shared)
+            added += 1
+        if not added:
+            raise ValueError(f"bottleneck config for {name!r} places no adapter (check leave_out and locations)")
+
+    def _add_lora(self, name: str, cfg: LoRAConfig) -> None:
+        added = 0
+        for target in self._wiring.lora_targets:
+            if target.layer in cfg.leave_out:
+                continue
+            site = target.site
+            if site.location == "selfattn":
+                if not cfg.selfattn_lora:
+                    continue
+                enabled = [k in cfg.attn_matrices for k in site.attn_keys]
+                if not any(enabled):
+                    continue
+            elif not getattr(cfg, f"{site.location}_lora"):
+                continue
+            else:
+                enabled = [True]
+            fused = len(site.attn_keys) > 1
+            out_all = target.out_features
+            if fused:
+                third = out_all // len(site.attn_keys)
+                idx = [j for j, on in enumerate(enabled) for j in range(j * third, (j + 1) * third) if on]
+                out_enabled = len(idx)
+                target.out_index[name] = None if all(enabled) else torch.tensor(idx)
+            else:
+                out_enabled = out_all
+                target.out_index[name] = None
+            groups = sum(enabled) if fused else 1
+            if cfg.composition_mode == "scale":
+                target.loras[name] = IA3(out_enabled, cfg)
+            else:
+                target.loras[name] = LoRA(target.in_features, out_enabled, groups, cfg)
+            added += 1
+        if not added:
+            raise ValueError(f"LoRA config for {name!r} matches no layer of this model")
+
+    def _add_prefix(self, name: str, cfg: PrefixTuningConfig) -> None:
+        wiring = self._wiring
+        layers = [i for i in range(wiring.n_layers) if i not in cfg.leave_out]
+        if not layers:
+            raise ValueError(f"prefix tuning config for {name!r} leaves out every layer")
+        conf = self.adapter_base.config
+        spec = wiring.spec
+        module = PrefixTuningModule(len(layers), spec.n_kv_heads(conf), spec.head_dim(conf), self._hidden(), cfg)
+        wiring.prefix_tunings[name] = nn.ModuleDict({"self_prefix": module})
+        wiring.prefix_layer_index[name] = {layer: j for j, layer in enumerate(layers)}
+
+    def _remove_modules(self, name: str) -> None:
+        wiring = self._wiring
+        for loc in wiring.bottlenecks.values():
+            if name in loc.adapters:
+                del loc.adapters[name]
+        for target in wiring.lora_targets:
+            if name in target.loras:
+                if target.merged == name:
+                    self._unmerge_target(target)
+                del target.loras[name]
+            target.out_index.pop(name, None)
+        for container in (wiring.prefix_tunings, wiring.shared_parameters):
+            if name in container:
+                del container[name]
+        wiring.prefix_layer_index.pop(name, None)
+
+    def delete_adapter(self, name: str) -> None:
+        if not self.has_adapter(name):
+            raise ValueError(f"no adapter named {name!r}")
+        self._remove_modules(name)
+        reg = self.adapters_registry
+        del reg.configs[name]
+        if reg.active is not None and name in reg.active.flatten():
+            reg.active = None
+
+    # -- activation and training -------------------------------------------------------------------
+    def set_active_adapters(self, setup: Any) -> None:
+        block = parse_composition(setup)
+        if block is not None:
+            validate_composition(block, self.adapter_methods())
+        self.adapters_registry.active = block
+
+    @property
+    def active_adapters(self) -> AdapterCompositionBlock | None:
+        return self.adapters_registry.active
+
+    def adapter_named_parameters(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:
+        """(AdapterHub key, parameter) for every parameter of adapter `name`."""
+        marks = tuple(f".{slot}.{name}." for slot in _NAME_SLOTS)
+        prefix = self._key_prefix()
+        for key, param in self.adapter_base.named_parameters():
+            dotted = "." + key
+            if any(m in dotted for m in marks):
+                yield prefix + key, param
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [p for _, p in self.adapter_named_parameters(name)]
+
+    def adapter_nbytes(self, name: str) -> int:
+        return sum(p.numel() * p.element_size() for p in self.adapter_parameters(name))
+
+    def freeze_model(self, freeze: bool = True) -> None:
+        for p in self.adapter_base.parameters():
+            p.requires_grad_(not freeze)
+
+    def train_adapter(self, names: str | list[str] | AdapterCompositionBlock) -> None:
+        """Freeze everything but the named adapters (and their heads); activate them and enter train mode."""
+        block = parse_composition(names)
+        if block is None:
+            raise ValueError("train_adapter needs at least one adapter name")
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for name in block.flatten():
+            if not self.has_adapter(name):
+                raise ValueError(f"no adapter named {name!r}")
+            for p in self.adapter_parameters(name):
+                p.requires_grad_(True)
+            self._unfreeze_head(name)
+        self.set_active_adapters(block)
+        self.train()
+
+    def _unfreeze_head(self, name: str) -> None:
+        heads = getattr(self, "heads", None)
+        if heads is not None and name in heads:
+            for p in heads[name].parameters():
+                p.requires_grad_(True)
+
+    # -- state dicts and files ---------------------------------------------------------------------
+    def _key_prefix(self) -> str:
+        return f"{self.adapter_base.base_model_prefix}."
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        if not self.has_adapter(name):
+            raise ValueError(f"no adapter named {name!r}")
+        return {k: p.detach() for k, p in self.adapter_named_parameters(name)}
+
+    def _adapter_meta(self, name: str) -> dict[str, Any]:
+        conf = self.adapter_base.config
+        return {
+            "config": self.adapters_registry.configs[name].to_dict(),
+            "hidden_size": int(conf.hidden_size),
+            "model_type": conf.model_type,
+            "model_name": getattr(conf, "_name_or_path", "") or conf.model_type,
+            "model_class": self.adapters_registry.spec.adapter_model_class,
+            "name": name,
+            "version": FORMAT_VERSION,
+        }
+
+    def save_adapter(self, save_directory: str | os.PathLike[str], name: str, with_head: bool = True) -> None:
+        head = self._head_files(name) if with_head else None
+        write_adapter_dir(save_directory, self._adapter_meta(name), self.adapter_state_dict(name),
+                          *(head if head else (None, None)))
+
+    def _head_files(self, name: str) -> tuple[dict, dict] | None:
+        return None
+
+    def _load_head_files(self, name: str, files: AdapterFiles) -> None:
+        return None
+
+    def _rename_key(self, key: str, old: str, new: str) -> str:
+        parts = key.split(".")
+        for i in range(len(parts) - 1):
+            if parts[i] in _NAME_SLOTS and parts[i + 1] == old:
+                parts[i + 1] = new
+        return ".".join(parts)
+
+    def _translate(self, files: AdapterFiles, name: str) -> dict[str, torch.Tensor]:
+        prefix = self._key_prefix()
+        out: dict[str, torch.Tensor] = {}
+        for key, value in files.state.items():
+            key = self._rename_key(key, files.name, name)
+            if not key.startswith(prefix):
+                key = prefix + key
+            out[key] = value
+        return out
+
+    def _check_compatible(self, files: AdapterFiles) -> None:
+        conf = self.adapter_base.config
+        hidden = files.meta.get("hidden_size")
+        if hidden is not None and int(hidden) != int(conf.hidden_size):
+            raise ValueError(
+                f"adapter was made for hidden_size={hidden}, this model has hidden_size={conf.hidden_size}"
+            )
+
+    def _read(self, path: str | os.PathLike[str], allow_pickle: bool) -> AdapterFiles:
+        if is_peft_dir(path):
+            return self._from_peft(read_peft_dir(path))
+        return read_adapter_dir(path, allow_pickle=allow_pickle)
+
+    def load_adapter(
+        self, adapter_name_or_path: str | os.PathLike[str], load_as: str | None = None, with_head: bool = True,
+        set_active: bool = False, allow_pickle: bool = True,
+    ) -> str:
+        """Load an AdapterHub or PEFT folder from a local path; returns the adapter's name.
+
+        Every tensor's key and shape is checked against the freshly built adapter; on any mismatch
+        the adapter is removed again and a ValueError names the key.
+        """
+        files = self._read(adapter_name_or_path, allow_pickle)
+        name = load_as or files.name
+        self._check_compatible(files)
+        state = self._translate(files, name)
+        self.add_adapter(name, files.config)
+        try:
+            self._assign(name, state)
+            if with_head and files.head_config is not None:
+                self._load_head_files(name, files)
+        except Exception:
+            self.delete_adapter(name)
+            raise
+        if set_active:
+            self.set_active_adapters(name)
+        return name
+
+    def _assign(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.adapter_named_parameters(name))
+        unexpected = sorted(set(state) - set(params))
+        if unexpected:
+            raise ValueError(f"unexpected key(s) for this model: {', '.join(unexpected[:5])}")
+        missing = sorted(set(params) - set(state))
+        if missing:
+            raise ValueError(f"missing key(s): {', '.join(missing[:5])}")
+        for key, value in state.items():
+            target = params[key]
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(
+                    f"wrong shape for {key}: file has {tuple(value.shape)}, this model needs {tuple(target.shape)}"
+                )
+            if not value.dtype.is_floating_point:
+                raise ValueError(f"{key} must be a floating-point tensor, got {value.dtype}")
+        with torch.no_grad():
+            for key, value in state.items():
+                params[key].copy_(value)
+
+    def inspect_adapter_dir(self, path: str | os.PathLike[str], allow_pickle: bool = False) -> AdapterInfo:
+        """Validate a folder against this model without keeping anything loaded."""
+        files = self._read(path, allow_pickle)
+        self._check_compatible(files)
+        probe = "__probe__" + files.name.replace(".", "_")[:40]
+        probe = "".join(c if c in _NAME_OK else "_" for c in probe)
+        try:
+            self.load_adapter(path, load_as=probe, allow_pickle=allow_pickle)
+            nbytes = self.adapter_nbytes(probe)
+            n_params = sum(p.numel() for p in self.adapter_parameters(probe))
+        finally:
+            if self.has_adapter(probe):
+                self.delete_adapter(probe)
+        return AdapterInfo(files.name, method_name(files.config), files.config, nbytes, n_params,
+                           files.head_config is not None, "peft" if "peft_type" in files.meta else "adapterhub")
+
+    def _from_peft(self, peft: PeftFiles) -> AdapterFiles:
+        from .peft_format import peft_to_adapterhub
+
+        return peft_to_adapterhub(self, peft)
+
+    # -- prefix ejection, LoRA merging -------------------------------------------------------------
+    def eject_prefix_tuning(self, name: str) -> None:
+        """Replace a reparameterised prefix by the flat tensor its MLP produces (fewer parameters)."""
+        cfg = self.adapters_registry.configs.get(name)
+        if cfg is None:
+            raise ValueError(f"no adapter named {name!r}")
+        wiring = self._wiring
+        if name not in wiring.prefix_tunings:
+            raise ValueError(f"adapter {name!r} has no prefix tuning to eject")
+        old: PrefixTuningModule = wiring.prefix_tunings[name]["self_prefix"]
+        if old.flat:
+            return
+        members = [m.replace(flat=True) if isinstance(m, PrefixTuningConfig) else m for m in cfg.methods()]
+        new_cfg = members[0] if len(members) == 1 else type(cfg)(*members) if _is_union(cfg) else cfg
+        pcfg = next(m for m in members if isinstance(m, PrefixTuningConfig))
+        with torch.no_grad():
+            flat = old.flat_weights().detach().clone()
+        conf = self.adapter_base.config
+        new = PrefixTuningModule(old.n_layers, old.n_kv_heads, old.head_dim, self._hidden(), pcfg)
+        new.control_trans = nn.Parameter(flat.to(device=flat.device, dtype=flat.dtype))
+        new.train(old.training)
+        wiring.prefix_tunings[name] = nn.ModuleDict({"self_prefix": new})
+        self.adapters_registry.configs[name] = _rebuild_union(cfg, new_cfg)
+        del conf
+
+    def merge_adapter(self, name: str) -> None:
+        """Fold a LoRA or (IA)^3 adapter into the base weights; `unmerge_adapter` restores them exactly."""
+        cfg = self.adapters_registry.configs.get(name)
+        if cfg is None or not any(isinstance(m, LoRAConfig) for m in cfg.methods()):
+            raise ValueError(f"{name!r} is not a LoRA or (IA)^3 adapter")
+        targets = [t for t in self._wiring.lora_targets if name in t.loras]
+        for t in targets:
+            if t.merged is not None and t.merged != name:
+                raise ValueError(f"{t.merged!r} is already merged into layer {t.layer}; unmerge it first")
+        for t in targets:
+            if t.merged == name:
+                continue
+            self._merge_target(t, name)
+
+    def _merge_target(self, target: Any, name: str) -> None:
+        mod = target.loras[name]
+        w = target.module.weight
+        b = getattr(target.module, "bias", None)
+        target.saved = (w.detach().clone(), None if b is None else b.detach().clone())
+        idx = target.out_index.get(name)
+        rows = torch.arange(target.out_features, device=w.device) if idx is None else idx.to(w.device)
+        with torch.no_grad():
+            wt = w.t() if target.fan_in_fan_out else w  # (out, in) view
+            if isinstance(mod, IA3):
+                vec = mod.vector().to(w.dtype)
+                wt[rows] = wt[rows] * vec[:, None]
+                if b is not None:
+                    b[rows] = b[rows] * vec
+            else:
+                wt[rows] = wt[rows] + mod.delta_weight().to(w.dtype)
+        target.merged = name
+
+    def _unmerge_target(self, target: Any) -> None:
+        if target.saved is None:
+            return
+        w, b = target.saved
+        with torch.no_grad():
+            target.module.weight.copy_(w)
+            if b is not None:
+                target.module.bias.copy_(b)
+        target.saved = None
+        target.merged = None
+
+    def unmerge_adapter(self, name: str | None = None) -> None:
+        for t in self._wiring.lora_targets:
+            if t.merged is not None and (name is None or t.merged == name):
+                self._unmerge_target(t)
+
+    reset_adapter = unmerge_adapter
+
+    # -- forward entry ------------------------------------------------------------------------------
+    def resolve_setup(self) -> tuple[AdapterCompositionBlock | None, Any]:
+        """The setup this thread's next forward uses: the innermost AdapterSetup, else the static one."""
+        ctx = AdapterSetup.get_context()
+        if ctx is not None:
+            return ctx.adapter_setup, ctx.head_setup
+        return self.adapters_registry.active, None
+
+    def build_forward_context(self, batch_size: int, seq_len: int | None) -> ForwardContext:
+        setup, head_setup = self.resolve_setup()
+        if setup is not None:
+            validate_composition(setup, self.adapter_methods(), batch_size=batch_size, seq_len=seq_len)
+        plan = compile_plan(setup, batch_size)
+        if setup is not None and plan is None:
+            raise ValueError(f"{setup!r}: this composition is not supported for inference yet")
+        return ForwardContext(setup, plan, batch_size, head_setup)
+
+
+def _is_union(cfg: AdapterConfigBase) -> bool:
+    return len(cfg.methods()) > 1
+
+
+def _rebuild_union(old: AdapterConfigBase, new: AdapterConfigBase) -> AdapterConfigBase:
+    if not _is_union(old):
+        return new
+    from .configuration import ConfigUnion
+
+    members = [m.replace(flat=True) if isinstance(m, PrefixTuningConfig) else m for m in old.methods()]
+    return ConfigUnion(*members)
+
+
+def _enter_hook(model: AdapterModelMixin) -> Any:
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        state = model.adapters_registry.hook_state
+        owned: list[Any] = state.__dict__.setdefault("owned", [])
+        if ForwardContext.current() is not None:
+            owned.append(None)
+            return None
+        ctx = model.build_forward_context(_batch_size(args, kwargs), _seq_len(args, kwargs))
+        cm = forward_context(ctx)
+        cm.__enter__()
+        owned.append(cm)
+        k = ctx.replicate
+        if k > 1:
+            args = tuple(_replicate(a, k) for a in args)
+            kwargs = {key: _replicate(v, k) if key in _BATCH_KWARGS else v for key, v in kwargs.items()}
+            return args, kwargs
+        return None
+    return hook
+
+
+def _exit_hook(model: AdapterModelMixin) -> Any:
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        owned: list[Any] = model.adapters_registry.hook_state.__dict__.setdefault("owned", [])
+        if owned:
+            cm = owned.pop()
+            if cm is not None:
+                cm.__exit__(None, None, None)
+        return None
+    return hook
+
+
+def wire(model: AdapterModelMixin) -> None:
+    """Install the adapter sites and the forward entry hooks on `model`'s base model (once)."""
+    base = model.base_model
+    if hasattr(base, "_adapterserve_registry"):
+        return
+    spec = spec_for(base.config.model_type)
+    base._adapterserve_registry = Registry(spec, Wiring(base, spec))
+    base.register_forward_pre_hook(_enter_hook(model), with_kwargs=True)
+    base.register_forward_hook(_exit_hook(model), always_call=True)
+
+
+def init(model: nn.Module) -> nn.Module:
+    """Add adapter support to a transformers model in place (idempotent) and return it."""
+    if isinstance(model, AdapterModelMixin):
+        return model
+    cls = model.__class__
+    model.__class__ = type(cls.__name__, (AdapterModelMixin, cls), {"__module__": cls.__module__})
+    wire(model)
+    return model
+
+
+__all__ = ["AdapterModelMixin", "AdapterInfo", "init", "wire"]

@@ -1,0 +1,287 @@
+"""Turns an ArchSpec into forward hooks on an unmodified Hugging Face model (no copied forwards).
+
+Each hook reads the thread's ForwardContext; with no active setup it returns at once, so the bare
+backbone runs exactly as before. Adapter parameters hang where AdapterHub keeps them, so state-dict
+keys match their files: `<layer>.output.adapters.<name>`, `<proj>.loras.<name>`,
+`prefix_tuning.prefix_tunings.<name>.self_prefix`, `shared_parameters.<name>`.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.pytorch_utils import Conv1D
+
+from ..methods.bottleneck import BottleneckResult, apply_bottlenecks, merge_rows
+from ..methods.lora import apply_loras
+from ..methods.prefix_tuning import gather_prefixes, make_prefix_attention
+from ..routing import ForwardContext
+from .base import ArchSpec, BottleneckSite, LoRASite, get_path
+
+
+class _Holder(nn.Module):
+    """An empty module that only carries children (e.g. GPT-2's `attention_adapters`)."""
+
+
+def _child(parent: nn.Module, name: str, factory: Callable[[], nn.Module]) -> nn.Module:
+    if name not in parent._modules:
+        parent.add_module(name, factory())
+    return parent._modules[name]
+
+
+@dataclass
+class BottleneckLocation:
+    layer: int
+    site: BottleneckSite
+    adapters: nn.ModuleDict
+    layer_norm: nn.Module | None
+
+
+@dataclass
+class LoRATarget:
+    layer: int
+    site: LoRASite
+    module: nn.Module
+    loras: nn.ModuleDict
+    out_index: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    merged: str | None = None
+    saved: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return isinstance(self.module, Conv1D)
+
+    @property
+    def in_features(self) -> int:
+        return self.module.weight.shape[0] if self.fan_in_fan_out else self.module.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.module.weight.shape[1] if self.fan_in_fan_out else self.module.weight.shape[0]
+
+
+class Wiring:
+    """The adapter sites of one base model and the hooks that route rows through them."""
+
+    def __init__(self, base: nn.Module, spec: ArchSpec):
+        self.spec = spec
+        self.config = base.config
+        self.layers = list(get_path(base, spec.layers))
+        self.n_layers = len(self.layers)
+        self.bottlenecks: dict[tuple[int, str], BottleneckLocation] = {}
+        self.lora_targets: list[LoRATarget] = []
+        holder = _child(base, "prefix_tuning", _Holder)
+        self.prefix_tunings: nn.ModuleDict = _child(holder, "prefix_tunings", nn.ModuleDict)
+        self.shared_parameters: nn.ModuleDict = _child(base, "shared_parameters", nn.ModuleDict)
+        self.prefix_layer_index: dict[str, dict[int, int]] = {}
+        self._local = threading.local()
+        for i, layer in enumerate(self.layers):
+            for site in spec.bottleneck_sites:
+                self._wire_bottleneck(i, layer, site)
+            for site in spec.lora_sites:
+                self._wire_lora(i, layer, site)
+            attention = get_path(layer, spec.attention)
+            attention._adapterserve_layer = i
+            attention._adapterserve_wiring = self
+        _install_attention()
+
+    # -- bottleneck --------------------------------------------------------------------------------
+    def _wire_bottleneck(self, i: int, layer: nn.Module, site: BottleneckSite) -> None:
+        sublayer = get_path(layer, site.sublayer)
+        container = _child(layer, site.container, _Holder) if site.container != site.sublayer else sublayer
+        adapters = _child(container, "adapters", nn.ModuleDict)
+        ln = get_path(sublayer, site.layer_norm) if site.post_ln else None
+        loc = BottleneckLocation(i, site, adapters, ln)
+        self.bottlenecks[(i, site.location)] = loc
+        key = (i, site.location)
+        if site.post_ln:
+            sublayer.register_forward_pre_hook(self._capture_residual_arg(key, site), with_kwargs=True)
+            get_path(sublayer, site.h_module).register_forward_hook(self._capture_output(key, "h"))
+            ln.register_forward_pre_hook(self._post_ln_pre_hook(loc))
+            ln.register_forward_hook(self._post_ln_override(loc))
+        else:
+            get_path(layer, site.residual_ln).register_forward_pre_hook(self._capture_first_arg(key))
+            sublayer.register_forward_hook(self._pre_ln_hook(loc))
+
+    def _stash(self) -> dict[Any, Any]:
+        ctx = ForwardContext.current()
+        return ctx.stash if ctx is not None else {}
+
+    def _capture_residual_arg(self, key: tuple, site: BottleneckSite) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            ctx = ForwardContext.current()
+            if ctx is None or ctx.plan is None:
+                return None
+            x = args[site.residual_arg] if len(args) > site.residual_arg else kwargs.get(site.residual_kwarg)
+            ctx.stash[(key, "x")] = x
+            return None
+        return hook
+
+    def _capture_first_arg(self, key: tuple) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            ctx = ForwardContext.current()
+            if ctx is not None and ctx.plan is not None:
+                ctx.stash[(key, "x")] = args[0]
+        return hook
+
+    def _capture_output(self, key: tuple, slot: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            ctx = ForwardContext.current()
+            if ctx is not None and ctx.plan is not None:
+                ctx.stash[(key, slot)] = output
+        return hook
+
+    def _routed(self, loc: BottleneckLocation) -> tuple[ForwardContext, tuple] | None:
+        ctx = ForwardContext.current()
+        if ctx is None or ctx.plan is None or not len(loc.adapters):
+            return None
+        groups = ctx.plan.groups(frozenset(loc.adapters.keys()))
+        return (ctx, groups) if groups else None
+
+    def _post_ln_pre_hook(self, loc: BottleneckLocation) -> Callable:
+        key = (loc.layer, loc.site.location)
+
+        def hook(module: nn.Module, args: tuple) -> tuple | None:
+            routed = self._routed(loc)
+            if routed is None:
+                return None
+            ctx, groups = routed
+            h, x = ctx.stash.pop((key, "h")), ctx.stash.pop((key, "x"))
+            results = apply_bottlenecks(loc.adapters, groups, h, x, loc.layer_norm.forward)  # no hook re-entry
+            keep = [r for r in results if r.original_ln_after]
+            skip = [r for r in results if not r.original_ln_after]
+            if skip:
+                ctx.stash[(key, "override")] = skip
+            if not keep:
+                return None
+            xs = lambda r: x if r.rows is None else x[r.rows]  # noqa: E731
+            return (merge_rows(args[0], keep, lambda r: r.value + xs(r)),)
+        return hook
+
+    def _post_ln_override(self, loc: BottleneckLocation) -> Callable:
+        key = (loc.layer, loc.site.location)
+
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            ctx = ForwardContext.current()
+            if ctx is None:
+                return None
+            skip: list[BottleneckResult] | None = ctx.stash.pop((key, "override"), None)
+            if not skip:
+                return None
+            return merge_rows(output, skip, lambda r: r.value)
+        return hook
+
+    def _pre_ln_hook(self, loc: BottleneckLocation) -> Callable:
+        key = (loc.layer, loc.site.location)
+
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            routed = self._routed(loc)
+            if routed is None:
+                return None
+            ctx, groups = routed
+            x = ctx.stash.pop((key, "x"))
+            h = output[0] if isinstance(output, tuple) else output
+            results = apply_bottlenecks(loc.adapters, groups, h, x, None)
+
+            def value(r: BottleneckResult) -> torch.Tensor:
+                if r.original_ln_after:
+                    return r.value
+                return r.value - (x if r.rows is None else x[r.rows])
+
+            new_h = merge_rows(h, results, value)
+            return (new_h, *output[1:]) if isinstance(output, tuple) else new_h
+        return hook
+
+    # -- LoRA / IA3 --------------------------------------------------------------------------------
+    def _wire_lora(self, i: int, layer: nn.Module, site: LoRASite) -> None:
+        module = get_path(layer, site.module)
+        loras = _child(module, "loras", nn.ModuleDict)
+        target = LoRATarget(i, site, module, loras)
+        self.lora_targets.append(target)
+        module.register_forward_hook(self._lora_hook(target))
+
+    def _lora_hook(self, target: LoRATarget) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            ctx = ForwardContext.current()
+            if ctx is None or ctx.plan is None or not len(target.loras):
+                return None
+            groups = ctx.plan.groups(frozenset(target.loras.keys()))
+            if not groups:
+                return None
+            names = {n for stack, _ in groups for n in stack}
+            if target.merged is not None and names - {target.merged}:
+                raise ValueError(
+                    f"LoRA {target.merged!r} is merged into {target.site.module} of layer {target.layer}; "
+                    f"unmerge it before running {sorted(names - {target.merged})}"
+                )
+            indices = {target.out_index.get(n) is None for n in names}
+            if len(indices) == 1 or len(names) == 1:
+                out_index = target.out_index.get(next(iter(names)))
+                return apply_loras(target.loras, groups, args[0], output, out_index, skip=target.merged)
+            result = output
+            for name in names:  # adapters covering different thirds of a fused layer
+                sub = tuple((s, r) for s, r in groups if s == (name,))
+                result = apply_loras(target.loras, sub, args[0], result, target.out_index.get(name), target.merged)
+            return result
+        return hook
+
+    # -- prefix tuning -----------------------------------------------------------------------------
+    def prefix_for(self, module: nn.Module, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        ctx = ForwardContext.current()
+        if ctx is None or ctx.plan is None or not len(self.prefix_tunings):
+            return None
+        layer = module._adapterserve_layer
+        cache = ctx.prefix_states
+        if layer in cache:
+            return cache[layer]
+        present = frozenset(self.prefix_tunings.keys())
+        rows = [tuple(n for n in stack if n in present) for stack in ctx.plan.rows]
+        if not any(rows):
+            cache[layer] = None
+            return None
+        if len(rows) != batch:
+            raise ValueError(f"prefix routing expected {len(rows)} rows, attention got {batch}")
+        kvs = {n: self.prefix_tunings[n]["self_prefix"].key_values() for n in {n for r in rows for n in r}}
+        per_row = []
+        for stack in rows:
+            entries = []
+            for n in stack:
+                idx = self.prefix_layer_index[n].get(layer)
+                if idx is not None:
+                    entries.append(kvs[n][idx])
+            per_row.append(entries)
+        ref = next(iter(self.prefix_tunings.parameters()))
+        found = gather_prefixes(per_row, ref.device, ref.dtype)
+        cache[layer] = found
+        return found
+
+
+_INSTALLED = threading.Lock()
+_DONE: list[bool] = []
+
+
+def _lookup(module: nn.Module, batch: int) -> Any:
+    wiring: Wiring | None = getattr(module, "_adapterserve_wiring", None)
+    return wiring.prefix_for(module, batch) if wiring is not None else None
+
+
+def _eager_delegate(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return sys.modules[type(module).__module__].eager_attention_forward(module, *args, **kwargs)
+
+
+def _install_attention() -> None:
+    """Register prefix-aware "sdpa" and "eager" attention once, delegating to the originals."""
+    with _INSTALLED:
+        if _DONE:
+            return
+        sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        ALL_ATTENTION_FUNCTIONS.register("sdpa", make_prefix_attention(sdpa, _lookup, as_bool=True))
+        ALL_ATTENTION_FUNCTIONS.register("eager", make_prefix_attention(_eager_delegate, _lookup, as_bool=False))
+        _DONE.append(True)
