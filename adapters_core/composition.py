@@ -44,11 +44,15 @@ class AdapterCompositionBlock:
 
     #: Key of this block in the HTTP API's JSON form (see :func:`composition_from_json`).
     json_key: ClassVar[str] = ""
+    #: Whether a child may be None, meaning "these rows run the bare backbone" (BatchSplit only).
+    allows_base_rows: ClassVar[bool] = False
 
     def __init__(self, *children: str | AdapterCompositionBlock) -> None:
         if not children:
             raise ValueError(f"{type(self).__name__} needs at least one child")
         for child in children:
+            if child is None and type(self).allows_base_rows:
+                continue
             if isinstance(child, str):
                 if not child:
                     raise ValueError(f"{type(self).__name__}: an adapter name must not be empty")
@@ -109,18 +113,20 @@ class AdapterCompositionBlock:
         """All adapter names in the block, depth-first, each once, in first-seen order."""
         seen: dict[str, None] = {}
         for child in self.children:
+            if child is None:
+                continue
             for name in (child,) if isinstance(child, str) else child.flatten():
                 seen.setdefault(name, None)
         return tuple(seen)
 
     def first(self) -> str:
         """The first adapter name (depth-first)."""
-        child = self.children[0]
+        child = next(c for c in self.children if c is not None)
         return child if isinstance(child, str) else child.first()
 
     def last(self) -> str:
         """The last adapter name (depth-first)."""
-        child = self.children[-1]
+        child = next(c for c in reversed(self.children) if c is not None)
         return child if isinstance(child, str) else child.last()
 
 
@@ -213,6 +219,7 @@ class BatchSplit(AdapterCompositionBlock):
 
     __slots__ = ("batch_sizes",)
     json_key = "batch_split"
+    allows_base_rows = True
     batch_sizes: tuple[int, ...]
 
     def __init__(self, *children: str | AdapterCompositionBlock, batch_sizes: Sequence[int] | int) -> None:
@@ -296,6 +303,8 @@ def check_nesting(block: AdapterCompositionBlock) -> None:
     """Raises ValueError when a block holds a child type that ``ALLOWED_NESTING`` forbids."""
     allowed = ALLOWED_NESTING[type(block)]
     for child in block.children:
+        if child is None and block.allows_base_rows:
+            continue
         if type(child) not in allowed:
             raise ValueError(
                 f"invalid nesting in {block!r}: {type(block).__name__} cannot hold {child!r}; "
@@ -372,6 +381,8 @@ def _from_json(obj: Any, path: str, depth: int, counter: list[int]) -> str | Ada
         raise ValueError(
             f"{path}: composition too large (max depth {_MAX_JSON_DEPTH}, {_MAX_JSON_NODES} nodes)"
         )
+    if obj is None and path.endswith("]") and ".batch_split[" in path:
+        return None  # base-model rows
     if isinstance(obj, str):
         if not obj:
             raise ValueError(f"{path}: an adapter name must not be empty")
@@ -417,7 +428,7 @@ def _children_from_json(items: list[Any], path: str, depth: int, counter: list[i
 
 def composition_to_json(block: AdapterCompositionBlock | str) -> Any:
     """The inverse of :func:`composition_from_json` (a bare name stays a string)."""
-    if isinstance(block, str):
+    if block is None or isinstance(block, str):
         return block
     out: dict[str, Any] = {block.json_key: [composition_to_json(c) for c in block.children]}
     params = block._repr_params()
@@ -477,6 +488,8 @@ def _validate(
             child_rows = block.batch_sizes[i]
         if isinstance(block, Split):
             child_len = block.splits[i]
+        if child is None:
+            continue
         if isinstance(child, str):
             _check_leaf(child, block, chain, adapter_methods)
         else:

@@ -27,7 +27,7 @@ HeadSetup = str | AdapterCompositionBlock | None
 
 def _child_head(child: str | AdapterCompositionBlock) -> str | AdapterCompositionBlock:
     """The head for one branch of a Parallel/BatchSplit: its own default, else its last adapter."""
-    if isinstance(child, str):
+    if child is None or isinstance(child, str):
         return child
     head = default_head_setup(child)
     return head if head is not None else child.last()
