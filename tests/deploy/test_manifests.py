@@ -86,8 +86,9 @@ def test_overlay_passes_kubernetes_validate_strict(build, overlay, version):
         assert any(f"kind {k} " in line for k in CRD_KINDS), line
 
 
-def test_base_builds_and_validates(build):
-    rc, lines = kubernetes_validate(build("base"), None)
+@pytest.mark.parametrize("version", K8S_VERSIONS, ids=lambda v: v or "latest")
+def test_base_builds_and_validates(build, version):
+    rc, lines = kubernetes_validate(build("base"), version)
     assert rc == 0, "\n".join(lines)
 
 
@@ -254,7 +255,9 @@ def test_service_monitor_ingress_hpa_pdb_point_at_the_pods(build, overlay):
 
     ing = one(resources, "Ingress")
     assert ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/upstream-hash-by"] == "$http_x_adapter"
-    backend = ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    (path,) = ing["spec"]["rules"][0]["http"]["paths"]
+    assert path["path"] == "/v1", "only the API is exposed; /metrics and probes stay in the cluster"
+    backend = path["backend"]["service"]
     assert backend["name"] == svc["metadata"]["name"] and backend["port"]["name"] == "http"
 
     hpa = one(resources, "HorizontalPodAutoscaler")
