@@ -1,0 +1,134 @@
+"""Restart durability, /metrics (promtool), full queue -> 429, readiness."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from server.app import default_engine
+from server.engine import Engine, Segment
+from server.settings import Settings
+from tests.server.conftest import SENTENCES, serve, settings_for, upload_files
+
+pytestmark = pytest.mark.slow
+
+
+def test_restart_keeps_every_adapter(tiny_model_dir: Path, keys_file: Path, tmp_path: Path, adapter_factory: Callable[[str, int], Path]) -> None:
+    settings = settings_for(tiny_model_dir, tmp_path / "store", api_keys_file=keys_file)
+    configs = ["seq_bn", "lora", "prefix_tuning[prefix_length=4,bottleneck_size=16]"]
+    before: dict[str, Any] = {}
+    outputs: dict[str, Any] = {}
+    with serve(settings) as srv, srv.client("acme-key") as c:
+        for i, cfg in enumerate(configs):
+            assert upload_files(c, f"r{i}", adapter_factory(cfg, 80 + i)).status_code == 201
+        assert upload_files(c, "r0", adapter_factory("seq_bn", 90), path="/v1/adapters/r0/versions").status_code == 201
+        before = {a["name"]: (a["version"], a["sha256"], a["files"]) for a in c.get("/v1/adapters").json()["data"]}
+        for name in before:
+            outputs[name] = c.post("/v1/infer", json={"inputs": SENTENCES, "adapters": name}).json()["results"]
+    with serve(settings) as srv, srv.client("acme-key") as c:
+        after = {a["name"]: (a["version"], a["sha256"], a["files"]) for a in c.get("/v1/adapters").json()["data"]}
+        assert after == before
+        assert c.get("/v1/adapters/r0").json()["versions"] == [1, 2]
+        for name in before:
+            r = c.post("/v1/infer", json={"inputs": SENTENCES, "adapters": name})
+            assert r.status_code == 200
+            got = np.array([x["embedding"] for x in r.json()["results"]])
+            want = np.array([x["embedding"] for x in outputs[name]])
+            assert np.abs(got - want).max() < 1e-5
+
+
+def test_metrics_promtool(tiny_model_dir: Path, keys_file: Path, tmp_path: Path, adapter_factory: Callable[[str, int], Path]) -> None:
+    settings = settings_for(tiny_model_dir, tmp_path / "store", api_keys_file=keys_file)
+    with serve(settings) as srv, srv.client("acme-key") as c:
+        upload_files(c, "m1", adapter_factory("seq_bn", 3))
+        c.post("/v1/infer", json={"inputs": ["fun"], "adapters": "m1"})
+        c.post("/v1/infer", json={"inputs": ["fun"], "adapters": "missing"})
+        c.get("/v1/adapters", headers={"Authorization": "Bearer wrong"})
+        r = c.get("/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = r.text
+    for name in (
+        "adapterserve_requests_total", "adapterserve_request_seconds_bucket", "adapterserve_queue_seconds_bucket",
+        "adapterserve_inference_seconds_bucket", "adapterserve_batch_size_bucket", "adapterserve_batch_distinct_adapters_bucket",
+        "adapterserve_queue_depth", "adapterserve_adapters_resident", "adapterserve_adapter_cache_bytes",
+        "adapterserve_adapter_loads_total", "adapterserve_adapter_load_seconds_bucket", "adapterserve_tenant_requests_total",
+    ):
+        assert name in text, name
+    assert 'adapterserve_requests_total{route="/v1/infer",status="200"}' in text
+    assert 'adapterserve_requests_total{route="/v1/infer",status="404"}' in text
+    assert 'adapterserve_tenant_requests_total{tenant="acme"}' in text
+    assert "m1" not in text and "missing" not in text  # never adapter names as labels
+    assert 'adapter_loads_total{result="ok"} 1.0' in text
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is required in CI (apt-get install prometheus)")
+        pytest.skip("promtool not installed: cannot run `promtool check metrics` (install the prometheus package)")
+    proc = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+class GatedEngine:
+    """A real engine whose forward passes wait for a gate (to fill the queue deterministically)."""
+
+    def __init__(self, inner: Engine, gate: threading.Event) -> None:
+        self._inner = inner
+        self._gate = gate
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def embed(self, segments: list[Segment]) -> list[np.ndarray]:
+        self._gate.wait(60)
+        return self._inner.embed(segments)
+
+
+def test_full_queue_answers_429(tiny_model_dir: Path, tmp_path: Path, adapter_factory: Callable[[str, int], Path]) -> None:
+    gate = threading.Event()
+
+    def factory(s: Settings) -> Engine:
+        return GatedEngine(default_engine(s), gate)  # type: ignore[return-value]
+
+    settings = settings_for(tiny_model_dir, tmp_path / "store", queue_size=2, max_batch_size=1, max_wait_ms=0)
+    with serve(settings, factory) as srv:
+        with srv.client() as c:
+            assert upload_files(c, "q", adapter_factory("lora", 9)).status_code == 201
+        import concurrent.futures as cf
+
+        def call() -> int:
+            with srv.client() as c:
+                return c.post("/v1/infer", json={"inputs": ["fun"], "adapters": "q"}).status_code
+
+        with cf.ThreadPoolExecutor(3) as pool:
+            blocked = [pool.submit(call) for _ in range(3)]  # one running (gated), two queued
+            with srv.client() as c:
+                for _ in range(200):
+                    if "adapterserve_queue_depth 2.0" in c.get("/metrics").text:
+                        break
+                    threading.Event().wait(0.02)
+                r = c.post("/v1/infer", json={"inputs": ["fun"], "adapters": "q"})
+                assert r.status_code == 429
+                assert r.headers["retry-after"] == "1"
+                assert r.headers["content-type"].startswith("application/problem+json")
+                assert "queue is full" in r.json()["detail"]
+            gate.set()
+            assert [f.result() for f in blocked] == [200, 200, 200]
+
+
+def test_open_mode_and_readiness(tiny_model_dir: Path, tmp_path: Path, adapter_factory: Callable[[str, int], Path]) -> None:
+    with serve(settings_for(tiny_model_dir, tmp_path / "store")) as srv, srv.client() as c:
+        assert c.get("/readyz").status_code == 200 and c.get("/readyz").json()["status"] == "ready"
+        r = upload_files(c, "open1", adapter_factory("seq_bn", 11))
+        assert r.status_code == 201 and r.json()["uploader"].startswith("default:")
+        assert (srv.settings.store_dir / "default" / "open1" / "1" / "meta.json").exists()
+        # open mode is admin: it may manage shared adapters
+        assert upload_files(c, "sh", adapter_factory("seq_bn", 11), shared="true").status_code == 201
