@@ -36,13 +36,14 @@ from .formats import (
     read_peft_dir,
     write_adapter_dir,
 )
+from .fusion import FusionMixin
 from .methods.bottleneck import BottleneckAdapter
 from .methods.lora import IA3, LoRA
 from .methods.phm import make_shared_phm_parameters
 from .methods.prefix_tuning import PrefixTuningModule
 from .models.base import ArchSpec, spec_for
 from .models.wiring import Wiring
-from .routing import ForwardContext, compile_plan, forward_context
+from .routing import ForwardContext, compile_setup, forward_context
 
 _NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 # Segments after which AdapterHub puts the adapter name in a state-dict key.
@@ -103,7 +104,7 @@ def _seq_len(args: tuple, kwargs: dict) -> int | None:
     return None
 
 
-class AdapterModelMixin:
+class AdapterModelMixin(FusionMixin):
     """Adapter management mixed into a transformers model by `init`."""
 
     # -- plumbing ----------------------------------------------------------------------------------
@@ -244,6 +245,8 @@ class AdapterModelMixin:
     def delete_adapter(self, name: str) -> None:
         if not self.has_adapter(name):
             raise ValueError(f"no adapter named {name!r}")
+        for fusion_name in [f for f in self._wiring.fusion_configs if name in f.split(",")]:
+            self.delete_adapter_fusion(fusion_name)
         self._remove_modules(name)
         reg = self.adapters_registry
         del reg.configs[name]
@@ -517,10 +520,8 @@ class AdapterModelMixin:
         setup, head_setup = self.resolve_setup()
         if setup is not None:
             validate_composition(setup, self.adapter_methods(), batch_size=batch_size, seq_len=seq_len)
-        plan = compile_plan(setup, batch_size)
-        if setup is not None and plan is None:
-            raise ValueError(f"{setup!r}: this composition is not supported for inference yet")
-        return ForwardContext(setup, plan, batch_size, head_setup)
+        compiled = compile_setup(setup, batch_size)
+        return ForwardContext(setup, compiled.plan, batch_size, head_setup, compiled.tree, compiled.replicate)
 
 
 def _is_union(cfg: AdapterConfigBase) -> bool:

@@ -61,9 +61,6 @@ class RowPlan:
         return result
 
 
-_GROUP_CACHES: dict[int, dict[frozenset[str], Any]] = {}
-
-
 def _group_cache(plan: RowPlan) -> dict[frozenset[str], Any]:
     ctx = ForwardContext.current()
     if ctx is not None and ctx.plan is plan:
@@ -75,15 +72,17 @@ class FlattenError(Exception):
     """Raised internally when a composition needs the tree interpreter."""
 
 
-def _flatten(block: AdapterCompositionBlock | str | None, n: int) -> list[tuple[str, ...]]:
+def _flatten(block: AdapterCompositionBlock | str | None, n: int, lenient: bool = False) -> list[tuple[str, ...]]:
     if block is None or block == "":
+        return [()] * n
+    if lenient and isinstance(block, (Fuse, Split, Average)):
         return [()] * n
     if isinstance(block, str):
         return [(block,)] * n
     if isinstance(block, Stack):
         rows: list[tuple[str, ...]] = [()] * n
         for child in block.children:
-            sub = _flatten(child, n)
+            sub = _flatten(child, n, lenient)
             rows = [a + b for a, b in zip(rows, sub, strict=True)]
         return rows
     if isinstance(block, BatchSplit):
@@ -93,7 +92,7 @@ def _flatten(block: AdapterCompositionBlock | str | None, n: int) -> list[tuple[
             )
         rows = []
         for child, size in zip(block.children, block.batch_sizes, strict=True):
-            rows.extend(_flatten(child, size))
+            rows.extend(_flatten(child, size, lenient))
         return rows
     if isinstance(block, (Fuse, Split, Average, Parallel)):
         raise FlattenError(type(block).__name__)
@@ -111,22 +110,41 @@ def _find_parallel(block: AdapterCompositionBlock | str | None) -> Parallel | No
     return None
 
 
-def compile_plan(setup: AdapterCompositionBlock | str | None, batch_size: int) -> RowPlan | None:
-    """Compile `setup` for a batch of `batch_size` rows; None when it needs the tree interpreter.
+@dataclass(frozen=True)
+class Compiled:
+    """A setup compiled for one batch: a flat plan, or a tree (with a lenient plan for prefix routing)."""
+
+    plan: RowPlan | None
+    tree: AdapterCompositionBlock | None
+    replicate: int
+
+
+def compile_setup(setup: AdapterCompositionBlock | str | None, batch_size: int) -> Compiled:
+    """Compile `setup` for a batch of `batch_size` rows.
 
     Parallel(a, b, ...) replicates the input batch once per child (done at the model input), after which
-    it is exactly BatchSplit(a, b, ...) over the copies.
+    it is exactly BatchSplit(a, b, ...) over the copies. Setups holding Fuse, Split or Average keep their
+    tree; their plan then routes only what flattens (prefix tuning never sits under those blocks).
     """
     setup = parse_composition(setup) if setup is not None else None
+    if setup is None:
+        return Compiled(None, None, 1)
     parallel = _find_parallel(setup)
-    try:
-        if parallel is None:
-            return RowPlan(tuple(_flatten(setup, batch_size)))
+    k = 1
+    if parallel is not None:
         k = len(parallel.children)
-        replaced = _replace(setup, parallel, BatchSplit(*parallel.children, batch_sizes=[batch_size] * k))
-        return RowPlan(tuple(_flatten(replaced, batch_size * k)), replicate=k)
+        setup = _replace(setup, parallel, BatchSplit(*parallel.children, batch_sizes=[batch_size] * k))
+    n = batch_size * k
+    try:
+        return Compiled(RowPlan(tuple(_flatten(setup, n)), replicate=k), None, k)
     except FlattenError:
-        return None
+        return Compiled(RowPlan(tuple(_flatten(setup, n, lenient=True)), replicate=k), setup, k)
+
+
+def compile_plan(setup: AdapterCompositionBlock | str | None, batch_size: int) -> RowPlan | None:
+    """The flat plan for `setup`, or None when it needs the tree interpreter."""
+    compiled = compile_setup(setup, batch_size)
+    return compiled.plan if compiled.tree is None else None
 
 
 def _replace(block: Any, target: Parallel, new: BatchSplit) -> Any:
@@ -145,6 +163,8 @@ class ForwardContext:
     plan: RowPlan | None
     batch_size: int
     head_setup: Any = None
+    tree: AdapterCompositionBlock | None = None
+    replicate: int = 1
     stash: dict[Any, Any] = field(default_factory=dict)
     prefix_states: dict[str, Any] = field(default_factory=dict)
     group_cache: dict[frozenset[str], Any] = field(default_factory=dict)
@@ -167,10 +187,6 @@ class ForwardContext:
     @property
     def active(self) -> bool:
         return self.setup is not None
-
-    @property
-    def replicate(self) -> int:
-        return self.plan.replicate if self.plan is not None else 1
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.pytorch_utils import Conv1D
 
 from ..methods.bottleneck import BottleneckResult, apply_bottlenecks, merge_rows
+from ..methods.composition_tree import BottleneckTree, lora_tree
 from ..methods.lora import apply_loras
 from ..methods.prefix_tuning import gather_prefixes, make_prefix_attention
 from ..routing import ForwardContext
@@ -42,6 +43,10 @@ class BottleneckLocation:
     site: BottleneckSite
     adapters: nn.ModuleDict
     layer_norm: nn.Module | None
+    fusions: nn.ModuleDict
+
+    def ln_fn(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        return self.layer_norm.forward if self.layer_norm is not None else None  # no hook re-entry
 
 
 @dataclass
@@ -81,6 +86,7 @@ class Wiring:
         self.prefix_tunings: nn.ModuleDict = _child(holder, "prefix_tunings", nn.ModuleDict)
         self.shared_parameters: nn.ModuleDict = _child(base, "shared_parameters", nn.ModuleDict)
         self.prefix_layer_index: dict[str, dict[int, int]] = {}
+        self.fusion_configs: dict[str, Any] = {}
         self._local = threading.local()
         for i, layer in enumerate(self.layers):
             for site in spec.bottleneck_sites:
@@ -97,8 +103,9 @@ class Wiring:
         sublayer = get_path(layer, site.sublayer)
         container = _child(layer, site.container, _Holder) if site.container != site.sublayer else sublayer
         adapters = _child(container, "adapters", nn.ModuleDict)
+        fusions = _child(container, "adapter_fusion_layer", nn.ModuleDict)
         ln = get_path(sublayer, site.layer_norm) if site.post_ln else None
-        loc = BottleneckLocation(i, site, adapters, ln)
+        loc = BottleneckLocation(i, site, adapters, ln, fusions)
         self.bottlenecks[(i, site.location)] = loc
         key = (i, site.location)
         if site.post_ln:
@@ -138,23 +145,37 @@ class Wiring:
                 ctx.stash[(key, slot)] = output
         return hook
 
-    def _routed(self, loc: BottleneckLocation) -> tuple[ForwardContext, tuple] | None:
+    def _routed(self, loc: BottleneckLocation, h: torch.Tensor, x: torch.Tensor) -> list[BottleneckResult] | None:
+        """The bottleneck results for this location under the current context (None: nothing to do)."""
         ctx = ForwardContext.current()
         if ctx is None or ctx.plan is None or not len(loc.adapters):
             return None
+        if ctx.tree is not None:
+            tree = BottleneckTree(loc.adapters, loc.fusions, loc.ln_fn(), self.fusion_configs)
+            value, last = tree.run(ctx.tree, h, x)
+            return None if last is None else [BottleneckResult(value, None, last.config.original_ln_after)]
         groups = ctx.plan.groups(frozenset(loc.adapters.keys()))
-        return (ctx, groups) if groups else None
+        if not groups:
+            return None
+        return apply_bottlenecks(loc.adapters, groups, h, x, loc.ln_fn())
+
+    def _has_work(self, loc: BottleneckLocation) -> ForwardContext | None:
+        ctx = ForwardContext.current()
+        if ctx is None or ctx.plan is None or not len(loc.adapters):
+            return None
+        return ctx
 
     def _post_ln_pre_hook(self, loc: BottleneckLocation) -> Callable:
         key = (loc.layer, loc.site.location)
 
         def hook(module: nn.Module, args: tuple) -> tuple | None:
-            routed = self._routed(loc)
-            if routed is None:
+            ctx = self._has_work(loc)
+            if ctx is None:
                 return None
-            ctx, groups = routed
             h, x = ctx.stash.pop((key, "h")), ctx.stash.pop((key, "x"))
-            results = apply_bottlenecks(loc.adapters, groups, h, x, loc.layer_norm.forward)  # no hook re-entry
+            results = self._routed(loc, h, x)
+            if not results:
+                return None
             keep = [r for r in results if r.original_ln_after]
             skip = [r for r in results if not r.original_ln_after]
             if skip:
@@ -182,13 +203,14 @@ class Wiring:
         key = (loc.layer, loc.site.location)
 
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-            routed = self._routed(loc)
-            if routed is None:
+            ctx = self._has_work(loc)
+            if ctx is None:
                 return None
-            ctx, groups = routed
             x = ctx.stash.pop((key, "x"))
             h = output[0] if isinstance(output, tuple) else output
-            results = apply_bottlenecks(loc.adapters, groups, h, x, None)
+            results = self._routed(loc, h, x)
+            if not results:
+                return None
 
             def value(r: BottleneckResult) -> torch.Tensor:
                 if r.original_ln_after:
@@ -212,6 +234,8 @@ class Wiring:
             ctx = ForwardContext.current()
             if ctx is None or ctx.plan is None or not len(target.loras):
                 return None
+            if ctx.tree is not None:
+                return self._lora_tree(target, ctx.tree, args[0], output)
             groups = ctx.plan.groups(frozenset(target.loras.keys()))
             if not groups:
                 return None
@@ -231,6 +255,22 @@ class Wiring:
                 result = apply_loras(target.loras, sub, args[0], result, target.out_index.get(name), target.merged)
             return result
         return hook
+
+    def _lora_tree(self, target: LoRATarget, tree: Any, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
+        if target.merged is not None:
+            raise ValueError(f"LoRA {target.merged!r} is merged; unmerge it before running {tree!r}")
+        hidden, last = lora_tree(target.loras, tree, x)
+        if last is None:
+            return None
+        name = next(n for n, m in target.loras.items() if m is last)
+        out_index = target.out_index.get(name)
+        sub = output if out_index is None else output[..., out_index]
+        new = sub + hidden if last.kind == "add" else sub * hidden
+        if out_index is None:
+            return new
+        result = output.clone()
+        result[..., out_index] = new
+        return result
 
     # -- prefix tuning -----------------------------------------------------------------------------
     def prefix_for(self, module: nn.Module, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
