@@ -67,6 +67,7 @@ class FusionMixin:
             layer = FusionLayer(cfg, self._hidden(), dropout).to(device=ref.device, dtype=ref.dtype)
             loc.fusions[fuse.name] = layer
         wiring.fusion_configs[fuse.name] = cfg
+        self.train(self.training)
         if set_active:
             self.set_active_adapters(fuse)
 

@@ -37,7 +37,7 @@ class PrefixTuningModule(nn.Module):
                 nn.Linear(config.bottleneck_size, out),
             )
         self.dropout = nn.Dropout(config.dropout)
-        self._cache: tuple[tuple, tuple[KV, ...]] | None = None
+        self._cache: tuple[tuple, torch.Tensor] | None = None
 
     def flat_weights(self) -> torch.Tensor:
         """The (prefix_length * n_layers * 2 * n_kv_heads * head_dim) vector a flat prefix stores."""
@@ -45,13 +45,16 @@ class PrefixTuningModule(nn.Module):
             return self.control_trans
         return self.control_trans(self.wte.weight).reshape(-1)
 
-    def _compute(self) -> tuple[KV, ...]:
+    def _compute(self) -> torch.Tensor:
         kv = self.flat_weights().view(self.prefix_length, self.n_layers * 2, self.n_kv_heads, self.head_dim)
         kv = self.dropout(kv).permute(1, 2, 0, 3)  # [2L, heads, P, head_dim]
-        return tuple((kv[2 * i], kv[2 * i + 1]) for i in range(self.n_layers))
+        return kv.reshape(self.n_layers, 2, self.n_kv_heads, self.prefix_length, self.head_dim)
 
-    def key_values(self) -> tuple[KV, ...]:
-        """Per layer (key, value), each [n_kv_heads, prefix_length, head_dim]."""
+    def stacked(self) -> torch.Tensor:
+        """All prefixes as [n_layers, 2 (key, value), n_kv_heads, prefix_length, head_dim].
+
+        Cached in eval mode without grad until a parameter changes (no MLP rerun per request).
+        """
         if self.training or torch.is_grad_enabled():
             self._cache = None
             return self._compute()
@@ -59,6 +62,36 @@ class PrefixTuningModule(nn.Module):
         if self._cache is None or self._cache[0] != stamp:
             self._cache = (stamp, self._compute())
         return self._cache[1]
+
+    def key_values(self) -> tuple[KV, ...]:
+        """Per layer (key, value), each [n_kv_heads, prefix_length, head_dim]."""
+        st = self.stacked()
+        return tuple((st[i, 0], st[i, 1]) for i in range(self.n_layers))
+
+
+def gather_all_layers(
+    modules: Sequence[PrefixTuningModule], slot: Sequence[int], device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One gather for the whole forward: rows' prefixes for every layer, padded to the longest.
+
+    `slot[r]` indexes `modules` (-1: the row has no prefix). Returns kv [B, L, 2, H, P_max, D] and the
+    keep mask [B, P_max]; valid positions sit at the end of each row's prefix block.
+    """
+    p_max = max(m.prefix_length for m in modules)
+    ref = modules[0]
+    shape = (ref.n_layers, 2, ref.n_kv_heads, p_max, ref.head_dim)
+    padded = [torch.zeros(shape, device=device, dtype=dtype)]
+    keeps = [torch.zeros(p_max, dtype=torch.bool, device=device)]
+    for m in modules:
+        st = m.stacked().to(device=device, dtype=dtype)
+        keep = torch.zeros(p_max, dtype=torch.bool, device=device)
+        keep[p_max - m.prefix_length:] = True
+        if m.prefix_length < p_max:
+            st = torch.nn.functional.pad(st, (0, 0, p_max - m.prefix_length, 0))
+        padded.append(st)
+        keeps.append(keep)
+    index = torch.tensor([s + 1 for s in slot], device=device)
+    return torch.stack(padded)[index], torch.stack(keeps)[index]
 
 
 def gather_prefixes(

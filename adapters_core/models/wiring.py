@@ -22,7 +22,7 @@ from transformers.pytorch_utils import Conv1D
 from ..methods.bottleneck import BottleneckResult, apply_bottlenecks, merge_rows
 from ..methods.composition_tree import BottleneckTree, lora_tree
 from ..methods.lora import apply_loras
-from ..methods.prefix_tuning import gather_prefixes, make_prefix_attention
+from ..methods.prefix_tuning import gather_all_layers, gather_prefixes, make_prefix_attention
 from ..routing import ForwardContext
 from .base import ArchSpec, BottleneckSite, LoRASite, get_path
 
@@ -288,6 +288,12 @@ class Wiring:
             return None
         if len(rows) != batch:
             raise ValueError(f"prefix routing expected {len(rows)} rows, attention got {batch}")
+        fast = self._prefix_all_layers(ctx, rows)
+        if fast is not None:
+            kv, keep = fast
+            found = (kv[:, layer, 0], kv[:, layer, 1], keep)
+            cache[layer] = found
+            return found
         kvs = {n: self.prefix_tunings[n]["self_prefix"].key_values() for n in {n for r in rows for n in r}}
         per_row = []
         for stack in rows:
@@ -301,6 +307,23 @@ class Wiring:
         found = gather_prefixes(per_row, ref.device, ref.dtype)
         cache[layer] = found
         return found
+
+
+    def _prefix_all_layers(self, ctx: ForwardContext, rows: list[tuple[str, ...]]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The one-gather path when each row has at most one prefix that covers every layer."""
+        if "_all" in ctx.prefix_states:
+            return ctx.prefix_states["_all"]
+        names = sorted({n for r in rows for n in r})
+        full = all(len(self.prefix_layer_index[n]) == self.n_layers for n in names)
+        if not full or any(len(r) > 1 for r in rows):
+            ctx.prefix_states["_all"] = None
+            return None
+        modules = [self.prefix_tunings[n]["self_prefix"] for n in names]
+        slot = [names.index(r[0]) if r else -1 for r in rows]
+        ref = next(iter(self.prefix_tunings.parameters()))
+        result = gather_all_layers(modules, slot, ref.device, ref.dtype)
+        ctx.prefix_states["_all"] = result
+        return result
 
 
 _INSTALLED = threading.Lock()

@@ -1,0 +1,61 @@
+"""Throughput of every adapter method (one adapter for the whole batch) relative to the bare backbone.
+
+MiniLM, batch 32 x 64 tokens, 2 threads, inference mode; all cases timed round-robin in one run and
+summarised by their median. Run: `.venv/bin/python bench/methods.py [--repeats 9]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from adapters_core import AdapterSetup, AutoAdapterModel
+from bench.common import fixed_inputs, median_ms, minilm_path, noisy, print_table, round_robin, setup_threads
+
+CASES = {
+    "seq_bn": "seq_bn",
+    "double_seq_bn": "double_seq_bn",
+    "par_bn": "par_bn",
+    "compacter": "compacter",
+    "compacter++": "compacter++",
+    "prefix_tuning": "prefix_tuning",
+    "lora": "lora",
+    "ia3": "ia3",
+    "mam": "mam",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    setup_threads(args.threads)
+    model = AutoAdapterModel.from_pretrained(minilm_path()).eval()
+    inputs = fixed_inputs(args.batch, args.seq_len)
+    for name, config in CASES.items():
+        key = name.replace("+", "p")
+        model.add_adapter(key, config=config)
+        noisy(model, key)
+
+    def run(setup: str | None):
+        def fn() -> None:
+            with torch.inference_mode(), AdapterSetup(setup):
+                model(**inputs)
+        return fn
+
+    cases = {"backbone": run(None)} | {name: run(name.replace("+", "p")) for name in CASES}
+    times = round_robin(cases, args.repeats)
+    base = median_ms(times["backbone"])
+    rows = [(name, median_ms(t), base / median_ms(t)) for name, t in times.items()]
+    print_table(
+        f"bench/methods.py: MiniLM, batch {args.batch} x {args.seq_len}, {args.threads} threads, "
+        f"median of {args.repeats} round-robin runs", rows, "backbone", args.batch,
+    )
+
+
+if __name__ == "__main__":
+    main()
