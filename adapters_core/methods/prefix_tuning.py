@@ -175,7 +175,10 @@ def make_prefix_attention(delegate: Callable[..., Any], lookup: PrefixLookup, as
             return delegate(module, query, key, value, attention_mask, **kwargs)
         pk, pv, keep = found
         causal = bool(getattr(module, "is_causal", False))
-        mask = extend_mask(attention_mask, keep, query.shape[2], key.shape[2], causal, query.dtype, as_bool)
+        if attention_mask is None and not (causal and query.shape[2] > 1) and bool(keep.all()):
+            mask = None  # every key visible to every query: keep the mask-free kernel
+        else:
+            mask = extend_mask(attention_mask, keep, query.shape[2], key.shape[2], causal, query.dtype, as_bool)
         key = torch.cat([pk.to(key.dtype), key], dim=2)
         value = torch.cat([pv.to(value.dtype), value], dim=2)
         kwargs.pop("is_causal", None)
