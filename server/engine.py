@@ -94,22 +94,25 @@ class Engine:
         return list(self.tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_tokens)["input_ids"])
 
     # -- adapters ------------------------------------------------------------------------------
+    @property
+    def supports_heads(self) -> bool:
+        """Whether the adapters_core in use can load prediction heads (they land in a later version)."""
+        return hasattr(self.model, "add_classification_head")
+
     def inspect(self, folder: Path) -> Upload:
         """Validate an adapter folder against this backbone (ValueError if wrong). The library probes by
         loading and deleting a temporary adapter, so this must run on the inference thread."""
         info = self.model.inspect_adapter_dir(str(folder), allow_pickle=False)
-        methods = tuple(sorted(getattr(info, "kinds", None) or _kinds_of(info)))
+        methods = tuple(sorted(_kinds_of(info)))
         head = None
-        if getattr(info, "has_head", False):
-            head = {k: v for k, v in {
-                "num_labels": getattr(info, "num_labels", None),
-                "id2label": getattr(info, "id2label", None),
-                "head_type": getattr(info, "head_type", None),
-            }.items() if v is not None} or None
-        return Upload(
-            method=str(info.method), methods=methods, has_head=bool(getattr(info, "has_head", False)),
-            nbytes=int(info.nbytes), head=head,
-        )
+        if info.has_head:
+            if not self.supports_heads:
+                raise ValueError(
+                    "this server's adapters_core cannot load prediction heads yet; upload the adapter without "
+                    "head_config.json / model_head.safetensors"
+                )
+            head = read_head_labels(folder / "head_config.json")
+        return Upload(method=str(info.method), methods=methods, has_head=bool(info.has_head), nbytes=int(info.nbytes), head=head)
 
     def load(self, path: Path, internal: str) -> int:
         name = self.model.load_adapter(str(path), load_as=internal, allow_pickle=False)
@@ -165,10 +168,46 @@ class Engine:
             start += len(s.rows)
         return out
 
+    def classify(self, segments: list[Segment], labels: dict[str, dict[int, str]]) -> list[list[Classified]]:
+        """One forward pass with one prediction head (the batcher groups classification jobs by head)."""
+        from adapters_core import AdapterSetup
+
+        rows = [r for s in segments for r in s.rows]
+        inputs = self._inputs(rows)
+        head = segments[0].head
+        assert head is not None and all(s.head == head for s in segments)
+        with torch.inference_mode(), AdapterSetup(self.setup_for(segments), head_setup=head):
+            out = self.model(**inputs)
+        logits = (out.logits if hasattr(out, "logits") else out[0]).float()
+        probs = torch.softmax(logits, dim=-1)
+        names = labels.get(head, {})
+        results: list[Classified] = []
+        for row_logits, row_probs in zip(logits.tolist(), probs, strict=True):
+            idx = int(row_probs.argmax())
+            results.append(Classified(names.get(idx, str(idx)), float(row_probs[idx]), row_logits))
+        out_segs, start = [], 0
+        for s in segments:
+            out_segs.append(results[start : start + len(s.rows)])
+            start += len(s.rows)
+        return out_segs
+
     def _hidden(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         base = getattr(self.model, "base_model", self.model)
         out = base(**inputs)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def read_head_labels(path: Path) -> dict[str, Any]:
+    """num_labels and id2label from an AdapterHub head_config.json (labels default to their index)."""
+    import json
+
+    data = json.loads(path.read_text())
+    cfg = data.get("config", data) if isinstance(data, dict) else {}
+    label2id = cfg.get("label2id") or {}
+    id2label = {int(v): str(k) for k, v in label2id.items()} if isinstance(label2id, dict) else {}
+    num = int(cfg.get("num_labels") or len(id2label) or 0)
+    return {"head_type": cfg.get("head_type", "classification"), "num_labels": num,
+            "id2label": {str(i): id2label.get(i, str(i)) for i in range(num)}}
 
 
 def _kinds_of(info: Any) -> set[str]:

@@ -74,7 +74,12 @@ def make_runner(engine: Engine, residency: Residency) -> Runner:
     def forward(jobs: Sequence[Job]) -> list[Any]:
         segs = segments_for(jobs)
         if any(s.head for s in segs):
-            return _split(engine.classify(segs), jobs)
+            labels = {}
+            for job in jobs:
+                head = job.payload.resolved.head
+                if head is not None and head.head:
+                    labels[head.internal] = {int(k): v for k, v in head.head.get("id2label", {}).items()}
+            return _split(engine.classify(segs, labels), jobs)
         if segs[0].width > 1:
             return engine.embed(segs)
         return _split(engine.embed(segs), jobs)

@@ -37,8 +37,11 @@ class ServeMiddleware:
             await send(message)
 
         self.state.inflight += 1
+        api = path.startswith("/v1/")
+        if api:
+            self.metrics.in_flight.inc()
         try:
-            if path.startswith("/v1/") and self.state.draining:
+            if api and self.state.draining:
                 status = 503
                 await _send_problem(send, 503, "draining", "the server is draining and accepts no new requests", {"retry-after": "5"})
                 return
@@ -52,6 +55,8 @@ class ServeMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             self.state.inflight -= 1
+            if api:
+                self.metrics.in_flight.dec()
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(route=template, status=str(status)).inc()

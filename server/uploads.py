@@ -40,7 +40,7 @@ def check_name(name: object) -> str:
 async def read_form(request: Request) -> tuple[dict[str, str], list[UploadFile], UploadFile | None]:
     """Parse the multipart body (size is limited by the middleware and the byte budget)."""
     ctype = request.headers.get("content-type", "")
-    if not ctype.startswith("multipart/form-data"):
+    if not ctype.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         raise ProblemError(415, "unsupported-media-type", "upload adapters as multipart/form-data (fields: name, files or archive)")
     try:
         form = await request.form(max_files=MAX_PARTS, max_fields=MAX_PARTS, max_part_size=64 * 1024)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,7 +41,7 @@ def minilm_server(tmp_path_factory: pytest.TempPathFactory, keys_file: Path) -> 
     script = Path(sys.executable).with_name("adapterserve")
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "server.cli"]
     cmd += ["serve", "--host", "127.0.0.1", "--port", str(port), "--store", str(root / "store"),
-            "--api-keys-file", str(keys_file), "--device", "cpu", "--max-batch-size", "16", "--drain-timeout-s", "60"]
+            "--api-keys-file", str(keys_file), "--device", "cpu", "--max-batch-size", "16", "--drain-timeout-s", "120", "--request-timeout-s", "120"]
     log = root / "server.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "ADAPTERSERVE_LOG_LEVEL": "info"})
@@ -107,14 +108,15 @@ def test_sigterm_drains_then_exits_0(minilm_server: Proc) -> None:
 
     def call() -> int:
         with httpx.Client(base_url=url, headers=auth("acme-key"), timeout=120) as c:
-            return c.post("/v1/infer", json={"inputs": [long_text] * 16, "adapters": "sentiment"}).status_code
+            return c.post("/v1/infer", json={"inputs": [long_text] * 8, "adapters": "sentiment"}).status_code
 
     with cf.ThreadPoolExecutor(6) as pool, httpx.Client(base_url=url, headers=auth("acme-key"), timeout=30) as c:
         inflight = [pool.submit(call) for _ in range(6)]
         deadline = time.monotonic() + 60
-        while "adapterserve_queue_depth 0.0" in c.get("/metrics").text:  # wait until work is queued
-            assert time.monotonic() < deadline, "requests never queued"
-            time.sleep(0.01)
+        # wait until the server holds all six requests (running or queued)
+        while not re.search(r"^adapterserve_requests_in_flight 6\.0$", c.get("/metrics").text, re.M):
+            assert time.monotonic() < deadline, "requests never arrived"
+            time.sleep(0.05)
         minilm_server.proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)
         assert c.get("/readyz").status_code == 503
