@@ -118,6 +118,21 @@ class Reference:
             self.model.delete_adapter(name)
 
 
+    def logits(self, folder: Path, texts: list[str]) -> np.ndarray:
+        """The adapter's own prediction head's logits."""
+        from adapters_core import AdapterSetup
+
+        self._n += 1
+        name = f"ref{self._n}"
+        self.model.load_adapter(str(folder), load_as=name)
+        try:
+            enc = self.tok(texts, padding=True, return_tensors="pt")
+            with torch.inference_mode(), AdapterSetup(name, head_setup=name):
+                return self.model(**enc).logits.numpy()
+        finally:
+            self.model.delete_adapter(name)
+
+
 @pytest.fixture(scope="session")
 def reference(tiny_model_dir: Path) -> Reference:
     return Reference(tiny_model_dir)

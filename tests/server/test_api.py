@@ -213,3 +213,49 @@ def test_delete_then_gone(srv: Running, adapter_factory: Callable[[str, int], Pa
         assert r.status_code == 200 and r.json()["versions"] == [1]
         assert c.get("/v1/adapters/tmp").status_code == 404
         assert c.post("/v1/infer", json={"inputs": ["fun"], "adapters": "tmp"}).status_code == 404
+
+
+def _with_head(folder: Path, out: Path) -> Path:
+    """Copy an adapter and add an AdapterHub classification head (2 layers, tanh, labels neg/pos)."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    shutil.copytree(folder, out)
+    name = json.loads((folder / "adapter_config.json").read_text())["name"]
+    (out / "head_config.json").write_text(json.dumps({
+        "config": {"head_type": "classification", "num_labels": 2, "layers": 2, "activation_function": "tanh",
+                   "label2id": {"neg": 0, "pos": 1}, "use_pooler": False, "bias": True, "dropout_prob": None},
+        "hidden_size": 32, "model_class": "BertAdapterModel", "model_name": "tiny", "model_type": "bert", "name": name,
+    }))
+    gen = torch.Generator().manual_seed(3)
+    save_file({
+        f"heads.{name}.1.weight": torch.randn(32, 32, generator=gen), f"heads.{name}.1.bias": torch.randn(32, generator=gen),
+        f"heads.{name}.4.weight": torch.randn(2, 32, generator=gen), f"heads.{name}.4.bias": torch.randn(2, generator=gen),
+    }, str(out / "model_head.safetensors"))
+    return out
+
+
+def test_classification_head(srv: Running, adapter_factory: Callable[[str, int], Path], reference: Reference, tmp_path: Path) -> None:
+    folder = _with_head(adapter_factory("seq_bn", 91), tmp_path / "headed")
+    engine = srv.app.state.runtime.engine
+    with srv.client("acme-key") as c:
+        before = c.get("/v1/adapters").json()
+        r = upload_files(c, "clf", folder)
+        if not engine.supports_heads:
+            assert r.status_code == 422 and "head" in r.json()["detail"], r.text
+            assert c.get("/v1/adapters").json() == before
+            pytest.xfail("adapters_core cannot load prediction heads yet (the upload is refused with a clear 422)")
+        assert r.status_code == 201, r.text
+        assert r.json()["has_head"] and r.json()["head"]["id2label"] == {"0": "neg", "1": "pos"}
+        r = c.post("/v1/infer", json={"inputs": SENTENCES[:3], "adapters": "clf"})
+        assert r.status_code == 200, r.text
+        for res in r.json()["results"]:
+            assert res["label"] in ("neg", "pos") and 0.5 <= res["score"] <= 1 and len(res["logits"]) == 2
+        got = np.array([res["logits"] for res in r.json()["results"]])
+        assert np.abs(got - reference.logits(folder, SENTENCES[:3])).max() < 1e-5
+        assert [res["label"] for res in r.json()["results"]] == [["neg", "pos"][int(np.argmax(g))] for g in got]
+        r = c.post("/v1/infer", json={"inputs": SENTENCES[:3], "adapters": "clf", "task": "embedding"})
+        assert len(r.json()["results"][0]["embedding"]) == 32
