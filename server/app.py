@@ -29,7 +29,7 @@ EngineFactory = Callable[[Settings], Engine]
 
 
 def default_engine(settings: Settings) -> Engine:
-    return Engine(settings.model_path, settings.device, settings.dtype)
+    return Engine(settings.model_path, settings.device, settings.dtype, settings.torch_threads)
 
 
 def build_runtime(app: FastAPI, settings: Settings, engine: Engine) -> Runtime:

@@ -26,7 +26,7 @@ _FLAGS: dict[str, str] = {
     "--max-batch-size": "max_batch_size", "--max-batch-tokens": "max_batch_tokens", "--max-wait-ms": "max_wait_ms",
     "--queue-size": "queue_size", "--request-timeout-s": "request_timeout_s", "--max-upload-mb": "max_upload_mb",
     "--max-inputs": "max_inputs", "--max-input-tokens": "max_input_tokens", "--tenant-max-adapters": "tenant_max_adapters",
-    "--drain-timeout-s": "drain_timeout_s", "--log-level": "log_level",
+    "--drain-timeout-s": "drain_timeout_s", "--log-level": "log_level", "--torch-threads": "torch_threads",
 }
 
 

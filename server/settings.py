@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     tenant_max_adapters: int = Field(100, ge=0)
     tenant_max_store_mb: float = Field(4096, gt=0)
     drain_timeout_s: float = Field(30, ge=0)
+    torch_threads: int = Field(0, ge=0, description="intra-op threads for the forward pass; 0 = torch's default")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
 
     @field_validator("log_level", mode="before")

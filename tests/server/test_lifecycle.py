@@ -6,7 +6,7 @@ import os
 import shutil
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,3 +132,27 @@ def test_open_mode_and_readiness(tiny_model_dir: Path, tmp_path: Path, adapter_f
         assert (srv.settings.store_dir / "default" / "open1" / "1" / "meta.json").exists()
         # open mode is admin: it may manage shared adapters
         assert upload_files(c, "sh", adapter_factory("seq_bn", 11), shared="true").status_code == 201
+
+
+def test_quota_and_streamed_oversize(tiny_model_dir: Path, tmp_path: Path, adapter_factory: Callable[[str, int], Path]) -> None:
+    settings = settings_for(tiny_model_dir, tmp_path / "store", tenant_max_adapters=2, max_upload_mb=0.5)
+    folder = adapter_factory("seq_bn", 12)
+    with serve(settings) as srv, srv.client() as c:
+        assert upload_files(c, "q1", folder).status_code == 201
+        assert upload_files(c, "q2", folder).status_code == 201
+        r = upload_files(c, "q3", folder)
+        assert r.status_code == 403 and "quota" in r.json()["detail"]
+        assert upload_files(c, "q1", folder).status_code == 201  # a new version of an existing adapter is fine
+        assert sorted(a["name"] for a in c.get("/v1/adapters").json()["data"]) == ["q1", "q2"]
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: the limit is enforced while reading
+            boundary = b"--xx\r\n"
+            yield boundary + b'Content-Disposition: form-data; name="name"\r\n\r\nbig\r\n'
+            yield boundary + b'Content-Disposition: form-data; name="files"; filename="adapter.safetensors"\r\n\r\n'
+            for _ in range(16):
+                yield b"\0" * 65536
+            yield b"\r\n--xx--\r\n"
+
+        r = c.post("/v1/adapters", content=chunks(), headers={"content-type": "multipart/form-data; boundary=xx"})
+        assert r.status_code == 413 and r.headers["content-type"].startswith("application/problem+json")
+        assert c.get("/v1/adapters/big").status_code == 404

@@ -1,0 +1,99 @@
+"""Residency: byte budget, LRU, pins, deferred unload after delete (fake loader, no model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.metrics import Metrics
+from server.residency import AdapterUnavailable, Residency
+from server.store import AdapterStore, Upload, VersionMeta
+
+
+class FakeLoader:
+    def __init__(self) -> None:
+        self.loaded: dict[str, int] = {}
+        self.log: list[str] = []
+
+    def load(self, path: Path, internal: str) -> int:
+        assert path.is_dir()
+        self.loaded[internal] = 100
+        self.log.append("load " + internal)
+        return 100
+
+    def unload(self, internal: str) -> None:
+        del self.loaded[internal]
+        self.log.append("unload " + internal)
+
+
+def _metas(tmp_path: Path, n: int) -> tuple[AdapterStore, list[VersionMeta]]:
+    store = AdapterStore(tmp_path)
+    metas = []
+    for i in range(n):
+        d = store.staging_dir()
+        (d / "adapter.safetensors").write_bytes(bytes([i]))
+        metas.append(store.commit("t", f"a{i}", d, Upload("lora", ("lora",), False, 100), "u"))
+    return store, metas
+
+
+def _residency(store: AdapterStore, budget: int) -> tuple[Residency, FakeLoader, Metrics]:
+    loader, metrics = FakeLoader(), Metrics()
+    res = Residency(loader, budget, metrics, lambda m: store.version_dir(m.tenant, m.name, m.version))
+    return res, loader, metrics
+
+
+def test_lru_eviction_within_budget(tmp_path: Path) -> None:
+    store, m = _metas(tmp_path, 4)
+    res, loader, metrics = _residency(store, 250)
+    for meta in (m[0], m[1], m[0], m[2]):  # a1 is least recently used when a2 arrives
+        res.prepare([meta])
+        res.unpin_metas([meta])
+    assert set(loader.loaded) == {m[0].internal, m[2].internal}
+    assert metrics.adapters_resident._value.get() == 2
+    assert metrics.adapter_cache_bytes._value.get() == 200
+
+
+def test_pinned_adapters_are_not_evicted(tmp_path: Path) -> None:
+    store, m = _metas(tmp_path, 3)
+    res, loader, _ = _residency(store, 150)
+    res.prepare([m[0], m[1]])  # one batch needs both: over budget briefly, nothing pinned is evicted
+    assert set(loader.loaded) == {m[0].internal, m[1].internal}
+    res.unpin_metas([m[0], m[1]])
+    res.prepare([m[2]])
+    assert m[2].internal in loader.loaded and len(loader.loaded) == 1
+
+
+def test_delete_waits_for_inflight(tmp_path: Path) -> None:
+    store, m = _metas(tmp_path, 1)
+    res, loader, _ = _residency(store, 1000)
+    res.hold([m[0]])  # a queued request resolved this version
+    trash = store.delete("t", "a0")
+    assert trash is not None
+    res.retire([m[0]], trash)
+    res.prepare([m[0]])  # still loadable from the trash for the queued request
+    res.unpin_metas([m[0]])
+    assert trash.exists() and m[0].internal in loader.loaded
+    res.release([m[0]])  # the request finished: unload pending, files go
+    res.unload_pending()
+    assert m[0].internal not in loader.loaded and not trash.exists()
+
+
+def test_delete_without_inflight_is_immediate(tmp_path: Path) -> None:
+    store, m = _metas(tmp_path, 1)
+    res, loader, _ = _residency(store, 1000)
+    trash = store.delete("t", "a0")
+    assert trash is not None
+    res.retire([m[0]], trash)
+    assert not trash.exists()
+    with pytest.raises(AdapterUnavailable):
+        res.prepare([m[0]])
+
+
+def test_corrupt_file_is_refused(tmp_path: Path) -> None:
+    store, m = _metas(tmp_path, 1)
+    res, loader, metrics = _residency(store, 1000)
+    (store.version_dir("t", "a0", 1) / "adapter.safetensors").write_bytes(b"tampered")
+    with pytest.raises(AdapterUnavailable, match="sha256"):
+        res.prepare([m[0]])
+    assert not loader.loaded
