@@ -91,6 +91,9 @@ def _lora(model: AdapterModelMixin, peft: PeftFiles, sites: dict, base_prefix: s
     cfg = peft.config
     if cfg.get("use_dora") or cfg.get("use_rslora"):
         raise ValueError("PEFT LoRA with DoRA or rsLoRA is not supported")
+    for key in ("alpha_pattern", "rank_pattern"):  # per-module alpha / r: one LoRAConfig cannot express them
+        if cfg.get(key):
+            raise ValueError(f"PEFT LoRA with a per-module {key} ({cfg[key]!r}) is not supported")
     found = _collect(peft, sites, base_prefix, ("lora_A.weight", "lora_B.weight"))
     r = int(cfg.get("r", 8))
     config = LoRAConfig(r=r, alpha=float(cfg.get("lora_alpha", r)), dropout=float(cfg.get("lora_dropout", 0.0)),
