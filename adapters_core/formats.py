@@ -77,9 +77,15 @@ def _read_tensors(folder: Path, safe: str, pickle_name: str | None, allow_pickle
                 f"{pickle_name} is a pickle file; only safetensors are accepted here "
                 f"(pass allow_pickle=True for a trusted local folder)"
             )
-        state = torch.load(folder / pickle_name, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(folder / pickle_name, map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError (refused or corrupt pickle), RuntimeError, EOFError, ...
+            raise ValueError(f"{pickle_name} could not be read as a weights-only torch file: {exc}") from None
         if not isinstance(state, dict):
             raise ValueError(f"{pickle_name} does not hold a state dict")
+        bad = [str(k) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        if bad:
+            raise ValueError(f"{pickle_name}: entries that are not named tensors: {', '.join(bad[:5])}")
         return state
     return None
 
