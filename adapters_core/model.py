@@ -79,7 +79,8 @@ def _check_name(name: str) -> None:
         raise ValueError(f"invalid adapter name {name!r}: use letters, digits, '_' and '-' only")
 
 
-def _replicate(value: Any, k: int) -> Any:
+def replicate_batch(value: Any, k: int) -> Any:
+    """A batch tensor repeated k times along dim 0 (Parallel's copies); other values unchanged."""
     return value.repeat(k, *([1] * (value.dim() - 1))) if isinstance(value, torch.Tensor) else value
 
 
@@ -300,10 +301,10 @@ class AdapterModelMixin(FusionMixin):
         self.train()
 
     def _unfreeze_head(self, name: str) -> None:
-        heads = getattr(self, "heads", None)
-        if heads is not None and name in heads:
-            for p in heads[name].parameters():
-                p.requires_grad_(True)
+        """Make head `name` trainable (not parameters tied to the backbone); see heads.unfreeze_head."""
+        from .heads import unfreeze_head
+
+        unfreeze_head(self, name)
 
     # -- state dicts and files ---------------------------------------------------------------------
     def _key_prefix(self) -> str:
@@ -332,10 +333,16 @@ class AdapterModelMixin(FusionMixin):
                           *(head if head else (None, None)))
 
     def _head_files(self, name: str) -> tuple[dict, dict] | None:
-        return None
+        """(head_config dict, head tensors) of head `name`, or None; see heads.head_files."""
+        from .heads import head_files
+
+        return head_files(self, name)
 
     def _load_head_files(self, name: str, files: AdapterFiles) -> None:
-        return None
+        """Add head `name` from a folder's head files; see heads.load_head_files."""
+        from .heads import load_head_files
+
+        load_head_files(self, name, files.head_config or {}, files.head_state)
 
     def _rename_key(self, key: str, old: str, new: str) -> str:
         parts = key.split(".")
@@ -550,8 +557,8 @@ def _enter_hook(model: AdapterModelMixin) -> Any:
         owned.append(cm)
         k = ctx.replicate
         if k > 1:
-            args = tuple(_replicate(a, k) for a in args)
-            kwargs = {key: _replicate(v, k) if key in _BATCH_KWARGS else v for key, v in kwargs.items()}
+            args = tuple(replicate_batch(a, k) for a in args)
+            kwargs = {key: replicate_batch(v, k) if key in _BATCH_KWARGS else v for key, v in kwargs.items()}
             return args, kwargs
         return None
     return hook
@@ -589,4 +596,4 @@ def init(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["AdapterModelMixin", "AdapterInfo", "init", "wire"]
+__all__ = ["AdapterModelMixin", "AdapterInfo", "init", "replicate_batch", "wire"]
