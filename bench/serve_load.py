@@ -100,10 +100,11 @@ class Server:
     url: str
 
 
-def start_server(model_path: str, store: Path, max_batch_size: int, log: Path) -> Server:
+def start_server(model_path: str, store: Path, max_batch_size: int, log: Path, threads: int) -> Server:
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--store", str(store),
-           "--model", model_path, "--device", "cpu", "--max-batch-size", str(max_batch_size), "--log-level", "warning"]
+           "--model", model_path, "--device", "cpu", "--max-batch-size", str(max_batch_size), "--log-level", "warning",
+           "--torch-threads", str(threads)]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -207,7 +208,7 @@ async def drive(url: str, names: list[str], texts: list[str], clients: int, dura
 def run_server_case(model_path: str, adapters: list[tuple[str, Path, str]], texts: list[str], max_batch: int,
                     args: argparse.Namespace, work: Path) -> LoadResult:
     store = work / f"store-{max_batch}"
-    server = start_server(model_path, store, max_batch, work / f"server-{max_batch}.log")
+    server = start_server(model_path, store, max_batch, work / f"server-{max_batch}.log", args.torch_threads)
     try:
         upload_all(server.url, adapters)
         result = asyncio.run(drive(server.url, [a[0] for a in adapters], texts, args.clients, args.duration, args.zipf,
@@ -228,7 +229,10 @@ def main() -> None:
     parser.add_argument("--inputs-per-request", type=int, default=1)
     parser.add_argument("--max-batch-size", type=int, default=32, help="the batched server's (and the bare baseline's) batch size")
     parser.add_argument("--model", default=default_model_path())
+    parser.add_argument("--torch-threads", type=int, default=0, help="intra-op threads, same for bare and server (0: torch default)")
     args = parser.parse_args()
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
     texts = sentences(512)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -117,7 +117,7 @@ class AdapterStore:
         (self.root / TMP_DIR).mkdir(exist_ok=True)
         (self.root / TRASH_DIR).mkdir(exist_ok=True)
         self._lock = threading.Lock()
-        self._meta_cache: dict[tuple[str, str, int], VersionMeta] = {}
+        self._meta_cache: dict[tuple[str, str, int], tuple[tuple[int, int], VersionMeta]] = {}
         self._tag = f"{socket.gethostname()}-{os.getpid()}"
         self.cleanup()
 
@@ -155,16 +155,24 @@ class AdapterStore:
         return sorted(int(e) for e in entries if e.isdigit())
 
     def meta(self, tenant: str, name: str, version: int) -> VersionMeta | None:
+        """meta.json of one version; cached, but re-read if the file changed (another replica may have
+        deleted and re-created the adapter on the shared volume)."""
         key = (tenant, name, version)
-        cached = self._meta_cache.get(key)
-        if cached is not None:
-            return cached
+        path = self.version_dir(tenant, name, version) / META_FILE
         try:
-            data = json.loads((self.version_dir(tenant, name, version) / META_FILE).read_text())
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            self._meta_cache.pop(key, None)
+            return None
+        stamp = (st.st_ino, st.st_mtime_ns)
+        cached = self._meta_cache.get(key)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        try:
+            meta = VersionMeta.from_json(json.loads(path.read_text()))
         except FileNotFoundError:
             return None
-        meta = VersionMeta.from_json(data)
-        self._meta_cache[key] = meta
+        self._meta_cache[key] = (stamp, meta)
         return meta
 
     def latest(self, tenant: str, name: str) -> VersionMeta | None:
@@ -236,7 +244,6 @@ class AdapterStore:
                     raise
                 _fsync_dir(target.parent)
                 _fsync_dir(target.parent.parent)
-                self._meta_cache[meta.key] = meta
                 log.info("stored %s/%s version %d (%s, %d bytes)", tenant, name, version, meta.method, meta.size)
                 return meta
         raise RuntimeError(f"could not allocate a version for {tenant}/{name}")
