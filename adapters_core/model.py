@@ -156,6 +156,7 @@ class AdapterModelMixin(FusionMixin):
             self._remove_modules(name)
             raise
         self.adapters_registry.configs[name] = cfg
+        self.train(self.training)  # new modules follow the model's train/eval mode
         ref = next(self.adapter_base.parameters())
         for p in self.adapter_parameters(name):
             p.data = p.data.to(device=ref.device, dtype=ref.dtype)
@@ -460,7 +461,7 @@ class AdapterModelMixin(FusionMixin):
         conf = self.adapter_base.config
         new = PrefixTuningModule(old.n_layers, old.n_kv_heads, old.head_dim, self._hidden(), pcfg)
         new.control_trans = nn.Parameter(flat.to(device=flat.device, dtype=flat.dtype))
-        new.train(old.training)
+        new.train(self.training)
         wiring.prefix_tunings[name] = nn.ModuleDict({"self_prefix": new})
         self.adapters_registry.configs[name] = _rebuild_union(cfg, new_cfg)
         del conf
