@@ -37,7 +37,18 @@ from .configuration import (
     method_name,
 )
 from .context import AdapterSetup
-from .heads import AdapterModel, AutoAdapterModel
+from .head_types import MultiHeadOutput, mean_pool
+from .heads import (
+    AdapterModel,
+    AutoAdapterModel,
+    BertAdapterModel,
+    GPT2AdapterModel,
+    LlamaAdapterModel,
+    MistralAdapterModel,
+    Qwen2AdapterModel,
+    RobertaAdapterModel,
+    XLMRobertaAdapterModel,
+)
 from .model import AdapterInfo, AdapterModelMixin, init
 
 __all__ = [
@@ -48,5 +59,7 @@ __all__ = [
     "HoulsbyConfig", "IA3Config", "LoRAConfig", "MAMConfig", "ParallelConfig", "ParBnConfig",
     "PfeifferConfig", "PrefixTuningConfig", "SeqBnConfig", "StaticAdapterFusionConfig",
     "method_kinds", "method_name", "AdapterSetup", "AdapterModel", "AutoAdapterModel",
+    "BertAdapterModel", "GPT2AdapterModel", "LlamaAdapterModel", "MistralAdapterModel", "Qwen2AdapterModel",
+    "RobertaAdapterModel", "XLMRobertaAdapterModel", "MultiHeadOutput", "mean_pool",
     "AdapterInfo", "AdapterModelMixin", "init",
 ]
