@@ -129,7 +129,8 @@ def read_adapter_dir(path: str | os.PathLike[str], *, allow_pickle: bool = False
         head_state = _read_tensors(folder, HEAD_WEIGHTS, HEAD_WEIGHTS_PICKLE, allow_pickle)
         if head_state is None:
             raise ValueError(f"{HEAD_CONFIG} is present but {HEAD_WEIGHTS} is missing")
-    return AdapterFiles(config, str(meta["name"]), meta, dedupe_prefix_aliases(state), head_config, head_state)
+    state = dedupe_layer_norm_aliases(dedupe_prefix_aliases(state))
+    return AdapterFiles(config, str(meta["name"]), meta, state, head_config, head_state)
 
 
 def dedupe_prefix_aliases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -141,6 +142,26 @@ def dedupe_prefix_aliases(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
             out.setdefault(f"{root}.prefix_tuning.prefix_tunings.{rest}", value)
         else:
             out[key] = value
+    return out
+
+
+def dedupe_layer_norm_aliases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop AdapterHub's second name for a bottleneck's ln_before LayerNorm.
+
+    With ln_before=True AdapterHub's adapter holds the LayerNorm both as `adapter_norm_before` and as
+    `adapter_down.0` (the first entry of the Sequential), and it saves `model.state_dict()`, which lists
+    the tensors under both names. We keep `adapter_norm_before.*` and drop an `adapter_down.0.*` entry
+    that holds the very same values.
+    """
+    out = dict(state)
+    for key, value in state.items():
+        for part in ("weight", "bias"):
+            suffix = f".adapter_norm_before.{part}"
+            if key.endswith(suffix):
+                alias = key[: -len(suffix)] + f".adapter_down.0.{part}"
+                other = out.get(alias)
+                if other is not None and other.shape == value.shape and torch.equal(other, value):
+                    del out[alias]
     return out
 
 
