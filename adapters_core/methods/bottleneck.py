@@ -171,8 +171,10 @@ def _gathered_linear(
     """Row r of x times the weight of slot row_slot[r], for all rows in one bmm."""
     w = torch.stack([p[0] for p in params])[row_slot]  # [R, out, in]
     y = torch.bmm(x, w.transpose(1, 2))
-    if params[0][1] is not None:
-        b = torch.stack([p[1] for p in params])[row_slot]
+    biases = [p[1] for p in params]
+    ref = next((b for b in biases if b is not None), None)
+    if ref is not None:  # slots may mix biased and bias-free layers (phm_bias=False): the latter add zero
+        b = torch.stack([torch.zeros_like(ref) if b is None else b for b in biases])[row_slot]
         y = y + b[:, None, :]
     return y
 
