@@ -262,8 +262,11 @@ class AdapterModel(AdapterModelMixin, nn.Module):
             spec = head
             if spec is None:
                 spec = ctx.head_setup if ctx.head_setup is not None else self._active_head
-            if spec is None:
-                out = base_out
+            implied_only = head is None and all(
+                h not in self.heads and self.has_adapter(h) for h in head_leaves(spec)
+            )
+            if spec is None or implied_only:
+                out = base_out  # the setup's heads are adapters without one: the plain backbone output
             else:
                 targets = {"labels": labels, "start_positions": start_positions, "end_positions": end_positions}
                 run = HeadRun(self, base_out, inputs, {t: v for t, v in targets.items() if v is not None}, n_choices)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import models as _models  # noqa: F401  (registers the architectures)
-from .composition import AdapterCompositionBlock, parse_composition, validate_composition
+from .composition import AdapterCompositionBlock, Fuse, parse_composition, validate_composition
 from .configuration import (
     AdapterConfigBase,
     BnConfig,
@@ -37,6 +37,7 @@ from .formats import (
     write_adapter_dir,
 )
 from .fusion import FusionMixin
+from .merging import MergeMixin
 from .methods.bottleneck import BottleneckAdapter
 from .methods.lora import IA3, LoRA
 from .methods.phm import make_shared_phm_parameters
@@ -105,7 +106,7 @@ def _seq_len(args: tuple, kwargs: dict) -> int | None:
     return None
 
 
-class AdapterModelMixin(FusionMixin):
+class AdapterModelMixin(FusionMixin, MergeMixin):
     """Adapter management mixed into a transformers model by `init`."""
 
     # -- plumbing ----------------------------------------------------------------------------------
@@ -295,7 +296,10 @@ class AdapterModelMixin(FusionMixin):
         for name in block.flatten():
             if not self.has_adapter(name):
                 raise ValueError(f"no adapter named {name!r}")
-            for p in self.adapter_parameters(name):
+            frozen_rules = any(isinstance(m, BnConfig) and not m.learn_phm for m in self.adapters_registry.configs[name].methods())
+            for key, p in self.adapter_named_parameters(name):
+                if frozen_rules and key.rsplit(".", 1)[-1].startswith("phm_rule"):
+                    continue  # learn_phm=False: the PHM rule stays fixed
                 p.requires_grad_(True)
             self._unfreeze_head(name)
         self.set_active_adapters(block)
@@ -322,7 +326,7 @@ class AdapterModelMixin(FusionMixin):
             "config": self.adapters_registry.configs[name].to_dict(),
             "hidden_size": int(conf.hidden_size),
             "model_type": conf.model_type,
-            "model_name": getattr(conf, "_name_or_path", "") or conf.model_type,
+            "model_name": _public_model_name(conf),
             "model_class": self.adapters_registry.spec.adapter_model_class,
             "name": name,
             "version": FORMAT_VERSION,
@@ -441,81 +445,6 @@ class AdapterModelMixin(FusionMixin):
 
         return peft_to_adapterhub(self, peft)
 
-    # -- prefix ejection, LoRA merging -------------------------------------------------------------
-    def eject_prefix_tuning(self, name: str) -> None:
-        """Replace a reparameterised prefix by the flat tensor its MLP produces (fewer parameters)."""
-        cfg = self.adapters_registry.configs.get(name)
-        if cfg is None:
-            raise ValueError(f"no adapter named {name!r}")
-        wiring = self._wiring
-        if name not in wiring.prefix_tunings:
-            raise ValueError(f"adapter {name!r} has no prefix tuning to eject")
-        old: PrefixTuningModule = wiring.prefix_tunings[name]["self_prefix"]
-        if old.flat:
-            return
-        members = [m.replace(flat=True) if isinstance(m, PrefixTuningConfig) else m for m in cfg.methods()]
-        new_cfg = members[0] if len(members) == 1 else type(cfg)(*members) if _is_union(cfg) else cfg
-        pcfg = next(m for m in members if isinstance(m, PrefixTuningConfig))
-        with torch.no_grad():
-            flat = old.flat_weights().detach().clone()
-        conf = self.adapter_base.config
-        new = PrefixTuningModule(old.n_layers, old.n_kv_heads, old.head_dim, self._hidden(), pcfg)
-        new.control_trans = nn.Parameter(flat.to(device=flat.device, dtype=flat.dtype))
-        new.train(self.training)
-        wiring.prefix_tunings[name] = nn.ModuleDict({"self_prefix": new})
-        self.adapters_registry.configs[name] = _rebuild_union(cfg, new_cfg)
-        del conf
-
-    def merge_adapter(self, name: str) -> None:
-        """Fold a LoRA or (IA)^3 adapter into the base weights; `unmerge_adapter` restores them exactly."""
-        cfg = self.adapters_registry.configs.get(name)
-        if cfg is None or not any(isinstance(m, LoRAConfig) for m in cfg.methods()):
-            raise ValueError(f"{name!r} is not a LoRA or (IA)^3 adapter")
-        targets = [t for t in self._wiring.lora_targets if name in t.loras]
-        for t in targets:
-            if t.merged is not None and t.merged != name:
-                raise ValueError(f"{t.merged!r} is already merged into layer {t.layer}; unmerge it first")
-        for t in targets:
-            if t.merged == name:
-                continue
-            self._merge_target(t, name)
-
-    def _merge_target(self, target: Any, name: str) -> None:
-        mod = target.loras[name]
-        w = target.module.weight
-        b = getattr(target.module, "bias", None)
-        target.saved = (w.detach().clone(), None if b is None else b.detach().clone())
-        idx = target.out_index.get(name)
-        rows = torch.arange(target.out_features, device=w.device) if idx is None else idx.to(w.device)
-        with torch.no_grad():
-            wt = w.t() if target.fan_in_fan_out else w  # (out, in) view
-            if isinstance(mod, IA3):
-                vec = mod.vector().to(w.dtype)
-                wt[rows] = wt[rows] * vec[:, None]
-                if b is not None:
-                    b[rows] = b[rows] * vec
-            else:
-                wt[rows] = wt[rows] + mod.delta_weight().to(w.dtype)
-        target.merged = name
-
-    def _unmerge_target(self, target: Any) -> None:
-        if target.saved is None:
-            return
-        w, b = target.saved
-        with torch.no_grad():
-            target.module.weight.copy_(w)
-            if b is not None:
-                target.module.bias.copy_(b)
-        target.saved = None
-        target.merged = None
-
-    def unmerge_adapter(self, name: str | None = None) -> None:
-        for t in self._wiring.lora_targets:
-            if t.merged is not None and (name is None or t.merged == name):
-                self._unmerge_target(t)
-
-    reset_adapter = unmerge_adapter
-
     # -- forward entry ------------------------------------------------------------------------------
     def resolve_setup(self) -> tuple[AdapterCompositionBlock | None, Any]:
         """The setup this thread's next forward uses: the innermost AdapterSetup, else the static one."""
@@ -524,25 +453,51 @@ class AdapterModelMixin(FusionMixin):
             return ctx.adapter_setup, ctx.head_setup
         return self.adapters_registry.active, None
 
+    def _check_honoured(self, setup: AdapterCompositionBlock, plan: Any) -> None:
+        """Refuse, before any tensor is touched, what validate_composition cannot see from names alone."""
+        wiring = self._wiring
+        for fuse in _fuse_blocks(setup):
+            if fuse.name not in wiring.fusion_configs:
+                raise ValueError(f"{fuse!r}: no AdapterFusion layer named {fuse.name!r}; call add_adapter_fusion first")
+        if plan is None:
+            return
+        stacks = {stack for stack in plan.rows if len(stack) > 1}
+        for target in wiring.lora_targets:
+            if len(target.site.attn_keys) > 1:
+                for stack in stacks:
+                    live = [n for n in stack if n in target.loras and n != target.merged]
+                    if len(live) > 1:
+                        raise ValueError(
+                            f"Stack{tuple(live)!r}: stacking LoRA/IA3 adapters on the fused projection "
+                            f"{target.site.module} is not supported (AdapterHub refuses it as well)"
+                        )
+
     def build_forward_context(self, batch_size: int, seq_len: int | None) -> ForwardContext:
         setup, head_setup = self.resolve_setup()
         if setup is not None:
             validate_composition(setup, self.adapter_methods(), batch_size=batch_size, seq_len=seq_len)
         compiled = compile_setup(setup, batch_size)
+        if setup is not None:
+            self._check_honoured(setup, compiled.plan)
         return ForwardContext(setup, compiled.plan, batch_size, head_setup, compiled.tree, compiled.replicate)
 
 
-def _is_union(cfg: AdapterConfigBase) -> bool:
-    return len(cfg.methods()) > 1
+def _fuse_blocks(block: Any) -> list[Fuse]:
+    if isinstance(block, Fuse):
+        return [block, *(f for c in block.children for f in _fuse_blocks(c))]
+    if isinstance(block, AdapterCompositionBlock):
+        return [f for c in block.children for f in _fuse_blocks(c)]
+    return []
 
 
-def _rebuild_union(old: AdapterConfigBase, new: AdapterConfigBase) -> AdapterConfigBase:
-    if not _is_union(old):
-        return new
-    from .configuration import ConfigUnion
-
-    members = [m.replace(flat=True) if isinstance(m, PrefixTuningConfig) else m for m in old.methods()]
-    return ConfigUnion(*members)
+def _public_model_name(conf: Any) -> str:
+    """The backbone's hub-style name; a local folder is reduced to its name (no machine paths in files)."""
+    name = str(getattr(conf, "_name_or_path", "") or conf.model_type)
+    if os.path.isabs(name):
+        path = os.path.normpath(name)
+        base = os.path.basename(path)
+        return os.path.basename(os.path.dirname(path)) if base == "model" else base
+    return name
 
 
 def _enter_hook(model: AdapterModelMixin) -> Any:

@@ -23,23 +23,29 @@ Block = AdapterCompositionBlock | str | None
 
 @dataclass(frozen=True)
 class BnState:
+    """Hidden states of a row range with, per row, the last adapter applied (None: none yet)."""
+
     hidden: torch.Tensor
     x: torch.Tensor
     residual: torch.Tensor
-    up: torch.Tensor | None = None
-    last: str | None = None
+    up: torch.Tensor | None
+    last: tuple[str | None, ...]
 
 
-def _slice_rows(s: BnState, sl: slice, dim: int) -> BnState:
+def _cut(s: BnState, sl: slice, dim: int) -> BnState:
     def cut(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else (t[sl] if dim == 0 else t[:, sl])
-    return BnState(cut(s.hidden), cut(s.x), cut(s.residual), cut(s.up), s.last)
+    last = s.last[sl] if dim == 0 else s.last
+    return BnState(cut(s.hidden), cut(s.x), cut(s.residual), cut(s.up), last)
 
 
 def _cat(states: list[BnState], dim: int) -> BnState:
     ups = [s.up for s in states]
     up = torch.cat(ups, dim=dim) if all(u is not None for u in ups) else None
-    last = next((s.last for s in reversed(states) if s.last is not None), None)
+    if dim == 0:
+        last = tuple(n for s in states for n in s.last)
+    else:  # Split: every row ends with the last child's adapter (AdapterHub's rule)
+        last = next((s.last for s in reversed(states) if any(n is not None for n in s.last)), states[-1].last)
     return BnState(torch.cat([s.hidden for s in states], dim), torch.cat([s.x for s in states], dim),
                    torch.cat([s.residual for s in states], dim), up, last)
 
@@ -53,19 +59,30 @@ def _contains(block: Block, adapters: nn.ModuleDict) -> bool:
 
 
 class BottleneckTree:
-    """Interprets one composition at one bottleneck location."""
+    """Interprets one composition at one bottleneck location.
+
+    BatchSplit children are independent: each behaves exactly like the same child run alone on its
+    rows (that is what makes a row's output independent of its neighbours). Split, Average and Fuse
+    follow AdapterHub: the block's first adapter prepares the shared input once.
+    """
 
     def __init__(self, adapters: nn.ModuleDict, fusions: nn.ModuleDict | None,
                  layer_norm: Callable[[torch.Tensor], torch.Tensor] | None, fusion_configs: dict):
         self.adapters, self.fusions, self.ln, self.fusion_configs = adapters, fusions, layer_norm, fusion_configs
 
-    def run(self, setup: Block, h: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, BottleneckAdapter | None]:
-        """(pre-final value, the last adapter applied) — None when no adapter of the setup sits here."""
-        state = self.compose(setup, BnState(h, x, x), 0)
-        if state.last is None:
-            return h, None
-        last = self.adapters[state.last]
-        return last.pre_final(state.hidden, h), last
+    def run(self, setup: Block, h: torch.Tensor, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, BottleneckAdapter]]:
+        """[(row indices, pre-final value of those rows, their last adapter)] — rows no adapter touched are left out."""
+        state = self.compose(setup, BnState(h, x, x, None, (None,) * h.shape[0]))
+        by_last: dict[str, list[int]] = {}
+        for row, name in enumerate(state.last):
+            if name is not None:
+                by_last.setdefault(name, []).append(row)
+        out = []
+        for name, rows in by_last.items():
+            idx = torch.tensor(rows, device=h.device)
+            last = self.adapters[name]
+            out.append((idx, last.pre_final(state.hidden[idx], h[idx]), last))
+        return out
 
     def _pre(self, name: str, s: BnState) -> BnState:
         hidden, residual = self.adapters[name].pre_forward(s.hidden, s.x, self.ln)
@@ -74,57 +91,59 @@ class BottleneckTree:
     def _single(self, name: str, s: BnState) -> BnState:
         adapter: BottleneckAdapter = self.adapters[name]
         up = adapter.adapter_up(adapter.adapter_down(s.hidden)) * adapter.scaling
-        return replace(s, hidden=adapter.finish(up, s.residual), up=up, last=name)
+        return replace(s, hidden=adapter.finish(up, s.residual), up=up, last=(name,) * s.hidden.shape[0])
 
-    def _first_here(self, block: Block) -> str | None:
-        names = [block] if isinstance(block, str) else list(block.flatten()) if block is not None else []
-        return next((n for n in names if n in self.adapters), None)
+    def _first_here(self, block: AdapterCompositionBlock) -> str | None:
+        return next((n for n in block.flatten() if n in self.adapters), None)
 
-    def compose(self, block: Block, s: BnState, lvl: int) -> BnState:
+    def compose(self, block: Block, s: BnState) -> BnState:
+        """Apply `block` as a whole setup would (each adapter prepares its own input)."""
         if block is None or not _contains(block, self.adapters):
             return s
         if isinstance(block, str):
             return self._single(block, self._pre(block, s))
         if isinstance(block, Stack):
             for child in block.children:
-                if isinstance(child, str):
-                    if child in self.adapters:
-                        s = self._single(child, self._pre(child, s))
-                else:
-                    s = self.compose(child, s, lvl + 1)
+                s = self.compose(child, s)
             return s
-        if isinstance(block, Fuse):
-            return self._fuse(block, s, lvl)
-        first = self._first_here(block)
-        s = self._pre(first, s) if first is not None else s
         if isinstance(block, BatchSplit):
             parts, start = [], 0
             for child, size in zip(block.children, block.batch_sizes, strict=True):
-                sub = _slice_rows(s, slice(start, start + size), 0)
-                parts.append(self._child(child, sub, lvl))
+                parts.append(self.compose(child, _cut(s, slice(start, start + size), 0)))
                 start += size
             return _cat(parts, 0)
+        if isinstance(block, Fuse):
+            return self._fuse(block, s)
+        s = self._pre(self._first_here(block), s)
+        return self._prepared(block, s)
+
+    def _prepared(self, block: Block, s: BnState) -> BnState:
+        """Apply `block` to a state its parent has already prepared (AdapterHub's compose_single level)."""
+        if block is None or not _contains(block, self.adapters):
+            return s
+        if isinstance(block, str):
+            return self._single(block, s)
         if isinstance(block, Split):
             parts, start = [], 0
             for child, size in zip(block.children, block.splits, strict=True):
-                sub = _slice_rows(s, slice(start, start + size), 1)
-                parts.append(self._child(child, sub, lvl))
+                parts.append(self._prepared(child, _cut(s, slice(start, start + size), 1)))
                 start += size
             return _cat(parts, 1)
         if isinstance(block, Average):
-            outs = [self._child(c, s, lvl) for c in block.children]
+            outs = [self._prepared(c, s) for c in block.children]
             weights = torch.tensor(block.weights, dtype=s.hidden.dtype, device=s.hidden.device)
             hidden = sum(w * o.hidden for w, o in zip(weights, outs, strict=True))
-            last = next((o.last for o in reversed(outs) if o.last is not None), None)
+            last = next((o.last for o in reversed(outs) if any(n is not None for n in o.last)), s.last)
             return replace(s, hidden=hidden, last=last)
-        raise ValueError(f"{block!r} cannot be applied by bottleneck adapters")
+        if isinstance(block, BatchSplit):
+            parts, start = [], 0
+            for child, size in zip(block.children, block.batch_sizes, strict=True):
+                parts.append(self._prepared(child, _cut(s, slice(start, start + size), 0)))
+                start += size
+            return _cat(parts, 0)
+        return self.compose(block, s)  # Stack or Fuse inside a prepared block: they prepare themselves
 
-    def _child(self, child: Block, s: BnState, lvl: int) -> BnState:
-        if isinstance(child, str):
-            return self._single(child, s) if child in self.adapters else s
-        return self.compose(child, s, lvl + 1)
-
-    def _fuse(self, block: Fuse, s: BnState, lvl: int) -> BnState:
+    def _fuse(self, block: Fuse, s: BnState) -> BnState:
         if self.fusions is None or block.name not in self.fusions:
             raise ValueError(f"{block!r}: no AdapterFusion layer named {block.name!r}; call add_adapter_fusion first")
         cfg = self.fusion_configs[block.name]
@@ -133,18 +152,24 @@ class BottleneckTree:
         # before or after the model's LayerNorm as the fusion config says.
         hidden, residual = last.pre_forward(s.hidden, s.x, self.ln)
         query = s.hidden if cfg.query_before_ln and not last.is_parallel else hidden
-        outs = [self._child(c, replace(s, hidden=hidden, residual=residual), lvl) for c in block.children]
+        prepared = replace(s, hidden=hidden, residual=residual)
+        outs = [self._prepared(c, prepared) for c in block.children]
         ups = torch.stack([o.up for o in outs], dim=2)
         fused = self.fusions[block.name](query, ups, residual)
-        return replace(s, hidden=fused, residual=residual, last=block.last())
+        return replace(s, hidden=fused, residual=residual, last=(block.last(),) * s.hidden.shape[0])
 
 
 def lora_tree(
-    loras: nn.ModuleDict, setup: Block, x: torch.Tensor
-) -> tuple[torch.Tensor | None, LoRA | IA3 | None]:
-    """(hidden, last module) for LoRA/IA3 under a tree setup (Stack, BatchSplit, Average)."""
+    loras: nn.ModuleDict, setup: Block, x: torch.Tensor, output: torch.Tensor,
+    combine: Callable[[torch.Tensor, torch.Tensor, LoRA | IA3], torch.Tensor],
+) -> torch.Tensor | None:
+    """`output` with LoRA/IA3 applied under a tree setup (Stack, BatchSplit, Average); None if untouched.
 
-    def compose(block: Block, xs: torch.Tensor, hidden: torch.Tensor | None) -> tuple[torch.Tensor | None, str | None]:
+    BatchSplit children are independent row ranges; `combine(rows_output, hidden, last_module)` folds a
+    range's accumulated update into its output.
+    """
+
+    def hidden_of(block: Block, xs: torch.Tensor, hidden: torch.Tensor | None) -> tuple[torch.Tensor | None, str | None]:
         if block is None or not _contains(block, loras):
             return hidden, None
         if isinstance(block, str):
@@ -155,26 +180,28 @@ def lora_tree(
         if isinstance(block, Stack):
             last = None
             for child in block.children:
-                hidden, got = compose(child, xs, hidden)
+                hidden, got = hidden_of(child, xs, hidden)
                 last = got or last
             return hidden, last
-        if isinstance(block, BatchSplit):
-            parts, last, start = [], None, 0
-            for child, size in zip(block.children, block.batch_sizes, strict=True):
-                h_part = None if hidden is None else hidden[start:start + size]
-                out, got = compose(child, xs[start:start + size], h_part)
-                parts.append(out)
-                last = got or last
-                start += size
-            if all(p is None for p in parts):
-                return hidden, None
-            raise ValueError(f"{block!r}: LoRA rows inside a tree composition must all have an adapter")
         if isinstance(block, Average):
-            outs = [compose(c, xs, hidden) for c in block.children]
+            outs = [hidden_of(c, xs, hidden) for c in block.children]
             weights = torch.tensor(block.weights, dtype=xs.dtype, device=xs.device)
             mixed = sum(w * o for w, (o, _) in zip(weights, outs, strict=True) if o is not None)
             return mixed, next((g for _, g in reversed(outs) if g is not None), None)
-        raise ValueError(f"{block!r} cannot be applied by LoRA adapters")
+        raise ValueError(f"{block!r} cannot be applied by LoRA adapters inside this composition")
 
-    hidden, last = compose(setup, x, None)
-    return hidden, (loras[last] if last is not None else None)
+    def apply(block: Block, xs: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+        while isinstance(block, Stack) and len(block.children) == 1:
+            block = block.children[0]
+        if isinstance(block, BatchSplit):
+            parts, start, touched = [], 0, False
+            for child, size in zip(block.children, block.batch_sizes, strict=True):
+                got = apply(child, xs[start:start + size], out[start:start + size])
+                touched = touched or got is not None
+                parts.append(out[start:start + size] if got is None else got)
+                start += size
+            return torch.cat(parts, dim=0) if touched else None
+        hidden, last = hidden_of(block, xs, None)
+        return None if last is None else combine(out, hidden, loras[last])
+
+    return apply(setup, x, output)

@@ -152,8 +152,11 @@ class Wiring:
             return None
         if ctx.tree is not None:
             tree = BottleneckTree(loc.adapters, loc.fusions, loc.ln_fn(), self.fusion_configs)
-            value, last = tree.run(ctx.tree, h, x)
-            return None if last is None else [BottleneckResult(value, None, last.config.original_ln_after)]
+            n = h.shape[0]
+            return [
+                BottleneckResult(value, None if len(idx) == n else idx, last.config.original_ln_after)
+                for idx, value, last in tree.run(ctx.tree, h, x)
+            ] or None
         groups = ctx.plan.groups(frozenset(loc.adapters.keys()))
         if not groups:
             return None
@@ -245,32 +248,46 @@ class Wiring:
                     f"LoRA {target.merged!r} is merged into {target.site.module} of layer {target.layer}; "
                     f"unmerge it before running {sorted(names - {target.merged})}"
                 )
-            indices = {target.out_index.get(n) is None for n in names}
-            if len(indices) == 1 or len(names) == 1:
-                out_index = target.out_index.get(next(iter(names)))
-                return apply_loras(target.loras, groups, args[0], output, out_index, skip=target.merged)
-            result = output
-            for name in names:  # adapters covering different thirds of a fused layer
-                sub = tuple((s, r) for s, r in groups if s == (name,))
-                result = apply_loras(target.loras, sub, args[0], result, target.out_index.get(name), target.merged)
-            return result
+            if len(target.site.attn_keys) <= 1:
+                return apply_loras(target.loras, groups, args[0], output, None, skip=target.merged)
+            return self._fused_lora(target, groups, args[0], output)
         return hook
+
+    def _fused_lora(self, target: LoRATarget, groups: tuple, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """A fused q/k/v layer: rows are grouped by which thirds their adapter covers."""
+        by_cover: dict[tuple[int, ...] | None, tuple[torch.Tensor | None, list]] = {}
+        for stack, rows in groups:
+            live = tuple(n for n in stack if n != target.merged)
+            if len(live) > 1:
+                raise ValueError(
+                    f"Stack{live!r}: stacking LoRA/IA3 adapters on the fused projection {target.site.module} "
+                    "is not supported (AdapterHub refuses it as well)"
+                )
+            if live:
+                idx = target.out_index.get(live[0])
+                key = None if idx is None else tuple(idx.tolist())
+                by_cover.setdefault(key, (idx, []))[1].append((stack, rows))
+        result = output
+        for out_index, sub in by_cover.values():
+            result = apply_loras(target.loras, tuple(sub), x, result, out_index, skip=target.merged)
+        return result
 
     def _lora_tree(self, target: LoRATarget, tree: Any, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
         if target.merged is not None:
             raise ValueError(f"LoRA {target.merged!r} is merged; unmerge it before running {tree!r}")
-        hidden, last = lora_tree(target.loras, tree, x)
-        if last is None:
-            return None
-        name = next(n for n, m in target.loras.items() if m is last)
-        out_index = target.out_index.get(name)
-        sub = output if out_index is None else output[..., out_index]
-        new = sub + hidden if last.kind == "add" else sub * hidden
-        if out_index is None:
-            return new
-        result = output.clone()
-        result[..., out_index] = new
-        return result
+        names = {id(m): n for n, m in target.loras.items()}
+
+        def combine(out: torch.Tensor, hidden: torch.Tensor, last: nn.Module) -> torch.Tensor:
+            out_index = target.out_index.get(names[id(last)])
+            sub = out if out_index is None else out[..., out_index]
+            new = sub + hidden if last.kind == "add" else sub * hidden
+            if out_index is None:
+                return new
+            result = out.clone()
+            result[..., out_index] = new
+            return result
+
+        return lora_tree(target.loras, tree, x, output, combine)
 
     # -- prefix tuning -----------------------------------------------------------------------------
     def prefix_for(self, module: nn.Module, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:

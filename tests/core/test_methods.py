@@ -202,12 +202,6 @@ def test_training_updates_only_adapter(arch: str, method: str) -> None:
         assert not no_grad, sorted(no_grad)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="model.py AdapterModelMixin.train_adapter sets requires_grad_(True) on every parameter returned by "
-    "adapter_parameters(name), including a Compacter's phm_rule created with requires_grad=config.learn_phm; so "
-    "learn_phm=False (a fixed PHM rule) is silently turned into a trained rule by train_adapter",
-)
 @pytest.mark.parametrize("config", ["compacter[reduction_factor=8,learn_phm=False]",
                                     "compacter++[reduction_factor=8,learn_phm=False,shared_phm_rule=False]"])
 def test_train_adapter_keeps_fixed_phm_rule_frozen(config: str) -> None:
