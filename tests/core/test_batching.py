@@ -102,9 +102,9 @@ def test_row_alone_equals_row_in_padded_heterogeneous_batch(case: tuple[str, str
     arch, attn, side = case
     model = zoo(arch, attn)
     # The method's adapter on a padded row and on a full row, next to a bare-backbone row, a prefix row
-    # and a row of another method, all of different lengths. (LoRA and IA3 rows are not mixed here:
-    # on GPT-2 that hits the fused-c_attn bug tested in test_lora_rows_with_different_attn_matrices...)
-    other = "seq_bn_0" if method in ("lora", "ia3") else "lora_0"
+    # and a LoRA (for LoRA: IA3) row of other adapters, all of different lengths. On GPT-2, LoRA (q, v)
+    # and IA3 (k, v) rows then cover different thirds of the fused c_attn.
+    other = "ia3_0" if method == "lora" else "lora_0"
     rows = [method, None, "prefix_tuning_0", method, other]
     inputs = padded_inputs(arch, [4, 3, 6, 6, 5], side)
     label = f"{arch}/{attn}/{side}/{method}"
@@ -158,10 +158,9 @@ def test_prefix_rows_without_an_attention_mask(arch: str, attn: str) -> None:
 def test_batch_split_mixing_methods_and_base_rows(case: tuple[str, str, str]) -> None:
     arch, attn, side = case
     model = zoo(arch, attn)
-    # (IA3 is left out: next to LoRA rows on GPT-2 it hits the fused-c_attn bug tested below.)
-    children = ["seq_bn", "lora", "prefix_tuning", "compacter", None, "compacter_pp", "mam", "par_bn",
+    children = ["seq_bn", "lora", "prefix_tuning", "compacter", None, "compacter_pp", "ia3", "mam", "par_bn",
                 "double_seq_bn", "prefix_tuning_flat"]
-    sizes = [2, 1, 2, 1, 2, 1, 1, 1, 1, 1]
+    sizes = [2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 1]
     row_setups = [c for c, n in zip(children, sizes, strict=True) for _ in range(n)]
     lengths = [3 + (3 * i) % 5 for i in range(len(row_setups))]  # 3..7: padded rows in most children
     inputs = padded_inputs(arch, lengths, side, seed=5)
@@ -175,7 +174,7 @@ def test_batch_split_of_stacks_mixing_methods(case: tuple[str, str, str]) -> Non
     arch, attn, side = case
     model = zoo(arch, attn)
     children = [
-        Stack("seq_bn_0", "lora_0"), "seq_bn_1", Stack("prefix_tuning_0", "seq_bn_1", "par_bn"), None,
+        Stack("seq_bn_0", "lora_0"), "seq_bn_1", Stack("prefix_tuning_0", "seq_bn_1", "ia3_0"), None,
         Stack("lora_1", "compacter_pp_0"), "seq_bn_1", Stack("prefix_tuning_1", "prefix_tuning_2"),
     ]
     sizes = [1, 1, 2, 1, 1, 1, 1]
@@ -256,17 +255,10 @@ def test_four_adapters_of_one_method_each_equal_their_single_runs(case: tuple[st
 # BatchSplit children that are tree compositions (Average, Split) next to other rows
 # ---------------------------------------------------------------------------------------------------
 
-_TREE_BN_BUG = (
-    "composition_tree.BottleneckTree.compose: a BatchSplit (and Parallel, which becomes one) first applies "
-    "pre_forward of its first adapter to ALL rows (`s = self._pre(first, s)`) and then hands that state to "
-    "each child, so (a) a nested Average/Split/Stack child applies pre_forward a second time "
-    "(seq_bn: LN(LN(h+x)+x)), (b) a None child's rows keep the pre-applied hidden and the host LN runs on "
-    "LN(h+x)+x, and (c) a string child of another config (par_bn) sees seq_bn's pre_forward; run() then "
-    "post-processes every row with the last adapter's pre_final/original_ln_after"
-)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_TREE_BN_BUG)
+# Regression (fixed in d307b96): composition_tree.BottleneckTree.compose applied the BatchSplit's first
+# adapter's pre_forward to ALL rows and then let nested children apply theirs again (seq_bn:
+# LN(LN(h+x)+x)); None rows kept the pre-applied hidden, and every row was post-processed with the last
+# adapter of the whole setup. Parallel over such children (a BatchSplit after replication) was hit too.
 @pytest.mark.parametrize("arch", ARCHS)
 def test_batch_split_with_average_child_rows_equal_alone(arch: str) -> None:
     model = zoo(arch, "eager")
@@ -276,7 +268,6 @@ def test_batch_split_with_average_child_rows_equal_alone(arch: str) -> None:
                 [avg, avg, None, "seq_bn_2"], arch)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_TREE_BN_BUG)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_batch_split_with_split_child_rows_equal_alone(arch: str) -> None:
     model = zoo(arch, "eager")
@@ -285,7 +276,6 @@ def test_batch_split_with_split_child_rows_equal_alone(arch: str) -> None:
     _check_rows(model, inputs, BatchSplit(split, "par_bn", batch_sizes=[2, 1]), [split, split, "par_bn"], arch)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_TREE_BN_BUG)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_parallel_with_average_child_equals_children_alone(arch: str) -> None:
     model = zoo(arch, "eager")
@@ -299,13 +289,8 @@ def test_parallel_with_average_child_equals_children_alone(arch: str) -> None:
         assert diff < TOL, f"{arch}: Parallel copy {k} ({child!r}) differs from the child alone by {diff:.3g}"
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "composition_tree.lora_tree: its BatchSplit branch raises ValueError('LoRA rows inside a tree "
-    "composition must all have an adapter') whenever ANY child produced a LoRA output (the check is "
-    "`if all(p is None ...): return; raise`), so every BatchSplit in a tree setup that holds a LoRA/IA3 "
-    "row fails mid-forward, e.g. BatchSplit(Average('lora_0','lora_1'), 'lora_2') or "
-    "BatchSplit(Average('seq_bn_0','seq_bn_1'), 'lora_2') -- valid setups that validate_composition accepts"
-))
+# Regression (fixed in d307b96): composition_tree.lora_tree's BatchSplit branch raised "LoRA rows inside a
+# tree composition must all have an adapter" whenever any child produced a LoRA update.
 @pytest.mark.parametrize("children", [
     (Average("lora_0", "lora_1"), "lora_2"),
     (Average("lora_0", "lora_1"), None),
@@ -345,25 +330,23 @@ def test_lora_rows_with_all_and_some_thirds_of_fused_c_attn(gpt2_loras: torch.nn
     _check_rows(gpt2_loras, inputs, BatchSplit("qkv", "qv", "qkv", batch_sizes=[1, 1, 1]), ["qkv", "qv", "qkv"])
 
 
-@pytest.mark.xfail(strict=True, raises=(RuntimeError, AssertionError), reason=(
-    "models/wiring.py Wiring._lora_hook: for a fused layer it only checks whether the adapters' out_index "
-    "is None (`indices = {target.out_index.get(n) is None for n in names}`); LoRA on q,v and LoRA on k (or "
-    "IA3 on k,v) both have a non-None but DIFFERENT out_index, so apply_loras runs every row with the "
-    "out_index of whichever name `next(iter(names))` yields (set order = PYTHONHASHSEED): here a "
-    "RuntimeError (64 vs 32 columns); with lora (q,v) + ia3 (k,v) one row silently gets the other's columns"
-))
+# Regression (fixed in d307b96): Wiring._lora_hook only told out_index None from not-None, so LoRA on q,v
+# next to LoRA on k (or IA3 on k,v) ran every row with one adapter's columns (a RuntimeError here; with
+# lora + ia3 a silently wrong row, depending on PYTHONHASHSEED).
 def test_lora_rows_with_different_attn_matrices_on_fused_c_attn(gpt2_loras: torch.nn.Module) -> None:
     inputs = padded_inputs("gpt2", [5, 3, 5], "right", seed=43)
     _check_rows(gpt2_loras, inputs, BatchSplit("qv", "k", "qv", batch_sizes=[1, 1, 1]), ["qv", "k", "qv"])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "models/wiring.py Wiring._lora_hook: when the adapters at a fused layer mix out_index None (all thirds) "
-    "and not None, it falls back to a per-name loop over groups whose stack is exactly (name,); a row "
-    "running a Stack of two LoRAs, e.g. Stack('qkv', 'qv') on GPT-2, matches no group and both LoRAs are "
-    "silently dropped (the output equals the bare backbone)"
-))
-def test_stack_of_loras_on_different_thirds_is_not_dropped(gpt2_loras: torch.nn.Module) -> None:
-    one = padded_inputs("gpt2", [5], "right", seed=47)
-    diff = max_abs(run(gpt2_loras, one, Stack("qkv", "qv")), run(gpt2_loras, one, None))
-    assert diff > CHANGED, "Stack('qkv', 'qv') gives the bare backbone's output"
+def test_stack_of_loras_on_fused_c_attn_is_refused_before_the_forward(gpt2_loras: torch.nn.Module) -> None:
+    """A Stack of LoRAs on GPT-2's fused c_attn is refused with a ValueError naming the stack, before any
+    tensor is touched. (Regression, fixed in d307b96: it used to be silently dropped -- the output equalled
+    the bare backbone's.)"""
+    calls: list[int] = []
+    handle = gpt2_loras.base_model.get_input_embeddings().register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"Stack\('qkv', 'qv'\).*not supported"):
+            run(gpt2_loras, padded_inputs("gpt2", [5], "right", seed=47), Stack("qkv", "qv"))
+    finally:
+        handle.remove()
+    assert not calls, "the forward pass started before the ValueError"

@@ -141,13 +141,13 @@ def test_heads_are_present_for_the_threaded_test(model: torch.nn.Module) -> None
 
 
 def test_failing_threads_do_not_disturb_the_others(model: torch.nn.Module) -> None:
-    """Threads whose forward raises (a validation error before the pass, or an error inside it) leave no
-    state behind that other threads, or their own next pass, could see."""
+    """Threads whose forward raises a ValueError leave no state behind that other threads, or their own
+    next pass, could see."""
     inputs = _inputs()
     good = [("pt", None), (BatchSplit("lo", "bn", batch_sizes=[1, 1]), None)]
     bad = [
         BatchSplit("bn", "lo", batch_sizes=[1, 2]),  # rejected before the forward
-        Fuse("bn", "bn2"),  # no fusion layer was added: raises during the forward pass
+        Fuse("bn", "bn2"),  # no fusion layer was added
     ]
     references = [_forward(model, inputs, s, h) for s, h in good]
     n = len(good) + len(bad)
