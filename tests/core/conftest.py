@@ -24,7 +24,7 @@ from transformers import (
 
 from adapters_core import AdapterSetup, AutoAdapterModel, init
 
-SHARED = Path("/work/shared")
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"  # ../shared beside the checkout (also in CI)
 REFERENCE = SHARED / "reference"
 REFERENCE_DECODERS = SHARED / "reference_decoders"
 

@@ -1,8 +1,8 @@
 """adapters_core reproduces AdapterHub's own outputs from AdapterHub's own files (DESIGN section 5).
 
-/work/shared/reference: 8 adapters saved by AdapterHub `adapters` 1.3.0 on all-MiniLM-L6-v2, each with
+../shared/reference: 8 adapters saved by AdapterHub `adapters` 1.3.0 on all-MiniLM-L6-v2, each with
 the inputs and the last_hidden_state they produced (with and without the adapter).
-/work/shared/reference_decoders: the same on tiny GPT-2 and grouped-query Llama backbones saved beside
+../shared/reference_decoders: the same on tiny GPT-2 and grouped-query Llama backbones saved beside
 the adapters. Contract: max abs diff < 1e-4 in float32.
 
 Where we compare (measured on this machine, torch 2.13 CPU, transformers 5.24):
