@@ -16,6 +16,7 @@ import random
 import re
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -156,6 +157,8 @@ class LoadResult:
 
 async def drive(url: str, names: list[str], texts: list[str], clients: int, duration: float, zipf_s: float,
                 inputs_per_request: int, seed: int = 2) -> LoadResult:
+    """`clients` independent httpx.AsyncClients (one keep-alive connection each; a single shared pool costs
+    O(connections) CPU per request in httpcore, which would make the load generator the bottleneck)."""
     weights = zipf_weights(len(names), zipf_s)
     rng = random.Random(seed)
     order = names[:]
@@ -163,27 +166,34 @@ async def drive(url: str, names: list[str], texts: list[str], clients: int, dura
     latencies: list[float] = []
     errors = 0
     done_inputs = 0
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        async def before_after() -> tuple[float, float, float, float]:
-            text = (await client.get("/metrics")).text
+    tls = ssl.create_default_context()  # unused for http://, but built once instead of per client
+    pool = [httpx.AsyncClient(base_url=url, timeout=120, verify=tls) for _ in range(clients)]
+    try:
+        async def scrape() -> tuple[float, float, float, float]:
+            text = (await pool[0].get("/metrics")).text
             return (metric(text, "adapterserve_batch_distinct_adapters_sum"), metric(text, "adapterserve_batch_distinct_adapters_count"),
                     metric(text, "adapterserve_batch_size_sum"), metric(text, "adapterserve_batch_size_count"))
 
-        # warm-up: every adapter once (loads it), not measured
+        # warm-up: every adapter once (loads it) and every connection opened; not measured
         for i in range(0, len(order), clients):
-            await asyncio.gather(*(client.post("/v1/infer", json={"inputs": texts[:1], "adapters": n}) for n in order[i:i + clients]))
-        d0, c0, b0, n0 = await before_after()
+            await asyncio.gather(*(c.post("/v1/infer", json={"inputs": texts[:1], "adapters": n})
+                                   for c, n in zip(pool, order[i:i + clients], strict=False)))
+        await asyncio.gather(*(c.get("/healthz") for c in pool))
+        d0, c0, b0, n0 = await scrape()
         end = time.perf_counter() + duration
 
-        async def one(worker: int) -> None:
+        async def one(worker: int, client: httpx.AsyncClient) -> None:
             nonlocal errors, done_inputs
             local = random.Random(seed * 1000 + worker)
             while time.perf_counter() < end:
                 name = local.choices(order, weights)[0]
                 inputs = local.sample(texts, inputs_per_request)
                 t = time.perf_counter()
-                r = await client.post("/v1/infer", json={"inputs": inputs, "adapters": name})
+                try:
+                    r = await client.post("/v1/infer", json={"inputs": inputs, "adapters": name})
+                except httpx.HTTPError:
+                    errors += 1
+                    continue
                 if r.status_code == 200:
                     latencies.append(time.perf_counter() - t)
                     done_inputs += inputs_per_request
@@ -191,9 +201,11 @@ async def drive(url: str, names: list[str], texts: list[str], clients: int, dura
                     errors += 1
 
         start = time.perf_counter()
-        await asyncio.gather(*(one(w) for w in range(clients)))
+        await asyncio.gather(*(one(w, c) for w, c in enumerate(pool)))
         elapsed = time.perf_counter() - start
-        d1, c1, b1, n1 = await before_after()
+        d1, c1, b1, n1 = await scrape()
+    finally:
+        await asyncio.gather(*(c.aclose() for c in pool))
     latencies.sort()
     return LoadResult(
         inputs_per_s=done_inputs / elapsed,

@@ -136,7 +136,7 @@ def _presented_key(request: Request) -> str | None:
     return key.strip() if key and key.strip() else None
 
 
-def authenticate(request: Request) -> Principal:
+async def authenticate(request: Request) -> Principal:
     """FastAPI dependency: the caller's principal, or 401 problem+json."""
     keyring: KeyRing = request.app.state.keyring
     if keyring.open_mode:

@@ -86,7 +86,7 @@ def serve(args: argparse.Namespace) -> int:
     app = create_app(settings)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on",
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 1, access_log=settings.log_level in ("debug", "trace"),
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 1, timeout_keep_alive=75, access_log=settings.log_level in ("debug", "trace"),
     )
     server = DrainingServer(config, app)
     server.run()

@@ -114,7 +114,7 @@ class Runtime:
             self.residency.release(resolved.metas)
 
 
-def runtime_of(request: Request) -> Runtime:
+async def runtime_of(request: Request) -> Runtime:
     """FastAPI dependency: the app's runtime (503 until the backbone is loaded)."""
     rt: Runtime | None = getattr(request.app.state, "runtime", None)
     if rt is None:
@@ -122,6 +122,6 @@ def runtime_of(request: Request) -> Runtime:
     return rt
 
 
-def settings_of(request: Request) -> Settings:
+async def settings_of(request: Request) -> Settings:
     """FastAPI dependency: the app's settings."""
     return request.app.state.settings

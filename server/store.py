@@ -118,6 +118,7 @@ class AdapterStore:
         (self.root / TRASH_DIR).mkdir(exist_ok=True)
         self._lock = threading.Lock()
         self._meta_cache: dict[tuple[str, str, int], tuple[tuple[int, int], VersionMeta]] = {}
+        self._versions_cache: dict[str, tuple[tuple[int, int], list[int]]] = {}
         self._tag = f"{socket.gethostname()}-{os.getpid()}"
         self.cleanup()
 
@@ -147,12 +148,24 @@ class AdapterStore:
         return self.root / tenant / name / str(version)
 
     def versions(self, tenant: str, name: str) -> list[int]:
-        """Committed versions, ascending (a version folder exists only once fully written)."""
+        """Committed versions, ascending (a version folder exists only once fully written). The listing is
+        cached per folder and re-read when the folder's inode or mtime changes (a version added or removed)."""
+        path = self.adapter_dir(tenant, name)
         try:
-            entries = os.listdir(self.adapter_dir(tenant, name))
+            st = os.stat(path)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(int(e) for e in entries if e.isdigit())
+        stamp = (st.st_ino, st.st_mtime_ns)
+        cached = self._versions_cache.get(str(path))
+        if cached is not None and cached[0] == stamp:
+            return list(cached[1])
+        try:
+            entries = os.listdir(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        found = sorted(int(e) for e in entries if e.isdigit())
+        self._versions_cache[str(path)] = (stamp, found)
+        return list(found)
 
     def meta(self, tenant: str, name: str, version: int) -> VersionMeta | None:
         """meta.json of one version; cached, but re-read if the file changed (another replica may have

@@ -259,3 +259,10 @@ def test_classification_head(srv: Running, adapter_factory: Callable[[str, int],
         assert [res["label"] for res in r.json()["results"]] == [["neg", "pos"][int(np.argmax(g))] for g in got]
         r = c.post("/v1/infer", json={"inputs": SENTENCES[:3], "adapters": "clf", "task": "embedding"})
         assert len(r.json()["results"][0]["embedding"]) == 32
+
+
+def test_fast_tokenize_matches_hf_tokenizer(srv: Running) -> None:
+    engine = srv.app.state.runtime.engine
+    texts = [*SENTENCES, "UPPER case, punctuation!", " ".join(["film"] * 300), ""]
+    want = engine.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+    assert engine.tokenize(texts) == [list(w) for w in want]
