@@ -37,6 +37,7 @@ WORDS = (
     "the movie was great terrible boring fun acting plot story ending music score scene actor film very not really "
     "quite dark light long short love hate sad happy funny brilliant awful slow fast moving touching"
 ).split()
+EXTRA_SERVER_ARGS: list[str] = []
 CONFIGS = ("seq_bn", "lora", "prefix_tuning[prefix_length=10,bottleneck_size=64]")
 
 
@@ -89,6 +90,46 @@ def bare_backbone_throughput(model_path: str, texts: list[str], batch: int, dura
         return done / (time.perf_counter() - start)
 
 
+def adapters_in_process_throughput(model_path: str, adapters: list[tuple[str, Path, str]], texts: list[str], batch: int,
+                                   duration: float, zipf_s: float) -> tuple[float, float]:
+    """Inputs/s of the same mixed-adapter work without HTTP: batches of `batch` rows, each row's adapter drawn
+    from the Zipf popularity, rows sorted by adapter, one BatchSplit forward, mean-pooled. Also returns the
+    mean distinct adapters per batch. The gap between this and the bare backbone is the adapters' cost."""
+    from transformers import AutoTokenizer
+
+    from adapters_core import AdapterSetup, AutoAdapterModel, BatchSplit
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoAdapterModel.from_pretrained(model_path).eval()
+    names = [model.load_adapter(str(folder), load_as=name) for name, folder, _ in adapters]
+    order = names[:]
+    random.Random(2).shuffle(order)
+    weights = zipf_weights(len(order), zipf_s)
+    rng = random.Random(3)
+    done, distinct, batches = 0, 0, 0
+    with torch.inference_mode():
+        start = 0.0
+        for step in range(10**9):
+            if step == 2:
+                start = time.perf_counter()  # two warm-up batches
+            if step > 2 and time.perf_counter() - start >= duration:
+                break
+            rows = sorted(zip(rng.choices(order, weights, k=batch), rng.sample(texts, batch), strict=True))
+            groups: dict[str, int] = {}
+            for name, _ in rows:
+                groups[name] = groups.get(name, 0) + 1
+            enc = tok([t for _, t in rows], padding=True, return_tensors="pt")
+            with AdapterSetup(BatchSplit(*groups, batch_sizes=list(groups.values()))):
+                hidden = model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).tolist()
+            if step >= 2:
+                done += batch
+                distinct += len(groups)
+                batches += 1
+        return done / (time.perf_counter() - start), distinct / max(batches, 1)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -105,7 +146,7 @@ def start_server(model_path: str, store: Path, max_batch_size: int, log: Path, t
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--store", str(store),
            "--model", model_path, "--device", "cpu", "--max-batch-size", str(max_batch_size), "--log-level", "warning",
-           "--torch-threads", str(threads)]
+           "--torch-threads", str(threads), *EXTRA_SERVER_ARGS]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -241,27 +282,38 @@ def main() -> None:
     parser.add_argument("--inputs-per-request", type=int, default=1)
     parser.add_argument("--max-batch-size", type=int, default=32, help="the batched server's (and the bare baseline's) batch size")
     parser.add_argument("--model", default=default_model_path())
+    parser.add_argument("--server-arg", action="append", default=[], help="extra `adapterserve serve` flag (repeatable)")
     parser.add_argument("--torch-threads", type=int, default=0, help="intra-op threads, same for bare and server (0: torch default)")
     args = parser.parse_args()
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
+    EXTRA_SERVER_ARGS.extend(args.server_arg)
     texts = sentences(512)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         print(f"making {args.adapters} adapters ({', '.join(CONFIGS)}) on {args.model} ...", file=sys.stderr)
         adapters = make_adapters(args.model, work / "adapters", args.adapters)
         print("bare backbone in-process ...", file=sys.stderr)
-        bare = bare_backbone_throughput(args.model, texts, args.max_batch_size, args.duration)
+        bare_before = bare_backbone_throughput(args.model, texts, args.max_batch_size, args.duration)
+        print("same adapters in-process (no HTTP) ...", file=sys.stderr)
+        mixed, mixed_distinct = adapters_in_process_throughput(args.model, adapters, texts, args.max_batch_size,
+                                                               args.duration, args.zipf)
         print("server, batched ...", file=sys.stderr)
         batched = run_server_case(args.model, adapters, texts, args.max_batch_size, args, work)
         print("server, batching off (max batch size 1) ...", file=sys.stderr)
         naive = run_server_case(args.model, adapters, texts, 1, args, work)
+        print("bare backbone in-process again ...", file=sys.stderr)
+        bare_after = bare_backbone_throughput(args.model, texts, args.max_batch_size, args.duration)
+    bare = (bare_before + bare_after) / 2  # measured before and after the server runs: drift shows up here
     cpu = os.cpu_count()
     print(f"\n{args.adapters} adapters (seq_bn/lora/prefix_tuning), {args.clients} clients, Zipf s={args.zipf}, "
           f"{args.inputs_per_request} input(s)/request, {args.duration:g}s per case, MiniLM-L6, CPU x{cpu}, torch threads {torch.get_num_threads()}\n")
     print("| case | inputs/s | p50 ms | p99 ms | errors | mean rows/forward | mean distinct adapters/forward | vs bare backbone | vs naive |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    print(f"| bare backbone in-process (batch {args.max_batch_size}, no HTTP, no adapters) | {bare:.1f} | | | | {args.max_batch_size} | 0 | 1.00 | |")
+    print(f"| bare backbone in-process (batch {args.max_batch_size}, no HTTP, no adapters; mean of "
+          f"{bare_before:.1f} before and {bare_after:.1f} after) | {bare:.1f} | | | | {args.max_batch_size} | 0 | 1.00 | |")
+    print(f"| same {args.adapters} adapters in-process (BatchSplit, batch {args.max_batch_size}, no HTTP) | {mixed:.1f} | | | | "
+          f"{args.max_batch_size} | {mixed_distinct:.1f} | {mixed / bare:.2f} | |")
     for label, r in ((f"server, batched (max batch {args.max_batch_size})", batched), ("server, naive (max batch 1)", naive)):
         print(f"| {label} | {r.inputs_per_s:.1f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors} | {r.mean_batch:.1f} | "
               f"{r.mean_distinct:.1f} | {r.inputs_per_s / bare:.2f} | {r.inputs_per_s / naive.inputs_per_s:.2f} |")

@@ -72,6 +72,16 @@ def make_runner(engine: Engine, residency: Residency) -> Runner:
     """A runner for the batcher: load/pin the jobs' adapters, run one forward, unpin."""
 
     def forward(jobs: Sequence[Job]) -> list[Any]:
+        """Jobs with the same composition are made adjacent (fewer BatchSplit children); results come
+        back in the callers' order."""
+        order = sorted(range(len(jobs)), key=lambda i: jobs[i].payload.resolved.key)
+        outs = forward_in_order([jobs[i] for i in order])
+        results: list[Any] = [None] * len(jobs)
+        for pos, i in enumerate(order):
+            results[i] = outs[pos]
+        return results
+
+    def forward_in_order(jobs: Sequence[Job]) -> list[Any]:
         segs = segments_for(jobs)
         if any(s.head for s in segs):
             labels = {}

@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     tenant_max_store_mb: float = Field(4096, gt=0)
     drain_timeout_s: float = Field(30, ge=0)
     torch_threads: int = Field(0, ge=0, description="intra-op threads for the forward pass; 0 = torch's default")
+    switch_interval_ms: float = Field(
+        0, ge=0, description="Python's GIL switch interval; small values let the inference thread get the GIL back "
+        "sooner while the event loop is busy (0 = Python's default, 5 ms)"
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
 
     @field_validator("log_level", mode="before")

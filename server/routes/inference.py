@@ -6,12 +6,12 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse
 
 from server.auth import SHARED_TENANT, Principal, authenticate
 from server.composition import Resolved
 from server.engine import Classified
 from server.inference import Task
+from server.jsonfmt import FastJSONResponse
 from server.problems import problem_responses
 from server.runtime import Runtime, Tokenized, runtime_of
 from server.schemas import InferRequest, InferResponse
@@ -28,11 +28,11 @@ def results_json(output: Any, tokens: Tokenized) -> list[dict[str, Any]]:
     """Per-input result objects from the runner's output for one request."""
     out: list[dict[str, Any]] = []
     if isinstance(output, np.ndarray) and output.ndim == 3:  # parallel: [rows, branches, hidden]
-        for row, trunc in zip(output.tolist(), tokens.truncated, strict=True):
+        for row, trunc in zip(output, tokens.truncated, strict=True):
             out.append({"parallel": row, "truncated": trunc})
         return out
     if isinstance(output, np.ndarray):
-        for row, trunc in zip(output.tolist(), tokens.truncated, strict=True):
+        for row, trunc in zip(output, tokens.truncated, strict=True):
             out.append({"embedding": row, "truncated": trunc})
         return out
     for item, trunc in zip(output, tokens.truncated, strict=True):
@@ -42,13 +42,13 @@ def results_json(output: Any, tokens: Tokenized) -> list[dict[str, Any]]:
 
 
 @router.post("/v1/infer", response_model=InferResponse, responses=INFER_ERRORS, summary="Run inputs through adapters")
-async def infer(body: InferRequest, principal: Annotated[Principal, Depends(authenticate)], rt: Annotated[Runtime, Depends(runtime_of)]) -> JSONResponse:
+async def infer(body: InferRequest, principal: Annotated[Principal, Depends(authenticate)], rt: Annotated[Runtime, Depends(runtime_of)]) -> FastJSONResponse:
     rt.check_inputs(body.inputs)
     resolved = rt.resolve(principal, body.adapters, body.head, body.task)
     tokens = rt.tokenize(body.inputs, body.truncate)
     task = task_of(resolved)
     output = await rt.infer(tokens, resolved, task)
-    return JSONResponse({
+    return FastJSONResponse({
         "results": results_json(output, tokens),
         "adapters": [
             {"name": m.name, "version": m.version, "owner": "shared" if m.tenant == SHARED_TENANT else "tenant"}

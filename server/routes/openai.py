@@ -6,10 +6,10 @@ from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from server.auth import SHARED_TENANT, Principal, authenticate
+from server.jsonfmt import FastJSONResponse
 from server.problems import ProblemError, problem_responses
 from server.runtime import Runtime, runtime_of
 from server.schemas import EmbeddingsRequest, EmbeddingsResponse, ModelCard, ModelList
@@ -23,7 +23,7 @@ Rt = Annotated[Runtime, Depends(runtime_of)]
     "/v1/embeddings", response_model=EmbeddingsResponse, responses=problem_responses(400, 401, 404, 413, 422, 429, 503, 504),
     summary="OpenAI-compatible embeddings; `model` names an adapter",
 )
-async def embeddings(body: EmbeddingsRequest, principal: Auth, rt: Rt) -> JSONResponse:
+async def embeddings(body: EmbeddingsRequest, principal: Auth, rt: Rt) -> FastJSONResponse:
     texts = [body.input] if isinstance(body.input, str) else body.input
     rt.check_inputs(texts)
     resolved = rt.resolve(principal, body.model, None, "embedding")
@@ -31,9 +31,9 @@ async def embeddings(body: EmbeddingsRequest, principal: Auth, rt: Rt) -> JSONRe
         raise ProblemError(422, "invalid-composition", "embeddings need a single adapter or a non-parallel composition")
     tokens = rt.tokenize(texts, truncate=False)
     output = await rt.infer(tokens, resolved, "embedding")
-    data = [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(output.tolist())]
+    data = [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(output)]
     usage = {"prompt_tokens": tokens.tokens, "total_tokens": tokens.tokens}
-    return JSONResponse({"object": "list", "data": data, "model": body.model, "usage": usage})
+    return FastJSONResponse({"object": "list", "data": data, "model": body.model, "usage": usage})
 
 
 def _epoch(iso: str) -> int:

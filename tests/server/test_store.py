@@ -153,3 +153,19 @@ def test_archive_bomb_hits_budget(tmp_path: Path) -> None:
     with pytest.raises(ProblemError) as e:
         extract_archive(arc, "a.tar.gz", dest, ByteBudget(100_000))
     assert e.value.status == 413
+
+
+def test_fast_json_round_trips_float32() -> None:
+    import json as _json
+
+    import numpy as np
+
+    from server.jsonfmt import encode
+
+    rng = np.random.default_rng(0)
+    arr = rng.standard_normal((3, 384)).astype(np.float32) * np.float32(1e-3)
+    body = _json.loads(encode({"data": [{"embedding": row, "i": i, "s": "x\"y"} for i, row in enumerate(arr)], "ok": True}))
+    back = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
+    assert np.array_equal(back, arr) and body["data"][1]["i"] == 1 and body["data"][0]["s"] == 'x"y'
+    with pytest.raises(ValueError):
+        encode(np.array([np.nan], dtype=np.float32))
