@@ -266,3 +266,52 @@ def test_fast_tokenize_matches_hf_tokenizer(srv: Running) -> None:
     texts = [*SENTENCES, "UPPER case, punctuation!", " ".join(["film"] * 300), ""]
     want = engine.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
     assert engine.tokenize(texts) == [list(w) for w in want]
+
+
+def _peft_lora(folder: Path, r: int = 4) -> Path:
+    """A PEFT LoRA folder for the tiny BERT, written with PEFT's file and key names."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": None, "r": r, "lora_alpha": 8, "target_modules": ["query", "value"],
+        "lora_dropout": 0.0, "bias": "none", "base_model_name_or_path": "tiny",
+    }))
+    gen = torch.Generator().manual_seed(17)
+    state = {}
+    for i in range(2):
+        for target in ("query", "value"):
+            path = f"base_model.model.encoder.layer.{i}.attention.self.{target}"
+            state[f"{path}.lora_A.weight"] = torch.randn(r, 32, generator=gen) * 0.2
+            state[f"{path}.lora_B.weight"] = torch.randn(32, r, generator=gen) * 0.2
+    save_file(state, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def test_peft_folder_as_tar_and_adapterhub_as_zip(srv: Running, adapter_factory: Callable[[str, int], Path],
+                                                   reference: Reference, tmp_path: Path) -> None:
+    import io
+    import tarfile
+    import zipfile
+
+    peft = _peft_lora(tmp_path / "peft-lora")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        tf.add(str(peft), arcname="peft-lora")
+    hub = adapter_factory("seq_bn", 93)
+    zbuf = io.BytesIO()
+    with zipfile.ZipFile(zbuf, "w") as zf:
+        for p in hub.iterdir():
+            zf.write(p, p.name)
+    with srv.client("acme-key") as c:
+        r = c.post("/v1/adapters", data={"name": "peft1"}, files=[("archive", ("peft-lora.tar.gz", buf.getvalue(), "application/gzip"))])
+        assert r.status_code == 201, r.text
+        assert r.json()["method"] == "lora" and set(r.json()["files"]) == {"adapter_config.json", "adapter_model.safetensors"}
+        r = c.post("/v1/adapters", data={"name": "zipped"}, files=[("archive", ("a.zip", zbuf.getvalue(), "application/zip"))])
+        assert r.status_code == 201, r.text
+        for name, folder in (("peft1", peft), ("zipped", hub)):
+            got = _emb(c.post("/v1/infer", json={"inputs": SENTENCES, "adapters": name}).json())
+            assert np.abs(got - reference.embed(folder, SENTENCES)).max() < 1e-5
