@@ -219,19 +219,19 @@ def apply_bottlenecks(
                 (stack[0], rows)
             )
             continue
-        idx = _index(rows, n_rows, h.device)
+        idx = row_index(rows, n_rows, h.device)
         hs, xs = (h, x) if idx is None else (h[idx], x[idx])
         results.append(BottleneckResult(_run_stack(stack, hs, xs, layer_norm), idx, stack[-1].config.original_ln_after))
     for (_, ln_after), members in batched.items():
         if len(members) == 1:
             adapter, rows = members[0]
-            idx = _index(rows, n_rows, h.device)
+            idx = row_index(rows, n_rows, h.device)
             hs, xs = (h, x) if idx is None else (h[idx], x[idx])
             results.append(BottleneckResult(_run_stack([adapter], hs, xs, layer_norm), idx, ln_after))
             continue
         all_rows = [r for _, rows in members for r in rows]
         slots = [i for i, (_, rows) in enumerate(members) for _ in rows]
-        idx = _index(all_rows, n_rows, h.device)
+        idx = row_index(all_rows, n_rows, h.device)
         hs, xs = (h, x) if idx is None else (h[idx], x[idx])
         row_slot = torch.tensor(slots, device=h.device)
         value = _run_gathered([a for a, _ in members], row_slot, hs, xs, layer_norm)
@@ -239,7 +239,8 @@ def apply_bottlenecks(
     return results
 
 
-def _index(rows: Sequence[int], n_rows: int, device: torch.device) -> torch.Tensor | None:
+def row_index(rows: Sequence[int], n_rows: int, device: torch.device) -> torch.Tensor | None:
+    """Index tensor of `rows`, or None when they are simply all rows in order (no gather needed)."""
     if len(rows) == n_rows and all(r == i for i, r in enumerate(rows)):
         return None
     return torch.tensor(list(rows), device=device)

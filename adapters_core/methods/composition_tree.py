@@ -50,6 +50,17 @@ def _cat(states: list[BnState], dim: int) -> BnState:
                    torch.cat([s.residual for s in states], dim), up, last)
 
 
+def _per_part(
+    s: BnState, children: tuple, sizes: tuple[int, ...], dim: int, fn: Callable[[Block, BnState], BnState]
+) -> BnState:
+    """Run child i on the i-th consecutive part (rows for dim 0, positions for dim 1) and join the parts."""
+    parts, start = [], 0
+    for child, size in zip(children, sizes, strict=True):
+        parts.append(fn(child, _cut(s, slice(start, start + size), dim)))
+        start += size
+    return _cat(parts, dim)
+
+
 def _contains(block: Block, adapters: nn.ModuleDict) -> bool:
     if block is None:
         return False
@@ -107,11 +118,7 @@ class BottleneckTree:
                 s = self.compose(child, s)
             return s
         if isinstance(block, BatchSplit):
-            parts, start = [], 0
-            for child, size in zip(block.children, block.batch_sizes, strict=True):
-                parts.append(self.compose(child, _cut(s, slice(start, start + size), 0)))
-                start += size
-            return _cat(parts, 0)
+            return _per_part(s, block.children, block.batch_sizes, 0, self.compose)
         if isinstance(block, Fuse):
             return self._fuse(block, s)
         s = self._pre(self._first_here(block), s)
@@ -124,11 +131,7 @@ class BottleneckTree:
         if isinstance(block, str):
             return self._single(block, s)
         if isinstance(block, Split):
-            parts, start = [], 0
-            for child, size in zip(block.children, block.splits, strict=True):
-                parts.append(self._prepared(child, _cut(s, slice(start, start + size), 1)))
-                start += size
-            return _cat(parts, 1)
+            return _per_part(s, block.children, block.splits, 1, self._prepared)
         if isinstance(block, Average):
             outs = [self._prepared(c, s) for c in block.children]
             weights = torch.tensor(block.weights, dtype=s.hidden.dtype, device=s.hidden.device)
@@ -136,11 +139,7 @@ class BottleneckTree:
             last = next((o.last for o in reversed(outs) if any(n is not None for n in o.last)), s.last)
             return replace(s, hidden=hidden, last=last)
         if isinstance(block, BatchSplit):
-            parts, start = [], 0
-            for child, size in zip(block.children, block.batch_sizes, strict=True):
-                parts.append(self._prepared(child, _cut(s, slice(start, start + size), 0)))
-                start += size
-            return _cat(parts, 0)
+            return _per_part(s, block.children, block.batch_sizes, 0, self._prepared)
         return self.compose(block, s)  # Stack or Fuse inside a prepared block: they prepare themselves
 
     def _fuse(self, block: Fuse, s: BnState) -> BnState:

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .bottleneck import row_index
+
 
 class LoRA(nn.Module):
     """delta(x) = dropout(x) @ A^T @ B_eff^T * alpha / r, written into the enabled outputs."""
@@ -118,7 +120,7 @@ def apply_loras(
         if len(mods) == 1:
             batched.setdefault(mods[0].shape_key(), []).append((mods[0], rows))
             continue
-        idx = _rows(rows, n_rows, out.device)
+        idx = row_index(rows, n_rows, out.device)
         xs = x if idx is None else x[idx]
         hidden: torch.Tensor | None = None
         for mod in mods:
@@ -129,7 +131,7 @@ def apply_loras(
         result = _combine(result, idx, hidden, mods[-1].kind, out_index)
     for members in batched.values():
         all_rows = [r for _, rows in members for r in rows]
-        idx = _rows(all_rows, n_rows, out.device)
+        idx = row_index(all_rows, n_rows, out.device)
         xs = x if idx is None else x[idx]
         mods = [m for m, _ in members]
         if len(mods) == 1:
@@ -164,9 +166,3 @@ def _combine(
         return _scatter(result, out_index, op)
     rows = result[idx]
     return result.index_copy(0, idx, _scatter(rows, out_index, op))
-
-
-def _rows(rows: Sequence[int], n_rows: int, device: torch.device) -> torch.Tensor | None:
-    if len(rows) == n_rows and all(r == i for i, r in enumerate(rows)):
-        return None
-    return torch.tensor(list(rows), device=device)
