@@ -78,7 +78,12 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     install_problem_handlers(app)
     for module in (adapters, inference, openai, health):
         app.include_router(module.router)
-    app.add_middleware(ServeMiddleware, metrics=app.state.metrics, state=app.state, max_upload_bytes=settings.max_upload_bytes)
+    # JSON bodies: room for MAX_INPUTS texts of MAX_INPUT_TOKENS tokens at a generous 32 bytes per token
+    max_json = settings.max_inputs * settings.max_input_tokens * 32 + 64 * 1024
+    app.add_middleware(
+        ServeMiddleware, metrics=app.state.metrics, state=app.state, max_upload_bytes=settings.max_upload_bytes,
+        max_json_bytes=max_json,
+    )
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -16,11 +16,12 @@ UPLOAD_SLACK = 256 * 1024  # multipart framing on top of the file bytes
 class ServeMiddleware:
     """Counts and times every request by route template; refuses /v1 work while draining; caps upload bodies."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, state: Any, max_upload_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, state: Any, max_upload_bytes: int, max_json_bytes: int) -> None:
         self.app = app
         self.metrics = metrics
         self.state = state  # app.state: .runtime (None until loaded), .draining, .inflight
         self.max_body = max_upload_bytes + UPLOAD_SLACK
+        self.max_json = max_json_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -45,13 +46,17 @@ class ServeMiddleware:
                 status = 503
                 await _send_problem(send, 503, "draining", "the server is draining and accepts no new requests", {"retry-after": "5"})
                 return
-            if scope["method"] == "POST" and path.startswith("/v1/adapters"):
+            if scope["method"] == "POST" and api:
+                upload = path.startswith("/v1/adapters")
+                limit = self.max_body if upload else self.max_json
+                shown = limit - UPLOAD_SLACK if upload else limit
                 length = _content_length(scope)
-                if length is not None and length > self.max_body:
+                if length is not None and length > limit:
                     status = 413
-                    await _send_problem(send, 413, "upload-too-large", f"upload of {length} bytes exceeds the limit of {self.max_body - UPLOAD_SLACK} bytes")
+                    await _send_problem(send, 413, "upload-too-large" if upload else "body-too-large",
+                                        f"request body of {length} bytes exceeds the limit of {shown} bytes")
                     return
-                receive = _limited(receive, self.max_body)
+                receive = _limited(receive, limit, shown)
             await self.app(scope, receive, send_wrapper)
         finally:
             self.state.inflight -= 1
@@ -76,7 +81,7 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-def _limited(receive: Receive, limit: int) -> Receive:
+def _limited(receive: Receive, limit: int, shown: int) -> Receive:
     seen = 0
 
     async def wrapped() -> Message:
@@ -85,7 +90,7 @@ def _limited(receive: Receive, limit: int) -> Receive:
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > limit:
-                raise ProblemError(413, "upload-too-large", f"upload exceeds the limit of {limit - UPLOAD_SLACK} bytes")
+                raise ProblemError(413, "body-too-large", f"request body exceeds the limit of {shown} bytes")
         return message
 
     return wrapped

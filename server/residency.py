@@ -200,9 +200,13 @@ class Residency:
     def unload_pending(self) -> None:
         """Unload deleted adapters that no request uses any more."""
         with self._lock:
-            doomed = [i for i in self._doomed if not self._inflight.get(i) and not self._resident.get(i, _Entry(None, 0)).pins]  # type: ignore[arg-type]
+            doomed = [i for i in self._doomed if not self._inflight.get(i) and not self._pins(i)]
         for internal in doomed:
             self._unload(internal)
+
+    def _pins(self, internal: str) -> int:
+        entry = self._resident.get(internal)
+        return entry.pins if entry is not None else 0
 
     def _publish(self) -> None:
         self.metrics.adapters_resident.set(len(self._resident))

@@ -144,6 +144,8 @@ def test_bad_inference_requests(srv: Running, good: Path) -> None:
                 r = c.post("/v1/infer", json=body)
             _assert_problem(r, status, *needles)
             assert label
+        huge = {"inputs": ["film " * 100_000], "adapters": "good"}  # over the JSON body limit
+        _assert_problem(c.post("/v1/infer", json=huge), 413, "limit")
         r = c.post("/v1/embeddings", json={"model": "good", "input": [long_text]})
         _assert_problem(r, 422, "tokens")
         r = c.post("/v1/embeddings", content=b"nope", headers={"content-type": "application/json"})
