@@ -156,3 +156,77 @@ def test_quota_and_streamed_oversize(tiny_model_dir: Path, tmp_path: Path, adapt
         r = c.post("/v1/adapters", content=chunks(), headers={"content-type": "multipart/form-data; boundary=xx"})
         assert r.status_code == 413 and r.headers["content-type"].startswith("application/problem+json")
         assert c.get("/v1/adapters/big").status_code == 404
+
+
+def _gated(gate: threading.Event) -> Callable[[Settings], Engine]:
+    def factory(s: Settings) -> Engine:
+        return GatedEngine(default_engine(s), gate)  # type: ignore[return-value]
+
+    return factory
+
+
+def _wait_metric(c: Any, line: str) -> None:
+    for _ in range(500):
+        if line in c.get("/metrics").text:
+            return
+        threading.Event().wait(0.02)
+    raise AssertionError(f"metrics never showed {line!r}")
+
+
+def test_delete_waits_for_queued_requests(tiny_model_dir: Path, tmp_path: Path, adapter_factory: Callable[[str, int], Path],
+                                          reference: Any) -> None:
+    import concurrent.futures as cf
+
+    gate = threading.Event()
+    settings = settings_for(tiny_model_dir, tmp_path / "store", max_batch_size=1, max_wait_ms=0)
+    folder = adapter_factory("lora", 13)
+    with serve(settings, _gated(gate)) as srv, srv.client() as c:
+        assert upload_files(c, "blocker", adapter_factory("seq_bn", 14)).status_code == 201
+        assert upload_files(c, "doomed", folder).status_code == 201
+
+        def call(name: str) -> Any:
+            with srv.client() as cc:
+                return cc.post("/v1/infer", json={"inputs": SENTENCES[:2], "adapters": name})
+
+        with cf.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(call, "blocker")
+            _wait_metric(c, "adapterserve_requests_in_flight 1.0")
+            queued = pool.submit(call, "doomed")
+            _wait_metric(c, "adapterserve_queue_depth 1.0")
+            r = c.delete("/v1/adapters/doomed")  # while a request that resolved it is still queued
+            assert r.status_code == 200
+            assert c.get("/v1/adapters/doomed").status_code == 404
+            gate.set()
+            assert first.result().status_code == 200
+            done = queued.result()
+        assert done.status_code == 200, done.text
+        got = np.array([x["embedding"] for x in done.json()["results"]], dtype=np.float32)
+        assert np.abs(got - reference.embed(folder, SENTENCES[:2])).max() < 1e-5
+        assert c.post("/v1/infer", json={"inputs": ["fun"], "adapters": "doomed"}).status_code == 404
+        _wait_metric(c, "adapterserve_adapters_resident 1.0")  # unloaded once its last request finished
+        assert not list((srv.settings.store_dir / ".trash").iterdir())
+
+
+def test_request_past_deadline_is_dropped(tiny_model_dir: Path, tmp_path: Path, adapter_factory: Callable[[str, int], Path]) -> None:
+    import concurrent.futures as cf
+
+    gate = threading.Event()
+    settings = settings_for(tiny_model_dir, tmp_path / "store", max_batch_size=1, max_wait_ms=0, request_timeout_s=1.0)
+    with serve(settings, _gated(gate)) as srv, srv.client() as c:
+        assert upload_files(c, "d", adapter_factory("seq_bn", 15)).status_code == 201
+
+        def call() -> Any:
+            with srv.client() as cc:
+                return cc.post("/v1/infer", json={"inputs": ["fun"], "adapters": "d"})
+
+        with cf.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(call)
+            _wait_metric(c, "adapterserve_requests_in_flight 1.0")
+            late = pool.submit(call)
+            _wait_metric(c, "adapterserve_queue_depth 1.0")
+            threading.Event().wait(1.2)  # let the queued request's deadline pass while the first one is held
+            gate.set()
+            assert first.result().status_code == 200
+            r = late.result()
+        assert r.status_code == 504
+        assert r.headers["content-type"].startswith("application/problem+json") and "deadline" in r.json()["detail"]
