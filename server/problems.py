@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
-TYPE_BASE = "https://adapterserve.dev/problems/"
+TYPE_BASE = "urn:adapterserve:problem:"  # a URI naming the kind of problem (RFC 9457 section 3.1.1)
 
 
 class Problem(BaseModel):
