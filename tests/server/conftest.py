@@ -118,6 +118,22 @@ class Reference:
             self.model.delete_adapter(name)
 
 
+    def embed_composition(self, folders: dict[str, Path], setup: Any, texts: list[str]) -> np.ndarray:
+        """Embeddings under a composition block over the given adapters (loaded under their own names)."""
+        from adapters_core import AdapterSetup
+
+        for name, folder in folders.items():
+            self.model.load_adapter(str(folder), load_as=name)
+        try:
+            enc = self.tok(texts, padding=True, return_tensors="pt")
+            with torch.inference_mode(), AdapterSetup(setup):
+                hidden = self.model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+        finally:
+            for name in folders:
+                self.model.delete_adapter(name)
+
     def logits(self, folder: Path, texts: list[str]) -> np.ndarray:
         """The adapter's own prediction head's logits."""
         from adapters_core import AdapterSetup

@@ -127,7 +127,7 @@ def test_openai_embeddings_and_models(srv: Running, adapter_factory: Callable[[s
         assert "oai" in ids
 
 
-def test_compositions(srv: Running, adapter_factory: Callable[[str, int], Path]) -> None:
+def test_compositions(srv: Running, adapter_factory: Callable[[str, int], Path], reference: Reference) -> None:
     with srv.client("acme-key") as c:
         assert upload_files(c, "cs1", adapter_factory("seq_bn", 41)).status_code == 201
         assert upload_files(c, "cs2", adapter_factory("seq_bn", 42)).status_code == 201
@@ -140,22 +140,33 @@ def test_compositions(srv: Running, adapter_factory: Callable[[str, int], Path])
             assert r.status_code == 200, (spec, r.text)
             res = r.json()["results"]
             assert len(res) == 2
-            if "parallel" in spec:
-                assert len(res[0]["parallel"]) == 2
+            if "parallel" in spec:  # each branch sees its own copy of the batch: branch i == adapter i alone
+                got = np.array([x["parallel"] for x in res], dtype=np.float32)  # [inputs, branches, hidden]
+                for k, seed in enumerate((41, 42)):
+                    want = reference.embed(adapter_factory("seq_bn", seed), SENTENCES[:2])
+                    assert np.abs(got[:, k] - want).max() < 1e-5
             else:
                 assert len(res[0]["embedding"]) == 32
 
 
-def test_average(srv: Running, adapter_factory: Callable[[str, int], Path]) -> None:
+def test_average_and_stack_equal_the_library(srv: Running, adapter_factory: Callable[[str, int], Path], reference: Reference) -> None:
+    from adapters_core import Average, Stack
+
+    f1, f2 = adapter_factory("seq_bn", 44), adapter_factory("lora", 45)
     with srv.client("acme-key") as c:
-        assert upload_files(c, "av1", adapter_factory("seq_bn", 44)).status_code == 201
-        assert upload_files(c, "av2", adapter_factory("lora", 45)).status_code == 201
+        assert upload_files(c, "av1", f1).status_code == 201
+        assert upload_files(c, "av2", f2).status_code == 201
+        r = c.post("/v1/infer", json={"inputs": SENTENCES[:3], "adapters": {"stack": ["av1", "av2"]}})
+        assert r.status_code == 200, r.text
+        want = reference.embed_composition({"x1": f1, "x2": f2}, Stack("x1", "x2"), SENTENCES[:3])
+        assert np.abs(_emb(r.json()) - want).max() < 1e-5
         r = c.post("/v1/infer", json={"inputs": SENTENCES[:2], "adapters": {"average": ["av1", "av2"], "weights": [0.3, 0.7]}})
         if r.status_code == 422 and "not supported for inference yet" in r.json()["detail"]:
             assert "av1" in r.json()["detail"]  # names the caller's adapters, not model-side names
             pytest.xfail("adapters_core does not run Average compositions yet")
         assert r.status_code == 200, r.text
-        assert len(r.json()["results"][0]["embedding"]) == 32
+        want = reference.embed_composition({"x1": f1, "x2": f2}, Average("x1", "x2", weights=[0.3, 0.7]), SENTENCES[:2])
+        assert np.abs(_emb(r.json()) - want).max() < 1e-5
 
 
 def test_tenant_isolation(srv: Running, adapter_factory: Callable[[str, int], Path]) -> None:
