@@ -143,6 +143,29 @@ class BottleneckAdapter(nn.Module):
         )
 
     @property
+    def delta_form(self) -> bool:
+        """True when the host's output is just (its own value) + up(input): the common configurations.
+
+        Then we add `up` to the sum the host computes anyway (h + x before BERT's LayerNorm, h in
+        pre-LN blocks) instead of rebuilding it; equal to AdapterHub's order up to float rounding.
+        """
+        cfg = self.config
+        return (
+            self.batchable and not cfg.adapter_residual_before_ln and cfg.original_ln_after
+            and (self.is_parallel or cfg.residual_before_ln is True)
+        )
+
+    def delta_input(self, h: torch.Tensor, x: torch.Tensor, hx: torch.Tensor | None,
+                    layer_norm: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+        """What the adapter reads in delta form; `hx` is h + x when the host already has it."""
+        if self.is_parallel:
+            return x
+        if not self.config.original_ln_before:
+            return h
+        z = hx if hx is not None else h + x
+        return layer_norm(z) if layer_norm is not None else z
+
+    @property
     def batchable(self) -> bool:
         return not (self.config.ln_before or self.config.ln_after or self.training and self.dropout.p > 0)
 
@@ -163,20 +186,46 @@ class BottleneckResult:
     value: torch.Tensor
     rows: torch.Tensor | None
     original_ln_after: bool
+    delta: bool = False  # value is an update to add onto the host's own sum (see delta_form)
 
 
 def _gathered_linear(
-    x: torch.Tensor, params: Sequence[tuple[torch.Tensor, torch.Tensor | None]], row_slot: torch.Tensor
+    x: torch.Tensor, params: Sequence[tuple[torch.Tensor, torch.Tensor | None]], row_slot: torch.Tensor,
+    scale: float = 1.0,
 ) -> torch.Tensor:
-    """Row r of x times the weight of slot row_slot[r], for all rows in one bmm."""
+    """Row r of x times the weight of slot row_slot[r] (times `scale`), for all rows in one (b)addbmm."""
     w = torch.stack([p[0] for p in params])[row_slot]  # [R, out, in]
-    y = torch.bmm(x, w.transpose(1, 2))
     biases = [p[1] for p in params]
     ref = next((b for b in biases if b is not None), None)
-    if ref is not None:  # slots may mix biased and bias-free layers (phm_bias=False): the latter add zero
-        b = torch.stack([torch.zeros_like(ref) if b is None else b for b in biases])[row_slot]
-        y = y + b[:, None, :]
-    return y
+    if ref is None:
+        y = torch.bmm(x, w.transpose(1, 2))
+        return y * scale if scale != 1.0 else y
+    # slots may mix biased and bias-free layers (phm_bias=False): the latter add zero
+    b = torch.stack([torch.zeros_like(ref) if b is None else b for b in biases])[row_slot]
+    return torch.baddbmm(b[:, None, :], x, w.transpose(1, 2), beta=scale, alpha=scale)
+
+
+def _scaled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """scale * (x @ W^T + b) in one BLAS call."""
+    flat = x.reshape(-1, x.shape[-1])
+    if bias is None:
+        y = flat @ weight.t()
+        y = y * scale if scale != 1.0 else y
+    else:
+        y = torch.addmm(bias, flat, weight.t(), beta=scale, alpha=scale)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _delta_single(adapter: BottleneckAdapter, z: torch.Tensor) -> torch.Tensor:
+    (wd, bd), (wu, bu) = adapter.linear_params()
+    act = adapter.adapter_down[-1]
+    return _scaled_linear(act(_scaled_linear(z, wd, bd, 1.0)), wu, bu, adapter.scaling)
+
+
+def _delta_gathered(adapters: Sequence[BottleneckAdapter], row_slot: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    downs, ups = zip(*(a.linear_params() for a in adapters), strict=True)
+    act = adapters[0].adapter_down[-1]
+    return _gathered_linear(act(_gathered_linear(z, downs, row_slot)), ups, row_slot, adapters[0].scaling)
 
 
 def _run_gathered(
@@ -206,36 +255,42 @@ def apply_bottlenecks(
     groups: Sequence[tuple[tuple[str, ...], Sequence[int]]],
     h: torch.Tensor,
     x: torch.Tensor,
-    layer_norm: nn.Module | None,
+    layer_norm: Callable[[torch.Tensor], torch.Tensor] | None,
+    hx: torch.Tensor | None = None,
 ) -> list[BottleneckResult]:
-    """Run every routed row through its adapter stack; rows sharing a signature share one bmm."""
+    """Run every routed row through its adapter stack; rows sharing a signature share one bmm.
+
+    `hx` is h + x when the host has computed it already (BERT's LayerNorm input).
+    """
     n_rows = h.shape[0]
     results: list[BottleneckResult] = []
     batched: dict[tuple, list[tuple[BottleneckAdapter, Sequence[int]]]] = {}
     for names, rows in groups:
         stack = [adapters[n] for n in names]
         if len(stack) == 1 and stack[0].batchable:
-            batched.setdefault((stack[0].signature(), stack[0].config.original_ln_after), []).append(
-                (stack[0], rows)
-            )
+            key = (stack[0].signature(), stack[0].config.original_ln_after, stack[0].delta_form)
+            batched.setdefault(key, []).append((stack[0], rows))
             continue
         idx = row_index(rows, n_rows, h.device)
         hs, xs = (h, x) if idx is None else (h[idx], x[idx])
         results.append(BottleneckResult(_run_stack(stack, hs, xs, layer_norm), idx, stack[-1].config.original_ln_after))
-    for (_, ln_after), members in batched.items():
-        if len(members) == 1:
-            adapter, rows = members[0]
-            idx = row_index(rows, n_rows, h.device)
-            hs, xs = (h, x) if idx is None else (h[idx], x[idx])
-            results.append(BottleneckResult(_run_stack([adapter], hs, xs, layer_norm), idx, ln_after))
-            continue
+    for (_, ln_after, delta), members in batched.items():
         all_rows = [r for _, rows in members for r in rows]
-        slots = [i for i, (_, rows) in enumerate(members) for _ in rows]
         idx = row_index(all_rows, n_rows, h.device)
         hs, xs = (h, x) if idx is None else (h[idx], x[idx])
-        row_slot = torch.tensor(slots, device=h.device)
-        value = _run_gathered([a for a, _ in members], row_slot, hs, xs, layer_norm)
-        results.append(BottleneckResult(value, idx, ln_after))
+        hxs = hx if idx is None or hx is None else hx[idx]
+        lead = members[0][0]
+        slot = None if len(members) == 1 else torch.tensor(
+            [i for i, (_, rows) in enumerate(members) for _ in rows], device=h.device
+        )
+        if delta:
+            z = lead.delta_input(hs, xs, hxs, layer_norm)
+            up = _delta_single(lead, z) if slot is None else _delta_gathered([a for a, _ in members], slot, z)
+            results.append(BottleneckResult(up, idx, True, delta=True))
+        elif slot is None:
+            results.append(BottleneckResult(_run_stack([lead], hs, xs, layer_norm), idx, ln_after))
+        else:
+            results.append(BottleneckResult(_run_gathered([a for a, _ in members], slot, hs, xs, layer_norm), idx, ln_after))
     return results
 
 
@@ -244,6 +299,14 @@ def row_index(rows: Sequence[int], n_rows: int, device: torch.device) -> torch.T
     if len(rows) == n_rows and all(r == i for i, r in enumerate(rows)):
         return None
     return torch.tensor(list(rows), device=device)
+
+
+def add_rows(base: torch.Tensor, rows: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """base + value on `rows` (all when None); in place when no gradient is being recorded."""
+    inplace = not torch.is_grad_enabled() or not (base.requires_grad or value.requires_grad)
+    if rows is None:
+        return base.add_(value) if inplace else base + value
+    return base.index_add_(0, rows, value) if inplace else base.index_add(0, rows, value)
 
 
 def merge_rows(base: torch.Tensor, results: Sequence[BottleneckResult], fn: Callable[[BottleneckResult], torch.Tensor]) -> torch.Tensor:

@@ -162,6 +162,12 @@ def _combine(
     def op(block: torch.Tensor) -> torch.Tensor:
         return block + hidden if kind == "add" else block * hidden
 
+    if out_index is None and (not torch.is_grad_enabled() or not (result.requires_grad or hidden.requires_grad)):
+        # inference: update the layer's fresh output in place (these are large, memory-bound tensors)
+        if idx is None:
+            return result.add_(hidden) if kind == "add" else result.mul_(hidden)
+        if kind == "add":
+            return result.index_add_(0, idx, hidden)
     if idx is None:
         return _scatter(result, out_index, op)
     rows = result[idx]

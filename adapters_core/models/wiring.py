@@ -19,7 +19,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.pytorch_utils import Conv1D
 
-from ..methods.bottleneck import BottleneckResult, apply_bottlenecks, merge_rows
+from ..methods.bottleneck import BottleneckResult, add_rows, apply_bottlenecks, merge_rows
 from ..methods.composition_tree import BottleneckTree, lora_tree
 from ..methods.lora import apply_loras
 from ..methods.prefix_tuning import gather_all_layers, gather_prefixes, make_prefix_attention
@@ -145,7 +145,8 @@ class Wiring:
                 ctx.stash[(key, slot)] = output
         return hook
 
-    def _routed(self, loc: BottleneckLocation, h: torch.Tensor, x: torch.Tensor) -> list[BottleneckResult] | None:
+    def _routed(self, loc: BottleneckLocation, h: torch.Tensor, x: torch.Tensor,
+                hx: torch.Tensor | None = None) -> list[BottleneckResult] | None:
         """The bottleneck results for this location under the current context (None: nothing to do)."""
         ctx = ForwardContext.current()
         if ctx is None or ctx.plan is None or not len(loc.adapters):
@@ -160,7 +161,7 @@ class Wiring:
         groups = ctx.plan.groups(frozenset(loc.adapters.keys()))
         if not groups:
             return None
-        return apply_bottlenecks(loc.adapters, groups, h, x, loc.ln_fn())
+        return apply_bottlenecks(loc.adapters, groups, h, x, loc.ln_fn(), hx)
 
     def _has_work(self, loc: BottleneckLocation) -> ForwardContext | None:
         ctx = ForwardContext.current()
@@ -176,17 +177,21 @@ class Wiring:
             if ctx is None:
                 return None
             h, x = ctx.stash.pop((key, "h")), ctx.stash.pop((key, "x"))
-            results = self._routed(loc, h, x)
+            results = self._routed(loc, h, x, hx=args[0])
             if not results:
                 return None
-            keep = [r for r in results if r.original_ln_after]
+            keep = [r for r in results if r.original_ln_after and not r.delta]
             skip = [r for r in results if not r.original_ln_after]
             if skip:
                 ctx.stash[(key, "override")] = skip
-            if not keep:
-                return None
-            xs = lambda r: x if r.rows is None else x[r.rows]  # noqa: E731
-            return (merge_rows(args[0], keep, lambda r: r.value + xs(r)),)
+            z = args[0]
+            if keep:
+                xs = lambda r: x if r.rows is None else x[r.rows]  # noqa: E731
+                z = merge_rows(z, keep, lambda r: r.value + xs(r))
+            for r in results:
+                if r.delta:
+                    z = add_rows(z, r.rows, r.value)
+            return (z,)
         return hook
 
     def _post_ln_override(self, loc: BottleneckLocation) -> Callable:
@@ -220,7 +225,11 @@ class Wiring:
                     return r.value
                 return r.value - (x if r.rows is None else x[r.rows])
 
-            new_h = merge_rows(h, results, value)
+            full = [r for r in results if not r.delta]
+            new_h = merge_rows(h, full, value) if full else h
+            for r in results:
+                if r.delta:
+                    new_h = add_rows(new_h, r.rows, r.value)
             return (new_h, *output[1:]) if isinstance(output, tuple) else new_h
         return hook
 

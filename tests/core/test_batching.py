@@ -221,7 +221,7 @@ def test_four_seq_bn_and_four_lora_adapters_two_rows_each(case: tuple[str, str, 
     row_setups = [c for c in children for _ in range(2)]
     lengths = [3, 6] * 8  # each child: one padded row, one full row
     inputs = padded_inputs(arch, lengths, side, seed=17, same_ids=True)
-    with _spy(bottleneck_method, "_run_gathered") as bn_spy, _spy(lora_method, "_gathered") as lora_spy:
+    with _spy(bottleneck_method, "_delta_gathered") as bn_spy, _spy(lora_method, "_gathered") as lora_spy:
         out = _check_rows(model, inputs, BatchSplit(*children, batch_sizes=[2] * 8), row_setups,
                           f"{arch}/{attn}/{side}")
     # One gathered matmul per location over all four adapters of each method, 2 rows per adapter.
@@ -241,7 +241,7 @@ def test_four_adapters_of_one_method_each_equal_their_single_runs(case: tuple[st
     children = [f"{method}_{i}" for i in (2, 0, 3, 1)]
     row_setups = [c for c in children for _ in range(2)]
     inputs = padded_inputs(arch, [6, 4, 3, 6, 6, 5, 2, 6], side, seed=19, same_ids=True)
-    gathered = "_gathered" if method in ("lora", "ia3") else "_run_gathered"
+    gathered = "_gathered" if method in ("lora", "ia3") else "_delta_gathered"  # seq_bn, compacter++: delta form
     module = lora_method if method in ("lora", "ia3") else bottleneck_method
     with _spy(module, gathered) as spy:
         out = _check_rows(model, inputs, BatchSplit(*children, batch_sizes=[2] * 4), row_setups,
