@@ -130,6 +130,8 @@ def apply_loras(
                 hidden = mod(xs if hidden is None else hidden)
         result = _combine(result, idx, hidden, mods[-1].kind, out_index)
     for members in batched.values():
+        if len(members) == 1 and _fused_add(members[0], n_rows, x, result, out_index):
+            continue
         all_rows = [r for _, rows in members for r in rows]
         idx = row_index(all_rows, n_rows, out.device)
         xs = x if idx is None else x[idx]
@@ -142,6 +144,19 @@ def apply_loras(
             hidden = _gathered(mods, slot, xs)
         result = _combine(result, idx, hidden, mods[0].kind, out_index)
     return result
+
+
+def _fused_add(member: tuple[nn.Module, Sequence[int]], n_rows: int, x: torch.Tensor, out: torch.Tensor,
+               out_index: torch.Tensor | None) -> bool:
+    """One LoRA for every row, in inference: out += s * (x A^T) B^T as a single in-place addmm."""
+    mod, rows = member
+    if (not isinstance(mod, LoRA) or out_index is not None or len(rows) != n_rows or mod.training
+            or torch.is_grad_enabled() and (out.requires_grad or mod.lora_A.requires_grad)
+            or not out.is_contiguous()):
+        return False
+    flat_x = x.reshape(-1, x.shape[-1])
+    out.view(-1, out.shape[-1]).addmm_(flat_x @ mod.lora_A.t(), mod.b_effective().t(), alpha=mod.scaling)
+    return True
 
 
 def _gathered(mods: Sequence[nn.Module], slot: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:

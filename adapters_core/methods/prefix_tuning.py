@@ -77,6 +77,10 @@ def gather_all_layers(
     `slot[r]` indexes `modules` (-1: the row has no prefix). Returns kv [B, L, 2, H, P_max, D] and the
     keep mask [B, P_max]; valid positions sit at the end of each row's prefix block.
     """
+    if len(modules) == 1 and all(s == 0 for s in slot):  # one prefix for every row: a view, no copy
+        st = modules[0].stacked().to(device=device, dtype=dtype)
+        keep = torch.ones(len(slot), modules[0].prefix_length, dtype=torch.bool, device=device)
+        return st.unsqueeze(0).expand(len(slot), *st.shape), keep
     p_max = max(m.prefix_length for m in modules)
     ref = modules[0]
     shape = (ref.n_layers, 2, ref.n_kv_heads, p_max, ref.head_dim)
