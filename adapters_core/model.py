@@ -381,7 +381,7 @@ class AdapterModelMixin(FusionMixin, MergeMixin):
 
     def load_adapter(
         self, adapter_name_or_path: str | os.PathLike[str], load_as: str | None = None, with_head: bool = True,
-        set_active: bool = False, allow_pickle: bool = True,
+        set_active: bool = False, allow_pickle: bool = False,
     ) -> str:
         """Load an AdapterHub or PEFT folder from a local path; returns the adapter's name.
 

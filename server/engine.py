@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from adapters_core.composition import AdapterCompositionBlock, BatchSplit
+from adapters_core.head_types import mean_pool
 from server.composition import batchable
 from server.store import Upload
 
@@ -48,14 +49,6 @@ def pick_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but CUDA is not available")
     return torch.device(device)
-
-
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of last_hidden_state over the attention mask, L2-normalised (sentence-transformers style)."""
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    summed = (hidden * m).sum(dim=1)
-    pooled = summed / m.sum(dim=1).clamp(min=1e-9)
-    return torch.nn.functional.normalize(pooled.float(), p=2, dim=-1)
 
 
 class Engine:

@@ -94,7 +94,7 @@ def test_minilm_reference(minilm: torch.nn.Module, case: str, folder: str) -> No
     out = _outputs(REFERENCE / case)
     inputs = _minilm_inputs(out)
     mask = out["attention_mask"].bool()
-    name = minilm.load_adapter(REFERENCE / case / folder, load_as=f"ref_{case}_{folder}")
+    name = minilm.load_adapter(REFERENCE / case / folder, load_as=f"ref_{case}_{folder}", allow_pickle=True)
     try:
         got = _forward(minilm, inputs, name)
         _assert_close(got, out["last_hidden_state"], mask, attn, f"{case}/{folder}")
@@ -164,7 +164,7 @@ def test_decoder_reference(decoders: dict, arch: str, case: str, attn: str) -> N
     inputs = {k: out[k] for k in ("input_ids", "attention_mask")}
     mask = out["attention_mask"].bool()
     assert (~mask).any(), "the references hold a padded row; the sdpa prefix check depends on it"
-    name = model.load_adapter(_decoder_folder(case_dir), load_as=f"ref_{case}")
+    name = model.load_adapter(_decoder_folder(case_dir), load_as=f"ref_{case}", allow_pickle=True)
     try:
         got = _forward(model, inputs, name)
         diff = (got - out["last_hidden_state"]).abs()[mask].max().item()
@@ -185,7 +185,7 @@ def test_decoder_prefix_bin_and_safetensors_agree(decoders: dict, arch: str, cas
     case_dir = REFERENCE_DECODERS / arch / case
     if not (case_dir / "adapter" / "pytorch_adapter.bin").is_file():
         pytest.skip("no .bin folder for this case")
-    a = model.load_adapter(case_dir / "adapter", load_as="from_bin")
+    a = model.load_adapter(case_dir / "adapter", load_as="from_bin", allow_pickle=True)  # trusted local file
     b = model.load_adapter(case_dir / "adapter_safetensors", load_as="from_st")
     try:
         sa, sb = model.adapter_state_dict(a), model.adapter_state_dict(b)
@@ -204,7 +204,7 @@ def test_decoder_prefix_row_alone_equals_row_in_padded_batch(decoders: dict, arc
     case_dir = REFERENCE_DECODERS / arch / "prefix_tuning"
     out = _outputs(case_dir)
     inputs = {k: out[k] for k in ("input_ids", "attention_mask")}
-    name = model.load_adapter(_decoder_folder(case_dir), load_as="row_check")
+    name = model.load_adapter(_decoder_folder(case_dir), load_as="row_check", allow_pickle=True)
     try:
         batch = _forward(model, inputs, name)
         for row in range(inputs["input_ids"].shape[0]):
