@@ -19,13 +19,14 @@ SETTINGS = {
     "ADAPTERSERVE_QUEUE_SIZE", "ADAPTERSERVE_REQUEST_TIMEOUT_S", "ADAPTERSERVE_API_KEYS_FILE",
     "ADAPTERSERVE_MAX_UPLOAD_MB", "ADAPTERSERVE_MAX_INPUTS", "ADAPTERSERVE_MAX_INPUT_TOKENS",
     "ADAPTERSERVE_TENANT_MAX_ADAPTERS", "ADAPTERSERVE_DRAIN_TIMEOUT_S", "ADAPTERSERVE_LOG_LEVEL",
+    "ADAPTERSERVE_TENANT_MAX_STORE_MB", "ADAPTERSERVE_TORCH_THREADS", "ADAPTERSERVE_SWITCH_INTERVAL_MS",
 }
 # The metrics contract, as exposed sample names (counters end in _total, histograms expose
 # _bucket/_sum/_count). adapterserve_draining is the server's drain gauge.
 COUNTERS = {"requests", "adapter_loads", "tenant_requests"}
 HISTOGRAMS = {"request_seconds", "queue_seconds", "inference_seconds", "batch_size",
               "batch_distinct_adapters", "adapter_load_seconds"}
-GAUGES = {"queue_depth", "adapters_resident", "adapter_cache_bytes", "draining"}
+GAUGES = {"queue_depth", "adapters_resident", "adapter_cache_bytes", "draining", "requests_in_flight"}
 
 SETTING_RE = re.compile(r"\bADAPTERSERVE_[A-Z0-9_]*[A-Z0-9]\b")
 METRIC_RE = re.compile(r"\badapterserve_[a-z0-9_]*[a-z0-9]\b")
