@@ -52,13 +52,15 @@ def round_robin(cases: dict[str, Callable[[], object]], repeats: int, warmup: in
     return times
 
 
-def print_table(title: str, rows: list[tuple[str, float, float]], ref_label: str, batch_rows: int) -> None:
-    """A markdown table: case, median ms per batch, rows per second, ratio to the reference case."""
+def print_table(title: str, rows: list[tuple[str, list[float], float]], ref_label: str, batch_rows: int) -> None:
+    """A markdown table: case, median and range of ms per batch, rows per second, ratio to the reference."""
     print(f"\n{title}")
-    print(f"| case | median ms / batch | rows/s | throughput ratio to {ref_label} |")
-    print("| --- | ---: | ---: | ---: |")
-    for name, ms, ratio in rows:
-        print(f"| {name} | {ms:.1f} | {batch_rows * 1000.0 / ms:.0f} | {ratio:.3f} |")
+    print(f"| case | median ms / batch | min-max ms | rows/s | throughput ratio to {ref_label} |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, samples, ratio in rows:
+        ms = median_ms(samples)
+        spread = f"{min(samples) * 1000:.0f}-{max(samples) * 1000:.0f}"
+        print(f"| {name} | {ms:.1f} | {spread} | {batch_rows * 1000.0 / ms:.0f} | {ratio:.3f} |")
 
 
 def setup_threads(n: int) -> None:

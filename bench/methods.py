@@ -50,7 +50,7 @@ def main() -> None:
     cases = {"backbone": run(None)} | {name: run(name.replace("+", "p")) for name in CASES}
     times = round_robin(cases, args.repeats)
     base = median_ms(times["backbone"])
-    rows = [(name, median_ms(t), base / median_ms(t)) for name, t in times.items()]
+    rows = [(name, t, base / median_ms(t)) for name, t in times.items()]
     print_table(
         f"bench/methods.py: MiniLM, batch {args.batch} x {args.seq_len}, {args.threads} threads, "
         f"median of {args.repeats} round-robin runs", rows, "backbone", args.batch,

@@ -67,15 +67,16 @@ def main() -> None:
     base = median_ms(times["backbone"])
     print(f"\nbench/mixed_batch.py: MiniLM, batch {b} x {args.seq_len}, {args.threads} threads, "
           f"median of {args.repeats} round-robin runs")
-    print("| case | median ms / batch | rows/s | ratio to 1 adapter | ratio to backbone |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| case | median ms / batch | min-max ms | rows/s | ratio to 1 adapter | ratio to backbone |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, samples in times.items():
         ms = median_ms(samples)
         one_key = name.split(":")[0] + ": 1 adapter"
         if name.startswith("mix"):
             one_key = f"mix of {len(MIX)} methods: 1 adapter each"
         one = median_ms(times[one_key]) if one_key in times else ms
-        print(f"| {name} | {ms:.1f} | {b * 1000.0 / ms:.0f} | {one / ms:.3f} | {base / ms:.3f} |")
+        spread = f"{min(samples) * 1000:.0f}-{max(samples) * 1000:.0f}"
+        print(f"| {name} | {ms:.1f} | {spread} | {b * 1000.0 / ms:.0f} | {one / ms:.3f} | {base / ms:.3f} |")
 
 
 if __name__ == "__main__":
