@@ -194,15 +194,16 @@ def _gathered_linear(
     scale: float = 1.0,
 ) -> torch.Tensor:
     """Row r of x times the weight of slot row_slot[r] (times `scale`), for all rows in one (b)addbmm."""
-    w = torch.stack([p[0] for p in params])[row_slot]  # [R, out, in]
+    # stacked already transposed: a contiguous [R, in, out] right operand is the fast bmm layout
+    w_t = torch.stack([p[0].t() for p in params])[row_slot]
     biases = [p[1] for p in params]
     ref = next((b for b in biases if b is not None), None)
     if ref is None:
-        y = torch.bmm(x, w.transpose(1, 2))
+        y = torch.bmm(x, w_t)
         return y * scale if scale != 1.0 else y
     # slots may mix biased and bias-free layers (phm_bias=False): the latter add zero
     b = torch.stack([torch.zeros_like(ref) if b is None else b for b in biases])[row_slot]
-    return torch.baddbmm(b[:, None, :], x, w.transpose(1, 2), beta=scale, alpha=scale)
+    return torch.baddbmm(b[:, None, :], x, w_t, beta=scale, alpha=scale)
 
 
 def _scaled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
