@@ -69,6 +69,16 @@ class BottleneckAdapter(nn.Module):
             self.adapter_norm_after = nn.LayerNorm(hidden)
         self.dropout = nn.Dropout(config.dropout)
         self._init_weights(config.init_weights)
+        # Routing asks these per adapter, per location, per forward: compute them once (config is frozen).
+        self._signature = (
+            self.is_parallel, config.original_ln_before, config.residual_before_ln,
+            config.adapter_residual_before_ln, config.non_linearity.lower(), self.down_size, self.scaling,
+        )
+        self._plain = not (config.ln_before or config.ln_after)
+        self._delta_shape = (
+            not config.adapter_residual_before_ln and config.original_ln_after
+            and (self.is_parallel or config.residual_before_ln is True)
+        )
 
     @property
     def down_proj(self) -> nn.Module:
@@ -136,11 +146,7 @@ class BottleneckAdapter(nn.Module):
 
     def signature(self) -> tuple:
         """Adapters with equal signatures run together in one gathered batched matmul."""
-        cfg = self.config
-        return (
-            self.is_parallel, cfg.original_ln_before, cfg.residual_before_ln, cfg.adapter_residual_before_ln,
-            cfg.non_linearity.lower(), self.down_size, self.scaling,
-        )
+        return self._signature
 
     @property
     def delta_form(self) -> bool:
@@ -149,11 +155,7 @@ class BottleneckAdapter(nn.Module):
         Then we add `up` to the sum the host computes anyway (h + x before BERT's LayerNorm, h in
         pre-LN blocks) instead of rebuilding it; equal to AdapterHub's order up to float rounding.
         """
-        cfg = self.config
-        return (
-            self.batchable and not cfg.adapter_residual_before_ln and cfg.original_ln_after
-            and (self.is_parallel or cfg.residual_before_ln is True)
-        )
+        return self._delta_shape and self.batchable
 
     def delta_input(self, h: torch.Tensor, x: torch.Tensor, hx: torch.Tensor | None,
                     layer_norm: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
@@ -167,10 +169,14 @@ class BottleneckAdapter(nn.Module):
 
     @property
     def batchable(self) -> bool:
-        return not (self.config.ln_before or self.config.ln_after or self.training and self.dropout.p > 0)
+        return self._plain and not (self.training and self.dropout.p > 0)
 
     def linear_params(self) -> tuple[tuple[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]]:
-        return _linear_params(self.down_proj), _linear_params(self.adapter_up)
+        down = self.down_proj
+        up = self.adapter_up
+        if type(down) is nn.Linear and type(up) is nn.Linear:
+            return (down.weight, down.bias), (up.weight, up.bias)
+        return _linear_params(down), _linear_params(up)
 
 
 def _linear_params(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
