@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -44,10 +45,13 @@ def round_robin(cases: dict[str, Callable[[], object]], repeats: int, warmup: in
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in cases}
+    order = list(cases)
+    rng = random.Random(0)
     for _ in range(repeats):
-        for name, fn in cases.items():
+        rng.shuffle(order)  # a fresh order each round, so periodic machine noise favours no case
+        for name in order:
             start = time.perf_counter()
-            fn()
+            cases[name]()
             times[name].append(time.perf_counter() - start)
     return times
 
