@@ -14,7 +14,6 @@ from adapters_core.configuration import (
     ADAPTER_CONFIG_NAMES,
     AdapterConfig,
     AdapterConfigBase,
-    AdapterFusionConfig,
     BnConfig,
     CompacterConfig,
     CompacterPlusPlusConfig,
@@ -30,7 +29,6 @@ from adapters_core.configuration import (
     PfeifferConfig,
     PrefixTuningConfig,
     SeqBnConfig,
-    StaticAdapterFusionConfig,
     method_kinds,
     method_name,
 )
@@ -540,7 +538,7 @@ def test_adapterhub_reference_files_round_trip_exactly(path: Path) -> None:
 
 
 def test_reference_files_present() -> None:
-    assert len(REFERENCE_FILES) >= 8
+    assert len(REFERENCE_FILES) == 24, f"expected 8 MiniLM + 16 decoder adapter configs under {SHARED}"
 
 
 def test_reference_files_match_their_config_strings() -> None:
@@ -559,49 +557,3 @@ def test_reference_files_match_their_config_strings() -> None:
         if not path.exists():
             pytest.skip(f"{path} missing")
         assert AdapterConfigBase.load(spec).to_dict() == json.loads(path.read_text())["config"], folder
-
-
-# ---------------------------------------------------------------------------------------------------
-# AdapterFusion
-# ---------------------------------------------------------------------------------------------------
-
-
-def test_fusion_configs() -> None:
-    dynamic = AdapterFusionConfig.load("dynamic")
-    assert type(dynamic) is DynamicAdapterFusionConfig
-    assert dynamic.to_dict() == {
-        "key": True,
-        "query": True,
-        "value": True,
-        "query_before_ln": False,
-        "regularization": True,
-        "residual_before": False,
-        "temperature": False,
-        "value_before_softmax": True,
-        "value_initialized": True,
-        "dropout_prob": None,
-    }
-    static = AdapterFusionConfig.load("static", temperature=True)
-    assert type(static) is StaticAdapterFusionConfig
-    assert (static.value, static.regularization, static.value_initialized, static.temperature) == (
-        False,
-        False,
-        False,
-        True,
-    )
-    assert AdapterFusionConfig.load(dynamic.to_dict()) == dynamic
-    assert AdapterFusionConfig.load(dynamic) is dynamic
-    assert AdapterFusionConfig.from_dict(static.to_dict()) == static
-    with pytest.raises(ValueError, match="unknown AdapterFusion config name 'fancy'"):
-        AdapterFusionConfig.load("fancy")
-    with pytest.raises(ValueError, match="missing required"):
-        AdapterFusionConfig.from_dict({"key": True})
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['bogus'\]"):
-        AdapterFusionConfig.load({**dynamic.to_dict(), "bogus": 1})
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        dynamic.key = False  # type: ignore[misc]
-
-
-def test_reference_config_files_are_found() -> None:
-    """The AdapterHub round-trip tests above must not shrink to nothing when ../shared moves."""
-    assert len(REFERENCE_FILES) == 24, f"expected 8 MiniLM + 16 decoder adapter configs under {SHARED}"
