@@ -195,20 +195,57 @@ class BottleneckResult:
     delta: bool = False  # value is an update to add onto the host's own sum (see delta_form)
 
 
-def _gathered_linear(
-    x: torch.Tensor, params: Sequence[tuple[torch.Tensor, torch.Tensor | None]], row_slot: torch.Tensor,
-    scale: float = 1.0,
-) -> torch.Tensor:
-    """Row r of x times the weight of slot row_slot[r] (times `scale`), for all rows in one (b)addbmm."""
-    # stacked already transposed: a contiguous [R, in, out] right operand is the fast bmm layout
-    w_t = torch.stack([p[0].t() for p in params])[row_slot]
+class StackCache:
+    """Stacked weights of a group of adapters, reused across forward passes while no weight changed.
+
+    Only used when no gradient is recorded; the key holds the parameters' identities and the stamp
+    their storage and in-place version counters, so a reload or an optimizer step invalidates it.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, tuple[tuple, tuple[torch.Tensor, torch.Tensor | None]]] = {}
+
+    def get(self, params: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        flat = [t for pair in params for t in pair if t is not None]
+        key = tuple(id(t) for t in flat)
+        stamp = tuple((t.data_ptr(), t._version) for t in flat)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        value = _stack_params(params)
+        if len(self._entries) > 64:
+            self._entries.clear()
+        self._entries[key] = (stamp, value)
+        return value
+
+
+def _stack_params(params: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # stacked already transposed: a contiguous [S, in, out] right operand is the fast bmm layout
+    w_t = torch.stack([p[0].t() for p in params])
     biases = [p[1] for p in params]
     ref = next((b for b in biases if b is not None), None)
     if ref is None:
+        return w_t, None
+    # slots may mix biased and bias-free layers (phm_bias=False): the latter add zero
+    return w_t, torch.stack([torch.zeros_like(ref) if b is None else b for b in biases])
+
+
+def _gathered_linear(
+    x: torch.Tensor, params: Sequence[tuple[torch.Tensor, torch.Tensor | None]], row_slot: torch.Tensor | None,
+    scale: float = 1.0, cache: StackCache | None = None,
+) -> torch.Tensor:
+    """Row r of x times the weight of slot row_slot[r] (times `scale`), for all rows in one (b)addbmm.
+
+    row_slot None: row r uses slot r (one row per adapter, in order), so no gather is needed.
+    """
+    cached = cache is not None and not torch.is_grad_enabled()
+    w_t, b = cache.get(params) if cached else _stack_params(params)
+    if row_slot is not None:
+        w_t = w_t[row_slot]
+        b = None if b is None else b[row_slot]
+    if b is None:
         y = torch.bmm(x, w_t)
         return y * scale if scale != 1.0 else y
-    # slots may mix biased and bias-free layers (phm_bias=False): the latter add zero
-    b = torch.stack([torch.zeros_like(ref) if b is None else b for b in biases])[row_slot]
     return torch.baddbmm(b[:, None, :], x, w_t, beta=scale, alpha=scale)
 
 
@@ -229,10 +266,12 @@ def _delta_single(adapter: BottleneckAdapter, z: torch.Tensor) -> torch.Tensor:
     return _scaled_linear(act(_scaled_linear(z, wd, bd, 1.0)), wu, bu, adapter.scaling)
 
 
-def _delta_gathered(adapters: Sequence[BottleneckAdapter], row_slot: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def _delta_gathered(adapters: Sequence[BottleneckAdapter], row_slot: torch.Tensor | None, z: torch.Tensor,
+                    cache: StackCache | None = None) -> torch.Tensor:
     downs, ups = zip(*(a.linear_params() for a in adapters), strict=True)
     act = adapters[0].adapter_down[-1]
-    return _gathered_linear(act(_gathered_linear(z, downs, row_slot)), ups, row_slot, adapters[0].scaling)
+    down = _gathered_linear(z, downs, row_slot, cache=cache)
+    return _gathered_linear(act(down), ups, row_slot, adapters[0].scaling, cache=cache)
 
 
 def _run_gathered(
@@ -264,6 +303,7 @@ def apply_bottlenecks(
     x: torch.Tensor,
     layer_norm: Callable[[torch.Tensor], torch.Tensor] | None,
     hx: torch.Tensor | None = None,
+    cache: StackCache | None = None,
 ) -> list[BottleneckResult]:
     """Run every routed row through its adapter stack; rows sharing a signature share one bmm.
 
@@ -287,12 +327,15 @@ def apply_bottlenecks(
         hs, xs = (h, x) if idx is None else (h[idx], x[idx])
         hxs = hx if idx is None or hx is None else hx[idx]
         lead = members[0][0]
-        slot = None if len(members) == 1 else torch.tensor(
-            [i for i, (_, rows) in enumerate(members) for _ in rows], device=h.device
-        )
+        slots = [i for i, (_, rows) in enumerate(members) for _ in rows]
+        slot = None if len(members) == 1 else torch.tensor(slots, device=h.device)
         if delta:
             z = lead.delta_input(hs, xs, hxs, layer_norm)
-            up = _delta_single(lead, z) if slot is None else _delta_gathered([a for a, _ in members], slot, z)
+            if slot is None:
+                up = _delta_single(lead, z)
+            else:
+                one_each = slots == list(range(len(members)))  # one row per adapter, in order: no gather
+                up = _delta_gathered([a for a, _ in members], None if one_each else slot, z, cache)
             results.append(BottleneckResult(up, idx, True, delta=True))
         elif slot is None:
             results.append(BottleneckResult(_run_stack([lead], hs, xs, layer_norm), idx, ln_after))

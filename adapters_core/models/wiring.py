@@ -19,7 +19,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.pytorch_utils import Conv1D
 
-from ..methods.bottleneck import BottleneckResult, add_rows, apply_bottlenecks, merge_rows
+from ..methods.bottleneck import BottleneckResult, StackCache, add_rows, apply_bottlenecks, merge_rows
 from ..methods.composition_tree import BottleneckTree, lora_tree
 from ..methods.lora import apply_loras
 from ..methods.prefix_tuning import gather_all_layers, gather_prefixes, make_prefix_attention
@@ -44,6 +44,7 @@ class BottleneckLocation:
     adapters: nn.ModuleDict
     layer_norm: nn.Module | None
     fusions: nn.ModuleDict
+    stack_cache: StackCache = field(default_factory=StackCache)
 
     def ln_fn(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
         return self.layer_norm.forward if self.layer_norm is not None else None  # no hook re-entry
@@ -161,7 +162,7 @@ class Wiring:
         groups = ctx.plan.groups(frozenset(loc.adapters.keys()))
         if not groups:
             return None
-        return apply_bottlenecks(loc.adapters, groups, h, x, loc.ln_fn(), hx)
+        return apply_bottlenecks(loc.adapters, groups, h, x, loc.ln_fn(), hx, loc.stack_cache)
 
     def _has_work(self, loc: BottleneckLocation) -> ForwardContext | None:
         ctx = ForwardContext.current()

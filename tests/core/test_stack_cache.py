@@ -1,0 +1,48 @@
+"""The cross-forward cache of stacked adapter weights must never serve stale weights."""
+
+from __future__ import annotations
+
+import torch
+from transformers import BertConfig
+
+from adapters_core import AdapterSetup, AutoAdapterModel, BatchSplit
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = AutoAdapterModel.from_config(cfg).eval()
+    for i in range(3):
+        model.add_adapter(f"a{i}", "seq_bn")
+        with torch.no_grad():
+            for p in model.adapter_parameters(f"a{i}"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def _run(model: torch.nn.Module, setup: object, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode(), AdapterSetup(setup):
+        return model.base_model(input_ids=ids).last_hidden_state.clone()
+
+
+def test_in_place_update_and_reload_invalidate_the_cache(tmp_path) -> None:
+    model = _model()
+    ids = torch.randint(0, 100, (3, 5), generator=torch.Generator().manual_seed(1))
+    split = BatchSplit("a0", "a1", "a2", batch_sizes=[1, 1, 1])
+    first = _run(model, split, ids)
+    assert torch.equal(_run(model, split, ids), first)  # second pass served from the cache
+
+    with torch.no_grad():  # an in-place edit (what an optimizer step does) must be seen
+        for p in model.adapter_parameters("a1"):
+            p.mul_(2.0)
+    after_edit = _run(model, split, ids)
+    assert not torch.allclose(after_edit[1], first[1])
+    assert torch.allclose(after_edit[1], _run(model, "a1", ids[1:2])[0], atol=1e-5)
+    assert torch.equal(after_edit[0], first[0])
+
+    model.save_adapter(tmp_path, "a0")  # reloading under the same name builds new parameters
+    model.delete_adapter("a2")
+    model.load_adapter(tmp_path, load_as="a2")
+    reloaded = _run(model, split, ids)
+    assert torch.allclose(reloaded[2], _run(model, "a0", ids[2:3])[0], atol=1e-5)
