@@ -207,6 +207,8 @@ class StackCache:
 
     def get(self, params: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
         flat = [t for pair in params for t in pair if t is not None]
+        if any(not isinstance(t, nn.Parameter) for t in flat):
+            return _stack_params(params)  # computed per forward (Compacter's PHM products): nothing to keep
         key = tuple(id(t) for t in flat)
         stamp = tuple((t.data_ptr(), t._version) for t in flat)
         hit = self._entries.get(key)

@@ -46,3 +46,13 @@ def test_in_place_update_and_reload_invalidate_the_cache(tmp_path) -> None:
     model.load_adapter(tmp_path, load_as="a2")
     reloaded = _run(model, split, ids)
     assert torch.allclose(reloaded[2], _run(model, "a0", ids[2:3])[0], atol=1e-5)
+
+
+def test_computed_weights_bypass_the_cache_under_inference_mode() -> None:
+    """Compacter's PHM weights are computed tensors (inference tensors have no version counter)."""
+    model = _model()
+    for i in range(2):
+        model.add_adapter(f"c{i}", "compacter++[reduction_factor=8]")
+    ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(2))
+    out = _run(model, BatchSplit("c0", "c1", batch_sizes=[1, 1]), ids)
+    assert torch.allclose(out[1], _run(model, "c1", ids[1:2])[0], atol=1e-5)
