@@ -93,10 +93,22 @@ class PHMLayer(nn.Module):
             return torch.bmm(_get(source, "phm_rule_left"), _get(source, "phm_rule_right"))
         return _get(source, "phm_rule")
 
-    def matrix(self) -> torch.Tensor:
-        """H of shape (in_features, out_features)."""
+    def _matrix(self) -> torch.Tensor:
         w = torch.bmm(self.W_left, self.W_right) if self.factorized_phm_W else self.W
         return kron_sum(self.rule(), w)
+
+    def matrix(self) -> torch.Tensor:
+        """H of shape (in_features, out_features); cached in eval mode without grad until a factor changes."""
+        if self.training or torch.is_grad_enabled():
+            self._cached = None
+            return self._matrix()
+        factors = [*self.parameters(), *(self._shared.values() if self._shared is not None else ())]
+        stamp = tuple((p.data_ptr(), p._version) for p in factors)
+        cached = getattr(self, "_cached", None)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, self._matrix())
+            self._cached = cached
+        return cached[1]
 
     def linear_params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight, bias) in nn.Linear layout, so PHM and plain layers share one batched kernel."""

@@ -56,3 +56,19 @@ def test_computed_weights_bypass_the_cache_under_inference_mode() -> None:
     ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(2))
     out = _run(model, BatchSplit("c0", "c1", batch_sizes=[1, 1]), ids)
     assert torch.allclose(out[1], _run(model, "c1", ids[1:2])[0], atol=1e-5)
+
+
+def test_phm_matrix_cache_sees_rule_and_factor_edits() -> None:
+    """Compacter's H = sum kron(rule, W) is cached in eval mode; editing the shared rule must show."""
+    model = _model()
+    model.add_adapter("c", "compacter++[reduction_factor=8]")
+    with torch.no_grad():
+        for p in model.adapter_parameters("c"):
+            p.add_(torch.randn_like(p) * 0.1)
+    ids = torch.randint(0, 100, (1, 5), generator=torch.Generator().manual_seed(3))
+    before = _run(model, "c", ids)
+    assert torch.equal(_run(model, "c", ids), before)
+    with torch.no_grad():
+        rule = next(p for k, p in model.adapter_named_parameters("c") if k.endswith("phm_rule"))
+        rule.mul_(3.0)
+    assert not torch.allclose(_run(model, "c", ids), before)
