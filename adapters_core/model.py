@@ -206,9 +206,11 @@ class AdapterModelMixin(FusionMixin, MergeMixin):
                 idx = [j for j, on in enumerate(enabled) for j in range(j * third, (j + 1) * third) if on]
                 out_enabled = len(idx)
                 target.out_index[name] = None if all(enabled) else torch.tensor(idx)
+                target.cover[name] = None if all(enabled) else tuple(idx)
             else:
                 out_enabled = out_all
                 target.out_index[name] = None
+                target.cover[name] = None
             groups = sum(enabled) if fused else 1
             if cfg.composition_mode == "scale":
                 target.loras[name] = IA3(out_enabled, cfg)
@@ -240,6 +242,7 @@ class AdapterModelMixin(FusionMixin, MergeMixin):
                     self._unmerge_target(target)
                 del target.loras[name]
             target.out_index.pop(name, None)
+            target.cover.pop(name, None)
         for container in (wiring.prefix_tunings, wiring.shared_parameters):
             if name in container:
                 del container[name]

@@ -128,7 +128,7 @@ def apply_loras(
                 hidden = mod(hidden, xs[..., :1].expand(*xs.shape[:-1], mod.lora_B.shape[0]))
             else:
                 hidden = mod(xs if hidden is None else hidden)
-        result = _combine(result, idx, hidden, mods[-1].kind, out_index)
+        result = combine_rows(result, idx, hidden, mods[-1].kind, out_index)
     for members in batched.values():
         if len(members) == 1 and _fused_add(members[0], n_rows, x, result, out_index):
             continue
@@ -142,7 +142,7 @@ def apply_loras(
         else:
             slot = torch.tensor([i for i, (_, rows) in enumerate(members) for _ in rows], device=out.device)
             hidden = _gathered(mods, slot, xs)
-        result = _combine(result, idx, hidden, mods[0].kind, out_index)
+        result = combine_rows(result, idx, hidden, mods[0].kind, out_index)
     return result
 
 
@@ -171,9 +171,11 @@ def _gathered(mods: Sequence[nn.Module], slot: torch.Tensor, xs: torch.Tensor) -
     return y.reshape(*xs.shape[:-1], y.shape[-1])
 
 
-def _combine(
+def combine_rows(
     result: torch.Tensor, idx: torch.Tensor | None, hidden: torch.Tensor, kind: str, out_index: torch.Tensor | None
 ) -> torch.Tensor:
+    """`result` with `hidden` added ("add") or multiplied in ("scale") on rows `idx` and columns `out_index`."""
+
     def op(block: torch.Tensor) -> torch.Tensor:
         return block + hidden if kind == "add" else block * hidden
 

@@ -21,7 +21,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..methods.bottleneck import BottleneckResult, StackCache, add_rows, apply_bottlenecks, merge_rows
 from ..methods.composition_tree import BottleneckTree, lora_tree
-from ..methods.lora import apply_loras
+from ..methods.lora import apply_loras, combine_rows
 from ..methods.prefix_tuning import gather_all_layers, gather_prefixes, make_prefix_attention
 from ..routing import ForwardContext
 from .base import ArchSpec, BottleneckSite, LoRASite, get_path
@@ -57,6 +57,7 @@ class LoRATarget:
     module: nn.Module
     loras: nn.ModuleDict
     out_index: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    cover: dict[str, tuple[int, ...] | None] = field(default_factory=dict)  # out_index as a hashable key
     merged: str | None = None
     saved: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
@@ -108,42 +109,31 @@ class Wiring:
         ln = get_path(sublayer, site.layer_norm) if site.post_ln else None
         loc = BottleneckLocation(i, site, adapters, ln, fusions)
         self.bottlenecks[(i, site.location)] = loc
-        key = (i, site.location)
         if site.post_ln:
-            sublayer.register_forward_pre_hook(self._capture_residual_arg(key, site), with_kwargs=True)
-            get_path(sublayer, site.h_module).register_forward_hook(self._capture_output(key, "h"))
+            def residual(args: tuple, kwargs: dict) -> Any:
+                n = site.residual_arg
+                return args[n] if len(args) > n else kwargs.get(site.residual_kwarg)
+
+            sublayer.register_forward_pre_hook(self._capture(loc, "x", residual), with_kwargs=True)
+            get_path(sublayer, site.h_module).register_forward_hook(
+                self._capture(loc, "h", lambda args, output: output)
+            )
             ln.register_forward_pre_hook(self._post_ln_pre_hook(loc))
             ln.register_forward_hook(self._post_ln_override(loc))
         else:
-            get_path(layer, site.residual_ln).register_forward_pre_hook(self._capture_first_arg(key))
+            get_path(layer, site.residual_ln).register_forward_pre_hook(
+                self._capture(loc, "x", lambda args: args[0])
+            )
             sublayer.register_forward_hook(self._pre_ln_hook(loc))
 
-    def _stash(self) -> dict[Any, Any]:
-        ctx = ForwardContext.current()
-        return ctx.stash if ctx is not None else {}
+    def _capture(self, loc: BottleneckLocation, slot: str, pick: Callable[..., Any]) -> Callable:
+        """A hook that keeps one input of this location (h or x) for the hook that applies the adapters."""
+        key = (loc.layer, loc.site.location)
 
-    def _capture_residual_arg(self, key: tuple, site: BottleneckSite) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            ctx = ForwardContext.current()
-            if ctx is None or ctx.plan is None:
-                return None
-            x = args[site.residual_arg] if len(args) > site.residual_arg else kwargs.get(site.residual_kwarg)
-            ctx.stash[(key, "x")] = x
-            return None
-        return hook
-
-    def _capture_first_arg(self, key: tuple) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            ctx = ForwardContext.current()
-            if ctx is not None and ctx.plan is not None:
-                ctx.stash[(key, "x")] = args[0]
-        return hook
-
-    def _capture_output(self, key: tuple, slot: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            ctx = ForwardContext.current()
-            if ctx is not None and ctx.plan is not None:
-                ctx.stash[(key, slot)] = output
+        def hook(module: nn.Module, *hook_args: Any) -> None:
+            ctx = self._has_work(loc)
+            if ctx is not None:
+                ctx.stash[(key, slot)] = pick(*hook_args)
         return hook
 
     def _routed(self, loc: BottleneckLocation, h: torch.Tensor, x: torch.Tensor,
@@ -252,12 +242,13 @@ class Wiring:
             groups = ctx.plan.groups(frozenset(target.loras.keys()))
             if not groups:
                 return None
-            names = {n for stack, _ in groups for n in stack}
-            if target.merged is not None and names - {target.merged}:
-                raise ValueError(
-                    f"LoRA {target.merged!r} is merged into {target.site.module} of layer {target.layer}; "
-                    f"unmerge it before running {sorted(names - {target.merged})}"
-                )
+            if target.merged is not None:
+                others = {n for stack, _ in groups for n in stack} - {target.merged}
+                if others:
+                    raise ValueError(
+                        f"LoRA {target.merged!r} is merged into {target.site.module} of layer {target.layer}; "
+                        f"unmerge it before running {sorted(others)}"
+                    )
             if len(target.site.attn_keys) <= 1:
                 return apply_loras(target.loras, groups, args[0], output, None, skip=target.merged)
             return self._fused_lora(target, groups, args[0], output)
@@ -275,8 +266,7 @@ class Wiring:
                 )
             if live:
                 idx = target.out_index.get(live[0])
-                key = None if idx is None else tuple(idx.tolist())
-                by_cover.setdefault(key, (idx, []))[1].append((stack, rows))
+                by_cover.setdefault(target.cover.get(live[0]), (idx, []))[1].append((stack, rows))
         result = output
         for out_index, sub in by_cover.values():
             result = apply_loras(target.loras, tuple(sub), x, result, out_index, skip=target.merged)
@@ -288,14 +278,7 @@ class Wiring:
         names = {id(m): n for n, m in target.loras.items()}
 
         def combine(out: torch.Tensor, hidden: torch.Tensor, last: nn.Module) -> torch.Tensor:
-            out_index = target.out_index.get(names[id(last)])
-            sub = out if out_index is None else out[..., out_index]
-            new = sub + hidden if last.kind == "add" else sub * hidden
-            if out_index is None:
-                return new
-            result = out.clone()
-            result[..., out_index] = new
-            return result
+            return combine_rows(out, None, hidden, last.kind, target.out_index.get(names[id(last)]))
 
         return lora_tree(target.loras, tree, x, output, combine)
 
