@@ -102,21 +102,10 @@ class Reference:
         self._n = 0
 
     def embed(self, folder: Path, texts: list[str]) -> np.ndarray:
-        from adapters_core import AdapterSetup
-
+        """Embeddings with one adapter, mean-pooled by hand (independent of the server's pooling)."""
         self._n += 1
         name = f"ref{self._n}"
-        self.model.load_adapter(str(folder), load_as=name)
-        try:
-            enc = self.tok(texts, padding=True, return_tensors="pt")
-            with torch.inference_mode(), AdapterSetup(name):
-                hidden = self.model(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).float()
-            pooled = (hidden * mask).sum(1) / mask.sum(1)
-            return torch.nn.functional.normalize(pooled, dim=-1).numpy()
-        finally:
-            self.model.delete_adapter(name)
-
+        return self.embed_composition({name: folder}, name, texts)
 
     def embed_composition(self, folders: dict[str, Path], setup: Any, texts: list[str]) -> np.ndarray:
         """Embeddings under a composition block over the given adapters (loaded under their own names)."""
