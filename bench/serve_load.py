@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import re
 import signal
 import socket
-import ssl
 import statistics
 import subprocess
 import sys
@@ -24,6 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import torch
@@ -31,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.http_client import HTTPError, KeepAliveClient  # noqa: E402
 from server.settings import default_model_path  # noqa: E402
 
 WORDS = (
@@ -198,8 +200,8 @@ class LoadResult:
 
 async def drive(url: str, names: list[str], texts: list[str], clients: int, duration: float, zipf_s: float,
                 inputs_per_request: int, seed: int = 2) -> LoadResult:
-    """`clients` independent httpx.AsyncClients (one keep-alive connection each; a single shared pool costs
-    O(connections) CPU per request in httpcore, which would make the load generator the bottleneck)."""
+    """`clients` concurrent keep-alive connections (bench.http_client, so that load-generator CPU taken from
+    the server's cores stays small); every 200 answer is parsed and must hold one result per input."""
     weights = zipf_weights(len(names), zipf_s)
     rng = random.Random(seed)
     order = names[:]
@@ -207,23 +209,26 @@ async def drive(url: str, names: list[str], texts: list[str], clients: int, dura
     latencies: list[float] = []
     errors = 0
     done_inputs = 0
-    tls = ssl.create_default_context()  # unused for http://, but built once instead of per client
-    pool = [httpx.AsyncClient(base_url=url, timeout=120, verify=tls) for _ in range(clients)]
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    pool = [KeepAliveClient(host, int(port)) for _ in range(clients)]
     try:
         async def scrape() -> tuple[float, float, float, float]:
-            text = (await pool[0].get("/metrics")).text
+            text = (await pool[0].get("/metrics"))[1].decode()
             return (metric(text, "adapterserve_batch_distinct_adapters_sum"), metric(text, "adapterserve_batch_distinct_adapters_count"),
                     metric(text, "adapterserve_batch_size_sum"), metric(text, "adapterserve_batch_size_count"))
 
         # warm-up: every adapter once (loads it) and every connection opened; not measured
         for i in range(0, len(order), clients):
-            await asyncio.gather(*(c.post("/v1/infer", json={"inputs": texts[:1], "adapters": n})
-                                   for c, n in zip(pool, order[i:i + clients], strict=False)))
+            answers = await asyncio.gather(*(c.post_json("/v1/infer", {"inputs": texts[:1], "adapters": n})
+                                             for c, n in zip(pool, order[i:i + clients], strict=False)))
+            bad = [a for a in answers if a[0] != 200]
+            if bad:
+                raise SystemExit(f"warm-up request failed: {bad[0][0]} {bad[0][1][:300]!r}")
         await asyncio.gather(*(c.get("/healthz") for c in pool))
         d0, c0, b0, n0 = await scrape()
         end = time.perf_counter() + duration
 
-        async def one(worker: int, client: httpx.AsyncClient) -> None:
+        async def one(worker: int, client: KeepAliveClient) -> None:
             nonlocal errors, done_inputs
             local = random.Random(seed * 1000 + worker)
             while time.perf_counter() < end:
@@ -231,11 +236,11 @@ async def drive(url: str, names: list[str], texts: list[str], clients: int, dura
                 inputs = local.sample(texts, inputs_per_request)
                 t = time.perf_counter()
                 try:
-                    r = await client.post("/v1/infer", json={"inputs": inputs, "adapters": name})
-                except httpx.HTTPError:
+                    status, body = await client.post_json("/v1/infer", {"inputs": inputs, "adapters": name})
+                except HTTPError:
                     errors += 1
                     continue
-                if r.status_code == 200:
+                if status == 200 and len(json.loads(body)["results"]) == inputs_per_request:
                     latencies.append(time.perf_counter() - t)
                     done_inputs += inputs_per_request
                 else:
@@ -246,7 +251,7 @@ async def drive(url: str, names: list[str], texts: list[str], clients: int, dura
         elapsed = time.perf_counter() - start
         d1, c1, b1, n1 = await scrape()
     finally:
-        await asyncio.gather(*(c.aclose() for c in pool))
+        await asyncio.gather(*(c.close() for c in pool))
     latencies.sort()
     return LoadResult(
         inputs_per_s=done_inputs / elapsed,
@@ -258,13 +263,22 @@ async def drive(url: str, names: list[str], texts: list[str], clients: int, dura
     )
 
 
+def run_async(coro: Any) -> Any:
+    """uvloop when installed (as the server uses), else asyncio's default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
 def run_server_case(model_path: str, adapters: list[tuple[str, Path, str]], texts: list[str], max_batch: int,
                     args: argparse.Namespace, work: Path) -> LoadResult:
     store = work / f"store-{max_batch}"
     server = start_server(model_path, store, max_batch, work / f"server-{max_batch}.log", args.torch_threads)
     try:
         upload_all(server.url, adapters)
-        result = asyncio.run(drive(server.url, [a[0] for a in adapters], texts, args.clients, args.duration, args.zipf,
+        result = run_async(drive(server.url, [a[0] for a in adapters], texts, args.clients, args.duration, args.zipf,
                                    args.inputs_per_request))
     finally:
         code = stop_server(server)

@@ -190,7 +190,7 @@ class BottleneckResult:
     """Pre-final values for `rows` (None = all rows), and whether the host still applies its LN/residual."""
 
     value: torch.Tensor
-    rows: torch.Tensor | None
+    rows: torch.Tensor | slice | None  # an index tensor, a contiguous run, or None for all rows
     original_ln_after: bool
     delta: bool = False  # value is an update to add onto the host's own sum (see delta_form)
 
@@ -323,7 +323,11 @@ def apply_bottlenecks(
         idx = row_index(rows, n_rows, h.device)
         hs, xs = (h, x) if idx is None else (h[idx], x[idx])
         results.append(BottleneckResult(_run_stack(stack, hs, xs, layer_norm), idx, stack[-1].config.original_ln_after))
+    inference = not torch.is_grad_enabled()
     for (_, ln_after, delta), members in batched.items():
+        if inference and sum(len(row_slices(rows, n_rows)) for _, rows in members) <= SEGMENT_MAX_RUNS:
+            results.extend(_run_segments(members, n_rows, h, x, hx, layer_norm, ln_after, delta))
+            continue
         all_rows = [r for _, rows in members for r in rows]
         idx = row_index(all_rows, n_rows, h.device)
         hs, xs = (h, x) if idx is None else (h[idx], x[idx])
@@ -346,6 +350,46 @@ def apply_bottlenecks(
     return results
 
 
+def _run_segments(
+    members: Sequence[tuple[BottleneckAdapter, Sequence[int]]], n_rows: int, h: torch.Tensor, x: torch.Tensor,
+    hx: torch.Tensor | None, layer_norm: Callable[[torch.Tensor], torch.Tensor] | None, ln_after: bool, delta: bool,
+) -> list[BottleneckResult]:
+    """Inference: each adapter on its contiguous runs of rows, read and written through slices (views),
+    so a few long runs cost a few plain matmuls and no gather, per-row weight copy or scatter."""
+    results: list[BottleneckResult] = []
+    for adapter, rows in members:
+        for sl in row_slices(rows, n_rows):
+            hs, xs = (h, x) if sl is None else (h[sl], x[sl])
+            if delta:
+                hxs = hx if hx is None or sl is None else hx[sl]
+                up = _delta_single(adapter, adapter.delta_input(hs, xs, hxs, layer_norm))
+                results.append(BottleneckResult(up, sl, True, delta=True))
+            else:
+                results.append(BottleneckResult(_run_stack([adapter], hs, xs, layer_norm), sl, ln_after))
+    return results
+
+
+# Up to this many contiguous runs of rows per group of same-shaped adapters, inference updates each run
+# through slices; beyond it (many adapters with a row or two each) one gathered bmm costs less than the
+# per-run op overhead. Measured with bench/mixed_batch.py and bench/serve_load.py on MiniLM.
+SEGMENT_MAX_RUNS = 8
+
+
+def row_slices(rows: Sequence[int], n_rows: int) -> list[slice | None]:
+    """`rows` as contiguous runs (slices), or [None] when they are all rows in order."""
+    if len(rows) == n_rows and all(r == i for i, r in enumerate(rows)):
+        return [None]
+    runs: list[slice | None] = []
+    start = prev = rows[0]
+    for r in rows[1:]:
+        if r != prev + 1:
+            runs.append(slice(start, prev + 1))
+            start = r
+        prev = r
+    runs.append(slice(start, prev + 1))
+    return runs
+
+
 def row_index(rows: Sequence[int], n_rows: int, device: torch.device) -> torch.Tensor | None:
     """Index tensor of `rows`, or None when they are simply all rows in order (no gather needed)."""
     if len(rows) == n_rows and all(r == i for i, r in enumerate(rows)):
@@ -358,6 +402,11 @@ def add_rows(base: torch.Tensor, rows: torch.Tensor | None, value: torch.Tensor)
     inplace = not torch.is_grad_enabled() or not (base.requires_grad or value.requires_grad)
     if rows is None:
         return base.add_(value) if inplace else base + value
+    if isinstance(rows, slice):
+        if inplace:
+            base[rows].add_(value)
+            return base
+        rows = torch.arange(rows.start, rows.stop, device=base.device)
     return base.index_add_(0, rows, value) if inplace else base.index_add(0, rows, value)
 
 
@@ -370,6 +419,8 @@ def merge_rows(base: torch.Tensor, results: Sequence[BottleneckResult], fn: Call
         value = fn(res)
         if res.rows is None:
             out = value
+        elif isinstance(res.rows, slice):
+            out[res.rows] = value
         else:
             out = out.index_copy(0, res.rows, value)
     return out

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .bottleneck import row_index
+from . import bottleneck
+from .bottleneck import row_index, row_slices
 
 
 class LoRA(nn.Module):
@@ -132,6 +133,8 @@ def apply_loras(
     for members in batched.values():
         if len(members) == 1 and _fused_add(members[0], n_rows, x, result, out_index):
             continue
+        if _segmented_add(members, n_rows, x, result, out_index):
+            continue
         all_rows = [r for _, rows in members for r in rows]
         idx = row_index(all_rows, n_rows, out.device)
         xs = x if idx is None else x[idx]
@@ -156,6 +159,36 @@ def _fused_add(member: tuple[nn.Module, Sequence[int]], n_rows: int, x: torch.Te
         return False
     flat_x = x.reshape(-1, x.shape[-1])
     out.view(-1, out.shape[-1]).addmm_(flat_x @ mod.lora_A.t(), mod.b_effective().t(), alpha=mod.scaling)
+    return True
+
+
+def _segmented_add(members: Sequence[tuple[nn.Module, Sequence[int]]], n_rows: int, x: torch.Tensor,
+                   out: torch.Tensor, out_index: torch.Tensor | None) -> bool:
+    """Inference: each adapter updates its contiguous runs of rows in place (out[a:b] += s * x A^T B^T, one
+    addmm when all columns are covered, or *= the IA3 vector). No gather or per-row weight copy; returns
+    False (nothing done) under autograd, in training, or past SEGMENT_MAX_RUNS runs."""
+    if torch.is_grad_enabled() or any(mod.training for mod, _ in members) or out_index is None and not out.is_contiguous():
+        return False
+    runs = [(mod, row_slices(rows, n_rows)) for mod, rows in members]
+    if sum(len(slices) for _, slices in runs) > bottleneck.SEGMENT_MAX_RUNS:
+        return False
+    width = out.shape[-1]
+    for mod, slices in runs:
+        for sl in slices:
+            block = out if sl is None else out[sl]
+            if isinstance(mod, IA3):
+                if out_index is None:
+                    block.mul_(mod.vector())
+                else:
+                    block[..., out_index] *= mod.vector()
+                continue
+            xs = x if sl is None else x[sl]
+            down = xs.reshape(-1, xs.shape[-1]) @ mod.lora_A.t()
+            if out_index is None:
+                block.view(-1, width).addmm_(down, mod.b_effective().t(), alpha=mod.scaling)
+            else:
+                up = (down @ mod.b_effective().t()).mul_(mod.scaling)
+                block.index_add_(block.dim() - 1, out_index, up.view(*block.shape[:-1], -1))
     return True
 
 

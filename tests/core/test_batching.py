@@ -14,7 +14,7 @@ from unittest import mock
 import pytest
 import torch
 
-from adapters_core import Average, BatchSplit, LoRAConfig, Parallel, Split, Stack
+from adapters_core import AdapterSetup, Average, BatchSplit, LoRAConfig, Parallel, Split, Stack
 from adapters_core.methods import bottleneck as bottleneck_method
 from adapters_core.methods import lora as lora_method
 
@@ -26,6 +26,7 @@ from .tiny_models import (
     add_adapter,
     add_noise,
     build,
+    hidden_states,
     max_abs,
     one_torch_thread,
     padded_inputs,
@@ -72,9 +73,18 @@ def _alone(model: torch.nn.Module, one: dict, setup: object) -> torch.Tensor:
     return hit[1]
 
 
-def _check_rows(model: torch.nn.Module, inputs: dict, setup: object, row_setups: list, label: str = "") -> torch.Tensor:
-    """Run `setup` on the batch, then every row alone under `row_setups[i]`; compare valid positions."""
-    out = run(model, inputs, setup)
+def _check_rows(model: torch.nn.Module, inputs: dict, setup: object, row_setups: list, label: str = "",
+                grad: bool = False) -> torch.Tensor:
+    """Run `setup` on the batch, then every row alone under `row_setups[i]`; compare valid positions.
+
+    grad=True runs the batch with autograd recording (the training path: gathered bmm over adapters);
+    otherwise it runs without (the inference path: in-place updates on each adapter's run of rows).
+    """
+    if grad:
+        with torch.enable_grad(), AdapterSetup(setup):
+            out = hidden_states(model(**inputs)).detach()
+    else:
+        out = run(model, inputs, setup)
     assert out.shape[0] == len(row_setups)
     for i, row_setup in enumerate(row_setups):
         alone = _alone(model, row_alone(inputs, i), row_setup)
@@ -213,41 +223,75 @@ def _assert_distinct(out: torch.Tensor, rows: list[int], label: str) -> None:
                 assert max_abs(out[a], out[b]) > CHANGED, f"{label}: rows {a} and {b} got the same output"
 
 
+PATHS = ["gathered-grad", "gathered", "segmented"]
+
+
+def _choose_path(path: str, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Set up one of the three ways a mixed batch is computed; returns whether to record gradients.
+
+    gathered-grad: autograd on (training); gathered: inference with per-run slicing switched off (what
+    many adapters with a row each take); segmented: inference on each adapter's contiguous rows.
+    """
+    if path == "gathered":
+        monkeypatch.setattr(bottleneck_method, "SEGMENT_MAX_RUNS", 0)
+    return path == "gathered-grad"
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_four_seq_bn_and_four_lora_adapters_two_rows_each(case: tuple[str, str, str]) -> None:
+def test_four_seq_bn_and_four_lora_adapters_two_rows_each(case: tuple[str, str, str], path: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     arch, attn, side = case
+    grad = _choose_path(path, monkeypatch)
     model = zoo(arch, attn)
     children = [f"{m}_{i}" for i in range(4) for m in ("seq_bn", "lora")]  # interleaved
     row_setups = [c for c in children for _ in range(2)]
     lengths = [3, 6] * 8  # each child: one padded row, one full row
     inputs = padded_inputs(arch, lengths, side, seed=17, same_ids=True)
-    with _spy(bottleneck_method, "_delta_gathered") as bn_spy, _spy(lora_method, "_gathered") as lora_spy:
-        out = _check_rows(model, inputs, BatchSplit(*children, batch_sizes=[2] * 8), row_setups,
-                          f"{arch}/{attn}/{side}")
-    # One gathered matmul per location over all four adapters of each method, 2 rows per adapter.
-    bn_calls = [c for c in bn_spy.call_args_list if len(c.args[0]) == 4]
-    lora_calls = [c for c in lora_spy.call_args_list if len(c.args[0]) == 4]
-    assert bn_calls, "the four seq_bn adapters did not share one gathered matmul"
-    assert lora_calls, "the four LoRA adapters did not share one gathered matmul"
-    assert all(c.args[2].shape[0] == 8 for c in bn_calls + lora_calls)
+    setup = BatchSplit(*children, batch_sizes=[2] * 8)
+    if path != "segmented":
+        with _spy(bottleneck_method, "_delta_gathered") as bn_spy, _spy(lora_method, "_gathered") as lora_spy:
+            out = _check_rows(model, inputs, setup, row_setups, f"{arch}/{attn}/{side}", grad=grad)
+        # One gathered matmul per location over all four adapters of each method, 2 rows per adapter.
+        bn_calls = [c for c in bn_spy.call_args_list if len(c.args[0]) == 4]
+        lora_calls = [c for c in lora_spy.call_args_list if len(c.args[0]) == 4]
+        assert bn_calls, "the four seq_bn adapters did not share one gathered matmul"
+        assert lora_calls, "the four LoRA adapters did not share one gathered matmul"
+        assert all(c.args[2].shape[0] == 8 for c in bn_calls + lora_calls)
+    else:
+        with (_spy(bottleneck_method, "_run_segments") as bn_spy, _spy(lora_method, "_segmented_add") as lora_spy,
+              _spy(bottleneck_method, "_delta_gathered") as bn_gather, _spy(lora_method, "_gathered") as lora_gather):
+            out = _check_rows(model, inputs, setup, row_setups, f"{arch}/{attn}/{side}")
+        # Each location hands all four adapters of a method to one call that updates their 2-row slices;
+        # nothing is gathered.
+        assert any(len(c.args[0]) == 4 for c in bn_spy.call_args_list), "seq_bn rows did not take the segmented path"
+        assert any(len(c.args[0]) == 4 for c in lora_spy.call_args_list), "LoRA rows did not take the segmented path"
+        assert not bn_gather.called and not lora_gather.called, "inference fell back to the gathered path"
     _assert_distinct(out, list(range(1, 16, 2)), f"{arch}/{attn}/{side}")
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("method", ["seq_bn", "compacter_pp", "lora", "ia3", "prefix_tuning"])
 @pytest.mark.parametrize("case", ONE_SIDE, ids=_case_id)
-def test_four_adapters_of_one_method_each_equal_their_single_runs(case: tuple[str, str, str], method: str) -> None:
+def test_four_adapters_of_one_method_each_equal_their_single_runs(case: tuple[str, str, str], method: str,
+                                                                  path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     arch, attn, side = case
+    grad = _choose_path(path, monkeypatch)
     model = zoo(arch, attn)
     children = [f"{method}_{i}" for i in (2, 0, 3, 1)]
     row_setups = [c for c in children for _ in range(2)]
     inputs = padded_inputs(arch, [6, 4, 3, 6, 6, 5, 2, 6], side, seed=19, same_ids=True)
-    gathered = "_gathered" if method in ("lora", "ia3") else "_delta_gathered"  # seq_bn, compacter++: delta form
-    module = lora_method if method in ("lora", "ia3") else bottleneck_method
-    with _spy(module, gathered) as spy:
+    lora_like = method in ("lora", "ia3")
+    module = lora_method if lora_like else bottleneck_method
+    if path == "segmented":
+        name = "_segmented_add" if lora_like else "_run_segments"
+    else:  # seq_bn, compacter++: delta form
+        name = "_gathered" if lora_like else "_delta_gathered"
+    with _spy(module, name) as spy:
         out = _check_rows(model, inputs, BatchSplit(*children, batch_sizes=[2] * 4), row_setups,
-                          f"{arch}/{attn}/{side}/{method}")
+                          f"{arch}/{attn}/{side}/{method}", grad=grad)
     if method != "prefix_tuning":  # prefixes are gathered into one padded attention call instead
-        assert any(len(c.args[0]) == 4 for c in spy.call_args_list), "no gathered matmul over the 4 adapters"
+        assert any(len(c.args[0]) == 4 for c in spy.call_args_list), f"no {path} call over the 4 adapters"
     _assert_distinct(out, [0, 3, 4, 7], f"{arch}/{attn}/{side}/{method}")
 
 

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import BertConfig
 
 from adapters_core import AdapterSetup, AutoAdapterModel, BatchSplit
+from adapters_core.methods import bottleneck
+
+
+@pytest.fixture(autouse=True)
+def gathered_inference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make inference take the gathered (cached) path even for the few rows these tests use."""
+    monkeypatch.setattr(bottleneck, "SEGMENT_MAX_RUNS", 0)
 
 
 def _model() -> torch.nn.Module:
