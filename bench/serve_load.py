@@ -1,10 +1,14 @@
 """Load test of the real server: N adapters (seq_bn, LoRA, prefix tuning) on MiniLM, C concurrent clients
 with Zipf adapter popularity, against the bare backbone in-process and the server with batching off.
 
-    .venv/bin/python bench/serve_load.py [--adapters 100] [--clients 64] [--duration 20]
+    .venv/bin/python bench/serve_load.py [--adapters 100] [--clients 64] [--duration 30] [--rounds 3]
 
-Prints a markdown table: throughput (inputs/s), p50/p99 latency, mean distinct adapters per forward pass,
-and the ratios to the in-process bare backbone and to the naive (max batch size 1) server.
+Four cases share one run: the bare backbone in-process, the same adapters in-process (no HTTP), the
+batched server and the naive server (max batch size 1). Both servers run for the whole benchmark; each
+case gets `--rounds` slices of duration/rounds seconds, interleaved in a fresh order each round, so slow
+drift of a shared machine hits every case alike. Prints a markdown table: throughput (inputs/s), its
+range over the slices, p50/p99 latency, rows and distinct adapters per forward pass, and the ratios to
+the bare backbone and to the naive server.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,67 +73,87 @@ def make_adapters(model_path: str, out: Path, n: int) -> list[tuple[str, Path, s
     return made
 
 
-def bare_backbone_throughput(model_path: str, texts: list[str], batch: int, duration: float) -> float:
-    """Inputs/s of the bare transformers backbone in this process: tokenize, forward, mean-pool, batches of `batch`."""
-    from transformers import AutoModel, AutoTokenizer
+@dataclass
+class Tally:
+    """What one case did over all its time slices."""
 
-    tok = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModel.from_pretrained(model_path).eval()
-    rng = random.Random(1)
-    done = 0
-    with torch.inference_mode():
-        for _ in range(2):  # warm up
-            enc = tok(rng.sample(texts, batch), padding=True, return_tensors="pt")
-            model(**enc)
-        start = time.perf_counter()
-        while time.perf_counter() - start < duration:
-            enc = tok(rng.sample(texts, batch), padding=True, return_tensors="pt")
-            hidden = model(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
-            pooled.tolist()
-            done += batch
-        return done / (time.perf_counter() - start)
+    inputs: int = 0
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    distinct: float = 0.0  # summed distinct adapters over `batches` forward passes
+    rows: float = 0.0  # summed rows over `batches` forward passes
+    batches: float = 0.0
+    slice_rates: list[float] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.inputs / self.seconds if self.seconds else 0.0
+
+    def add(self, inputs: int, seconds: float) -> None:
+        self.inputs += inputs
+        self.seconds += seconds
+        self.slice_rates.append(inputs / seconds)
 
 
-def adapters_in_process_throughput(model_path: str, adapters: list[tuple[str, Path, str]], texts: list[str], batch: int,
-                                   duration: float, zipf_s: float) -> tuple[float, float]:
-    """Inputs/s of the same mixed-adapter work without HTTP: batches of `batch` rows, each row's adapter drawn
-    from the Zipf popularity, rows sorted by adapter, one BatchSplit forward, mean-pooled. Also returns the
-    mean distinct adapters per batch. The gap between this and the bare backbone is the adapters' cost."""
-    from transformers import AutoTokenizer
+class InProcess:
+    """The same inputs without HTTP: tokenize, one forward per batch of `batch`, mean-pool, L2-normalise.
 
-    from adapters_core import AdapterSetup, AutoAdapterModel, BatchSplit
+    adapters=None: the bare transformers backbone (AutoModel). Otherwise adapters_core with every adapter
+    loaded; each row's adapter is drawn from the Zipf popularity, rows sorted by adapter, one BatchSplit.
+    """
 
-    tok = AutoTokenizer.from_pretrained(model_path)
-    model = AutoAdapterModel.from_pretrained(model_path).eval()
-    names = [model.load_adapter(str(folder), load_as=name) for name, folder, _ in adapters]
-    order = names[:]
-    random.Random(2).shuffle(order)
-    weights = zipf_weights(len(order), zipf_s)
-    rng = random.Random(3)
-    done, distinct, batches = 0, 0, 0
-    with torch.inference_mode():
-        start = 0.0
-        for step in range(10**9):
-            if step == 2:
-                start = time.perf_counter()  # two warm-up batches
-            if step > 2 and time.perf_counter() - start >= duration:
-                break
-            rows = sorted(zip(rng.choices(order, weights, k=batch), rng.sample(texts, batch), strict=True))
-            groups: dict[str, int] = {}
+    def __init__(self, model_path: str, texts: list[str], batch: int, adapters: list[tuple[str, Path, str]] | None,
+                 zipf_s: float) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(model_path)
+        self.texts, self.batch = texts, batch
+        self.rng = random.Random(3)
+        if adapters is None:
+            self.model = AutoModel.from_pretrained(model_path).eval()
+            self.names: list[str] = []
+        else:
+            from adapters_core import AutoAdapterModel
+
+            self.model = AutoAdapterModel.from_pretrained(model_path).eval()
+            self.names = [self.model.load_adapter(str(folder), load_as=name) for name, folder, _ in adapters]
+            random.Random(2).shuffle(self.names)
+        self.weights = zipf_weights(len(self.names), zipf_s)
+
+    def one_batch(self) -> int:
+        """Run one batch; returns its number of distinct adapters."""
+        from adapters_core import AdapterSetup, BatchSplit
+
+        groups: dict[str | None, int] = {}
+        if self.names:
+            rows = sorted(zip(self.rng.choices(self.names, self.weights, k=self.batch),
+                              self.rng.sample(self.texts, self.batch), strict=True))
             for name, _ in rows:
                 groups[name] = groups.get(name, 0) + 1
-            enc = tok([t for _, t in rows], padding=True, return_tensors="pt")
-            with AdapterSetup(BatchSplit(*groups, batch_sizes=list(groups.values()))):
-                hidden = model(**enc).last_hidden_state
+            texts = [t for _, t in rows]
+        else:
+            texts = self.rng.sample(self.texts, self.batch)
+        enc = self.tok(texts, padding=True, return_tensors="pt")
+        with torch.inference_mode():
+            if groups:
+                with AdapterSetup(BatchSplit(*groups, batch_sizes=list(groups.values()))):
+                    hidden = self.model(**enc).last_hidden_state
+            else:
+                hidden = self.model(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).tolist()
-            if step >= 2:
-                done += batch
-                distinct += len(groups)
-                batches += 1
-        return done / (time.perf_counter() - start), distinct / max(batches, 1)
+        return len(groups)
+
+    def run(self, seconds: float, tally: Tally) -> None:
+        start = time.perf_counter()
+        done = 0
+        while time.perf_counter() - start < seconds:
+            tally.distinct += self.one_batch()
+            tally.rows += self.batch
+            tally.batches += 1
+            done += self.batch
+        tally.add(done, time.perf_counter() - start)
 
 
 def free_port() -> int:
@@ -188,79 +212,71 @@ def metric(text: str, name: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-@dataclass
-class LoadResult:
-    inputs_per_s: float
-    p50_ms: float
-    p99_ms: float
-    errors: int
-    mean_distinct: float
-    mean_batch: float
+class Load:
+    """Closed-loop load on one server: `clients` keep-alive connections (bench.http_client, so that the load
+    generator takes little CPU from the server's cores), each sending its next request when the last answer
+    arrives. Every 200 answer is parsed and must hold one result per input."""
 
+    def __init__(self, server: Server, names: list[str], texts: list[str], args: argparse.Namespace, seed: int = 2) -> None:
+        self.server, self.texts, self.args = server, texts, args
+        self.order = names[:]
+        random.Random(seed).shuffle(self.order)  # popularity does not follow the config cycle
+        self.weights = zipf_weights(len(self.order), args.zipf)
+        self.rng = random.Random(seed * 1000)
+        host, port = server.url.removeprefix("http://").rsplit(":", 1)
+        self.pool = [KeepAliveClient(host, int(port)) for _ in range(args.clients)]
 
-async def drive(url: str, names: list[str], texts: list[str], clients: int, duration: float, zipf_s: float,
-                inputs_per_request: int, seed: int = 2) -> LoadResult:
-    """`clients` concurrent keep-alive connections (bench.http_client, so that load-generator CPU taken from
-    the server's cores stays small); every 200 answer is parsed and must hold one result per input."""
-    weights = zipf_weights(len(names), zipf_s)
-    rng = random.Random(seed)
-    order = names[:]
-    rng.shuffle(order)  # popularity does not follow the config cycle
-    latencies: list[float] = []
-    errors = 0
-    done_inputs = 0
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    pool = [KeepAliveClient(host, int(port)) for _ in range(clients)]
-    try:
-        async def scrape() -> tuple[float, float, float, float]:
-            text = (await pool[0].get("/metrics"))[1].decode()
-            return (metric(text, "adapterserve_batch_distinct_adapters_sum"), metric(text, "adapterserve_batch_distinct_adapters_count"),
-                    metric(text, "adapterserve_batch_size_sum"), metric(text, "adapterserve_batch_size_count"))
+    async def _scrape(self) -> tuple[float, float, float, float]:
+        text = (await self.pool[0].get("/metrics"))[1].decode()
+        return (metric(text, "adapterserve_batch_distinct_adapters_sum"), metric(text, "adapterserve_batch_distinct_adapters_count"),
+                metric(text, "adapterserve_batch_size_sum"), metric(text, "adapterserve_batch_size_count"))
 
-        # warm-up: every adapter once (loads it) and every connection opened; not measured
-        for i in range(0, len(order), clients):
-            answers = await asyncio.gather(*(c.post_json("/v1/infer", {"inputs": texts[:1], "adapters": n})
-                                             for c, n in zip(pool, order[i:i + clients], strict=False)))
+    async def warm_up(self) -> None:
+        """Every adapter once (the server loads it) over every connection; not measured."""
+        n = len(self.pool)
+        for i in range(0, len(self.order), n):
+            answers = await asyncio.gather(*(c.post_json("/v1/infer", {"inputs": self.texts[:1], "adapters": name})
+                                             for c, name in zip(self.pool, self.order[i:i + n], strict=False)))
             bad = [a for a in answers if a[0] != 200]
             if bad:
                 raise SystemExit(f"warm-up request failed: {bad[0][0]} {bad[0][1][:300]!r}")
-        await asyncio.gather(*(c.get("/healthz") for c in pool))
-        d0, c0, b0, n0 = await scrape()
-        end = time.perf_counter() + duration
 
-        async def one(worker: int, client: KeepAliveClient) -> None:
-            nonlocal errors, done_inputs
-            local = random.Random(seed * 1000 + worker)
+    async def run(self, seconds: float, tally: Tally) -> None:
+        """Load for `seconds`; only answers that arrive inside the window count (requests still in flight at
+        its end finish, uncounted, before the next case starts)."""
+        per_request = self.args.inputs_per_request
+        d0, c0, b0, n0 = await self._scrape()
+        start = time.perf_counter()
+        end = start + seconds
+        done = 0
+
+        async def one(client: KeepAliveClient, rng: random.Random) -> None:
+            nonlocal done
             while time.perf_counter() < end:
-                name = local.choices(order, weights)[0]
-                inputs = local.sample(texts, inputs_per_request)
+                name = rng.choices(self.order, self.weights)[0]
+                inputs = rng.sample(self.texts, per_request)
                 t = time.perf_counter()
                 try:
                     status, body = await client.post_json("/v1/infer", {"inputs": inputs, "adapters": name})
                 except HTTPError:
-                    errors += 1
+                    tally.errors += 1
                     continue
-                if status == 200 and len(json.loads(body)["results"]) == inputs_per_request:
-                    latencies.append(time.perf_counter() - t)
-                    done_inputs += inputs_per_request
-                else:
-                    errors += 1
+                now = time.perf_counter()
+                if status != 200 or len(json.loads(body)["results"]) != per_request:
+                    tally.errors += 1
+                elif now <= end:
+                    tally.latencies.append(now - t)
+                    done += per_request
 
-        start = time.perf_counter()
-        await asyncio.gather(*(one(w, c) for w, c in enumerate(pool)))
-        elapsed = time.perf_counter() - start
-        d1, c1, b1, n1 = await scrape()
-    finally:
-        await asyncio.gather(*(c.close() for c in pool))
-    latencies.sort()
-    return LoadResult(
-        inputs_per_s=done_inputs / elapsed,
-        p50_ms=1000 * statistics.median(latencies) if latencies else float("nan"),
-        p99_ms=1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] if latencies else float("nan"),
-        errors=errors,
-        mean_distinct=(d1 - d0) / max(c1 - c0, 1),
-        mean_batch=(b1 - b0) / max(n1 - n0, 1),
-    )
+        await asyncio.gather(*(one(c, random.Random(self.rng.random())) for c in self.pool))
+        tally.add(done, seconds)
+        d1, c1, b1, n1 = await self._scrape()
+        tally.distinct += d1 - d0
+        tally.batches += c1 - c0
+        tally.rows += b1 - b0
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.pool))
 
 
 def run_async(coro: Any) -> Any:
@@ -272,65 +288,101 @@ def run_async(coro: Any) -> Any:
     return uvloop.run(coro)
 
 
-def run_server_case(model_path: str, adapters: list[tuple[str, Path, str]], texts: list[str], max_batch: int,
-                    args: argparse.Namespace, work: Path) -> LoadResult:
-    store = work / f"store-{max_batch}"
-    server = start_server(model_path, store, max_batch, work / f"server-{max_batch}.log", args.torch_threads)
-    try:
-        upload_all(server.url, adapters)
-        result = run_async(drive(server.url, [a[0] for a in adapters], texts, args.clients, args.duration, args.zipf,
-                                   args.inputs_per_request))
-    finally:
-        code = stop_server(server)
-    if code != 0:
-        print(f"warning: server exited with {code}", file=sys.stderr)
-    return result
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapters", type=int, default=100)
     parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds of load per case")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of load per case, over all rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="slices per case; cases are interleaved round by round")
     parser.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of adapter popularity")
     parser.add_argument("--inputs-per-request", type=int, default=1)
-    parser.add_argument("--max-batch-size", type=int, default=32, help="the batched server's (and the bare baseline's) batch size")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="the batched server's (and the in-process) batch size")
     parser.add_argument("--model", default=default_model_path())
     parser.add_argument("--server-arg", action="append", default=[], help="extra `adapterserve serve` flag (repeatable)")
-    parser.add_argument("--torch-threads", type=int, default=0, help="intra-op threads, same for bare and server (0: torch default)")
+    parser.add_argument("--torch-threads", type=int, default=0, help="intra-op threads, same in-process and in the servers (0: torch default)")
     args = parser.parse_args()
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
     EXTRA_SERVER_ARGS.extend(args.server_arg)
     texts = sentences(512)
+    slice_s = args.duration / args.rounds
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         print(f"making {args.adapters} adapters ({', '.join(CONFIGS)}) on {args.model} ...", file=sys.stderr)
         adapters = make_adapters(args.model, work / "adapters", args.adapters)
-        print("bare backbone in-process ...", file=sys.stderr)
-        bare_before = bare_backbone_throughput(args.model, texts, args.max_batch_size, args.duration)
-        print("same adapters in-process (no HTTP) ...", file=sys.stderr)
-        mixed, mixed_distinct = adapters_in_process_throughput(args.model, adapters, texts, args.max_batch_size,
-                                                               args.duration, args.zipf)
-        print("server, batched ...", file=sys.stderr)
-        batched = run_server_case(args.model, adapters, texts, args.max_batch_size, args, work)
-        print("server, batching off (max batch size 1) ...", file=sys.stderr)
-        naive = run_server_case(args.model, adapters, texts, 1, args, work)
-        print("bare backbone in-process again ...", file=sys.stderr)
-        bare_after = bare_backbone_throughput(args.model, texts, args.max_batch_size, args.duration)
-    bare = (bare_before + bare_after) / 2  # measured before and after the server runs: drift shows up here
-    cpu = os.cpu_count()
+        names = [a[0] for a in adapters]
+        bare = InProcess(args.model, texts, args.max_batch_size, None, args.zipf)
+        mixed = InProcess(args.model, texts, args.max_batch_size, adapters, args.zipf)
+        for case in (bare, mixed):
+            case.one_batch()
+            case.one_batch()
+        servers = {}
+        try:
+            for label, size in (("batched", args.max_batch_size), ("naive", 1)):
+                print(f"starting the {label} server (max batch size {size}) and uploading ...", file=sys.stderr)
+                servers[label] = start_server(args.model, work / f"store-{label}", size, work / f"server-{label}.log",
+                                              args.torch_threads)
+                upload_all(servers[label].url, adapters)
+            tallies = {k: Tally() for k in ("bare", "mixed", "batched", "naive")}
+
+            async def measure() -> None:
+                loads = {k: Load(srv, names, texts, args) for k, srv in servers.items()}
+                for load in loads.values():
+                    await load.warm_up()
+                order = list(tallies)
+                rng = random.Random(0)
+                for r in range(args.rounds):
+                    rng.shuffle(order)  # a fresh order each round, so drift favours no case
+                    print(f"round {r + 1}/{args.rounds}: {', '.join(order)}", file=sys.stderr)
+                    for key in order:
+                        if key in loads:
+                            await loads[key].run(slice_s, tallies[key])
+                        else:
+                            (bare if key == "bare" else mixed).run(slice_s, tallies[key])
+                for load in loads.values():
+                    await load.close()
+
+            run_async(measure())
+        finally:
+            codes = {label: stop_server(srv) for label, srv in servers.items()}
+        for label, code in codes.items():
+            if code != 0:
+                print(f"warning: the {label} server exited with {code}", file=sys.stderr)
+    report(args, tallies)
+
+
+def report(args: argparse.Namespace, t: dict[str, Tally]) -> None:
+    base = t["bare"].rate
     print(f"\n{args.adapters} adapters (seq_bn/lora/prefix_tuning), {args.clients} clients, Zipf s={args.zipf}, "
-          f"{args.inputs_per_request} input(s)/request, {args.duration:g}s per case, MiniLM-L6, CPU x{cpu}, torch threads {torch.get_num_threads()}\n")
-    print("| case | inputs/s | p50 ms | p99 ms | errors | mean rows/forward | mean distinct adapters/forward | vs bare backbone | vs naive |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    print(f"| bare backbone in-process (batch {args.max_batch_size}, no HTTP, no adapters; mean of "
-          f"{bare_before:.1f} before and {bare_after:.1f} after) | {bare:.1f} | | | | {args.max_batch_size} | 0 | 1.00 | |")
-    print(f"| same {args.adapters} adapters in-process (BatchSplit, batch {args.max_batch_size}, no HTTP) | {mixed:.1f} | | | | "
-          f"{args.max_batch_size} | {mixed_distinct:.1f} | {mixed / bare:.2f} | |")
-    for label, r in ((f"server, batched (max batch {args.max_batch_size})", batched), ("server, naive (max batch 1)", naive)):
-        print(f"| {label} | {r.inputs_per_s:.1f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.errors} | {r.mean_batch:.1f} | "
-              f"{r.mean_distinct:.1f} | {r.inputs_per_s / bare:.2f} | {r.inputs_per_s / naive.inputs_per_s:.2f} |")
+          f"{args.inputs_per_request} input(s)/request, {args.duration:g}s per case in {args.rounds} interleaved slices, "
+          f"MiniLM-L6, CPU x{os.cpu_count()}, torch threads {torch.get_num_threads()}\n")
+    print("| case | inputs/s | slices inputs/s (min-max) | p50 ms | p99 ms | errors | mean rows/forward | "
+          "mean distinct adapters/forward | vs bare backbone | vs naive |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    labels = {
+        "bare": f"bare backbone in-process (batch {args.max_batch_size}, no HTTP, no adapters)",
+        "mixed": f"same {args.adapters} adapters in-process (BatchSplit, batch {args.max_batch_size}, no HTTP)",
+        "batched": f"server, batched (max batch {args.max_batch_size})",
+        "naive": "server, naive (max batch 1)",
+    }
+    for key, label in labels.items():
+        r = t[key]
+        lat = sorted(r.latencies)
+        p50 = f"{1000 * statistics.median(lat):.1f}" if lat else ""
+        p99 = f"{1000 * percentile(lat, 0.99):.1f}" if lat else ""
+        spread = f"{min(r.slice_rates):.1f}-{max(r.slice_rates):.1f}"
+        errors = str(r.errors) if key in ("batched", "naive") else ""
+        rows = f"{r.rows / r.batches:.1f}" if r.batches else ""
+        distinct = f"{r.distinct / r.batches:.1f}" if r.batches else "0"
+        vs_naive = f"{r.rate / t['naive'].rate:.2f}" if key in ("batched", "naive") else ""
+        print(f"| {label} | {r.rate:.1f} | {spread} | {p50} | {p99} | {errors} | {rows} | {distinct} | "
+              f"{r.rate / base:.2f} | {vs_naive} |")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Every method that touches the model runs on the single inference thread (see ser
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,12 +132,13 @@ class Engine:
 
     # -- forward -------------------------------------------------------------------------------
     def _inputs(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = 1
+        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        width = int(lengths.max())
+        mask_np = np.arange(width)[None, :] < lengths[:, None]
+        ids_np = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        ids_np[mask_np] = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
+        ids = torch.from_numpy(ids_np)
+        mask = torch.from_numpy(mask_np.astype(np.int64))
         out = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
         if self.use_token_types:
             out["token_type_ids"] = torch.zeros_like(out["input_ids"])
