@@ -56,15 +56,23 @@ def round_robin(cases: dict[str, Callable[[], object]], repeats: int, warmup: in
     return times
 
 
-def print_table(title: str, rows: list[tuple[str, list[float], float]], ref_label: str, batch_rows: int) -> None:
-    """A markdown table: case, median and range of ms per batch, rows per second, ratio to the reference."""
+def paired_ratio(times: dict[str, list[float]], name: str, ref: str) -> float:
+    """Median over rounds of ref time / case time within the same round: drift between rounds cancels."""
+    return statistics.median(r / t for r, t in zip(times[ref], times[name], strict=True))
+
+
+def print_table(title: str, times: dict[str, list[float]], ref: str, batch_rows: int) -> None:
+    """A markdown table: case, median and range of ms per batch, rows per second, and the throughput ratio to
+    `ref` two ways: of the medians, and the median of the per-round ratios (both over the same rounds)."""
+    base = median_ms(times[ref])
     print(f"\n{title}")
-    print(f"| case | median ms / batch | min-max ms | rows/s | throughput ratio to {ref_label} |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, samples, ratio in rows:
+    print(f"| case | median ms / batch | min-max ms | rows/s | ratio to {ref} (of medians) | ratio to {ref} (median of per-round ratios) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, samples in times.items():
         ms = median_ms(samples)
         spread = f"{min(samples) * 1000:.0f}-{max(samples) * 1000:.0f}"
-        print(f"| {name} | {ms:.1f} | {spread} | {batch_rows * 1000.0 / ms:.0f} | {ratio:.3f} |")
+        print(f"| {name} | {ms:.1f} | {spread} | {batch_rows * 1000.0 / ms:.0f} | {base / ms:.3f} | "
+              f"{paired_ratio(times, name, ref):.3f} |")
 
 
 def setup_threads(n: int) -> None:

@@ -169,8 +169,14 @@ def _to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 PrefixLookup = Callable[[nn.Module, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]
 
 
-def make_prefix_attention(delegate: Callable[..., Any], lookup: PrefixLookup, as_bool: bool) -> Callable[..., Any]:
-    """Wrap an attention function so it prepends the routed rows' prefixes to key and value."""
+def make_prefix_attention(delegate: Callable[..., Any], lookup: PrefixLookup, as_bool: bool,
+                          cpu_kv_multiple: int = 1) -> Callable[..., Any]:
+    """Wrap an attention function so it prepends the routed rows' prefixes to key and value.
+
+    cpu_kv_multiple > 1: on CPU, masked zero positions pad [prefix ; keys] to a multiple of it. torch's CPU
+    flash-attention kernel is up to 2x slower on key lengths off its block size (30 prefix + 64 tokens: 94
+    keys cost about as much as 128), and masked positions add exactly nothing to the result.
+    """
 
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, **kwargs: Any) -> Any:
@@ -178,13 +184,24 @@ def make_prefix_attention(delegate: Callable[..., Any], lookup: PrefixLookup, as
         if found is None:
             return delegate(module, query, key, value, attention_mask, **kwargs)
         pk, pv, keep = found
+        pad = -(key.shape[2] + pk.shape[2]) % cpu_kv_multiple if key.device.type == "cpu" else 0
+        front_k, front_v = [pk.to(key.dtype)], [pv.to(value.dtype)]
+        if pad:
+            zeros = key.new_zeros(()).expand(pk.shape[0], pk.shape[1], pad, pk.shape[3])
+            front_k.insert(0, zeros)
+            front_v.insert(0, zeros)
+            keep = torch.cat([keep.new_zeros(()).expand(keep.shape[0], pad), keep], dim=1)
         causal = bool(getattr(module, "is_causal", False))
-        if attention_mask is None and not (causal and query.shape[2] > 1) and bool(keep.all()):
-            mask = None  # every key visible to every query: keep the mask-free kernel
+        if attention_mask is None and not (causal and query.shape[2] > 1):
+            if bool(keep.all()):
+                mask = None  # every key visible to every query: keep the mask-free kernel
+            else:  # only prefix columns are hidden, alike for every query: one broadcast row per batch row
+                cols = torch.cat([keep, keep.new_ones(()).expand(keep.shape[0], key.shape[2])], dim=1)
+                mask = (cols if as_bool else _to_additive(cols, query.dtype))[:, None, None, :]
         else:
             mask = extend_mask(attention_mask, keep, query.shape[2], key.shape[2], causal, query.dtype, as_bool)
-        key = torch.cat([pk.to(key.dtype), key], dim=2)
-        value = torch.cat([pv.to(value.dtype), value], dim=2)
+        key = torch.cat([*front_k, key], dim=2)
+        value = torch.cat([*front_v, value], dim=2)
         kwargs.pop("is_causal", None)
         return delegate(module, query, key, value, mask, is_causal=False, **kwargs)
 

@@ -355,6 +355,6 @@ def _install_attention() -> None:
         if _DONE:
             return
         sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
-        ALL_ATTENTION_FUNCTIONS.register("sdpa", make_prefix_attention(sdpa, _lookup, as_bool=True))
+        ALL_ATTENTION_FUNCTIONS.register("sdpa", make_prefix_attention(sdpa, _lookup, as_bool=True, cpu_kv_multiple=16))
         ALL_ATTENTION_FUNCTIONS.register("eager", make_prefix_attention(_eager_delegate, _lookup, as_bool=False))
         _DONE.append(True)
