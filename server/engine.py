@@ -176,32 +176,41 @@ class Engine:
         return out
 
     def classify(self, segments: list[Segment], labels: dict[str, dict[int, str]]) -> list[list[Classified]]:
-        """One forward pass with one prediction head (the batcher groups classification jobs by head)."""
+        """One forward pass; each segment's rows go through its own prediction head (a BatchSplit head setup
+        when the segments have different heads, so requests for different classifiers share the pass)."""
         from adapters_core import AdapterSetup
 
         rows = [r for s in segments for r in s.rows]
         inputs = self._inputs(rows)
-        head = segments[0].head
-        assert head is not None and all(s.head == head for s in segments)
-        with torch.inference_mode(), AdapterSetup(self.setup_for(segments), head_setup=head):
+        heads = [s.head for s in segments]
+        assert all(h is not None for h in heads)
+        same = all(h == heads[0] for h in heads)
+        head_setup = heads[0] if same else BatchSplit(*heads, batch_sizes=[len(s.rows) for s in segments])
+        with torch.inference_mode(), AdapterSetup(self.setup_for(segments), head_setup=head_setup):
             out = self.model(**inputs)
-        logits = (out.logits if hasattr(out, "logits") else out[0]).float()
+        per_segment = [_logits(out)] if same else [_logits(o) for o in out]
+        if same:  # one head: split its rows back into segments
+            sizes = [len(s.rows) for s in segments]
+            per_segment = list(per_segment[0].split(sizes))
+        return [self._classified(logits, labels.get(s.head or "", {})) for s, logits in zip(segments, per_segment, strict=True)]
+
+    @staticmethod
+    def _classified(logits: torch.Tensor, names: dict[int, str]) -> list[Classified]:
         probs = torch.softmax(logits, dim=-1)
-        names = labels.get(head, {})
         results: list[Classified] = []
         for row_logits, row_probs in zip(logits.tolist(), probs, strict=True):
             idx = int(row_probs.argmax())
             results.append(Classified(names.get(idx, str(idx)), float(row_probs[idx]), row_logits))
-        out_segs, start = [], 0
-        for s in segments:
-            out_segs.append(results[start : start + len(s.rows)])
-            start += len(s.rows)
-        return out_segs
+        return results
 
     def _hidden(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         base = getattr(self.model, "base_model", self.model)
         out = base(**inputs)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def _logits(out: Any) -> torch.Tensor:
+    return (out.logits if hasattr(out, "logits") else out[0]).float()
 
 
 def read_head_labels(path: Path) -> dict[str, Any]:

@@ -26,11 +26,10 @@ class Work:
     task: Task
 
 
-def group_key(work: Work) -> tuple[str, str]:
-    """Jobs that may share one forward pass: same task kind (and, for classification, the same head)."""
-    if work.task == "classification" and work.resolved.head is not None:
-        return ("classification", work.resolved.head.internal)
-    return ("embedding", "")
+def group_key(work: Work) -> str:
+    """Jobs that may share one forward pass: the same task kind (classification jobs with different heads
+    share it too: each segment of rows goes through its own head)."""
+    return "classification" if work.task == "classification" and work.resolved.head is not None else "embedding"
 
 
 def segments_for(jobs: Sequence[Job]) -> list[Segment]:

@@ -226,8 +226,8 @@ def test_delete_then_gone(srv: Running, adapter_factory: Callable[[str, int], Pa
         assert c.post("/v1/infer", json={"inputs": ["fun"], "adapters": "tmp"}).status_code == 404
 
 
-def _with_head(folder: Path, out: Path) -> Path:
-    """Copy an adapter and add an AdapterHub classification head (2 layers, tanh, labels neg/pos)."""
+def _with_head(folder: Path, out: Path, labels: tuple[str, ...] = ("neg", "pos"), seed: int = 3) -> Path:
+    """Copy an adapter and add an AdapterHub classification head (2 layers, tanh, the given labels)."""
     import json
     import shutil
 
@@ -237,14 +237,16 @@ def _with_head(folder: Path, out: Path) -> Path:
     shutil.copytree(folder, out)
     name = json.loads((folder / "adapter_config.json").read_text())["name"]
     (out / "head_config.json").write_text(json.dumps({
-        "config": {"head_type": "classification", "num_labels": 2, "layers": 2, "activation_function": "tanh",
-                   "label2id": {"neg": 0, "pos": 1}, "use_pooler": False, "bias": True, "dropout_prob": None},
+        "config": {"head_type": "classification", "num_labels": len(labels), "layers": 2, "activation_function": "tanh",
+                   "label2id": {label: i for i, label in enumerate(labels)}, "use_pooler": False, "bias": True,
+                   "dropout_prob": None},
         "hidden_size": 32, "model_class": "BertAdapterModel", "model_name": "tiny", "model_type": "bert", "name": name,
     }))
-    gen = torch.Generator().manual_seed(3)
+    gen = torch.Generator().manual_seed(seed)
+    n = len(labels)
     save_file({
         f"heads.{name}.1.weight": torch.randn(32, 32, generator=gen), f"heads.{name}.1.bias": torch.randn(32, generator=gen),
-        f"heads.{name}.4.weight": torch.randn(2, 32, generator=gen), f"heads.{name}.4.bias": torch.randn(2, generator=gen),
+        f"heads.{name}.4.weight": torch.randn(n, 32, generator=gen), f"heads.{name}.4.bias": torch.randn(n, generator=gen),
     }, str(out / "model_head.safetensors"))
     return out
 
@@ -270,6 +272,42 @@ def test_classification_head(srv: Running, adapter_factory: Callable[[str, int],
         assert [res["label"] for res in r.json()["results"]] == [["neg", "pos"][int(np.argmax(g))] for g in got]
         r = c.post("/v1/infer", json={"inputs": SENTENCES[:3], "adapters": "clf", "task": "embedding"})
         assert len(r.json()["results"][0]["embedding"]) == 32
+
+
+def test_classifiers_with_different_heads_share_forward_passes(
+    srv: Running, adapter_factory: Callable[[str, int], Path], reference: Reference, tmp_path: Path
+) -> None:
+    """Concurrent requests for classifiers with different heads (and label sets) run in shared forward passes,
+    each row through its own head, and each answer equals the library run alone."""
+    if not srv.app.state.runtime.engine.supports_heads:
+        pytest.skip("adapters_core cannot load prediction heads")
+    label_sets = [("neg", "pos"), ("a", "b", "c"), ("x", "y", "z", "w")]
+    configs = ["seq_bn", "lora", "prefix_tuning[prefix_length=4,bottleneck_size=16]"]
+    folders = {f"clf{i}": _with_head(adapter_factory(configs[i % 3], 200 + i), tmp_path / f"clf{i}", label_sets[i % 3], seed=30 + i)
+               for i in range(6)}
+    with srv.client("acme-key") as c:
+        for name, folder in folders.items():
+            assert upload_files(c, name, folder).status_code == 201
+        before = _distinct_hist(c.get("/metrics").text)
+
+    def call(name: str, text: str) -> list[dict]:
+        with srv.client("acme-key") as c:
+            r = c.post("/v1/infer", json={"inputs": [text], "adapters": name})
+            assert r.status_code == 200, r.text
+            return r.json()["results"]
+
+    jobs = [(name, SENTENCES[k % len(SENTENCES)]) for k in range(4) for name in folders]
+    with cf.ThreadPoolExecutor(len(jobs)) as pool:
+        got = list(pool.map(lambda job: call(*job), jobs))
+    for (name, text), results in zip(jobs, got, strict=True):
+        i = int(name[3:])
+        want = reference.logits(folders[name], [text])[0]
+        assert len(results[0]["logits"]) == len(label_sets[i % 3])
+        assert np.abs(np.array(results[0]["logits"]) - want).max() < 1e-5, name
+        assert results[0]["label"] == label_sets[i % 3][int(np.argmax(want))]
+    with srv.client("acme-key") as c:
+        after = _distinct_hist(c.get("/metrics").text)
+    assert after["count"] - after["le_1"] > before["count"] - before["le_1"], "no forward pass mixed two classifiers"
 
 
 def test_fast_tokenize_matches_hf_tokenizer(srv: Running) -> None:
