@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -83,11 +84,13 @@ class GatedEngine:
     def __init__(self, inner: Engine, gate: threading.Event) -> None:
         self._inner = inner
         self._gate = gate
+        self.entered = threading.Event()  # set once a forward pass waits at the gate
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
     def embed(self, segments: list[Segment]) -> list[np.ndarray]:
+        self.entered.set()
         self._gate.wait(60)
         return self._inner.embed(segments)
 
@@ -95,8 +98,11 @@ class GatedEngine:
 def test_full_queue_answers_429(tiny_model_dir: Path, tmp_path: Path, adapter_factory: Callable[[str, int], Path]) -> None:
     gate = threading.Event()
 
+    engines: list[GatedEngine] = []
+
     def factory(s: Settings) -> Engine:
-        return GatedEngine(default_engine(s), gate)  # type: ignore[return-value]
+        engines.append(GatedEngine(default_engine(s), gate))
+        return engines[-1]  # type: ignore[return-value]
 
     settings = settings_for(tiny_model_dir, tmp_path / "store", queue_size=2, max_batch_size=1, max_wait_ms=0)
     with serve(settings, factory) as srv:
@@ -109,18 +115,24 @@ def test_full_queue_answers_429(tiny_model_dir: Path, tmp_path: Path, adapter_fa
                 return c.post("/v1/infer", json={"inputs": ["fun"], "adapters": "q"}).status_code
 
         with cf.ThreadPoolExecutor(3) as pool:
-            blocked = [pool.submit(call) for _ in range(3)]  # one running (gated), two queued
-            with srv.client() as c:
-                for _ in range(200):
-                    if "adapterserve_queue_depth 2.0" in c.get("/metrics").text:
-                        break
-                    threading.Event().wait(0.02)
-                r = c.post("/v1/infer", json={"inputs": ["fun"], "adapters": "q"})
-                assert r.status_code == 429
-                assert r.headers["retry-after"] == "1"
-                assert r.headers["content-type"].startswith("application/problem+json")
-                assert "queue is full" in r.json()["detail"]
-            gate.set()
+            # one running (gated) first, then two queued: sent together, all three could reach the queue
+            # before the batcher takes one, and the third would get the 429
+            blocked = [pool.submit(call)]
+            assert engines[0].entered.wait(60), "the first request never reached the forward pass"
+            blocked += [pool.submit(call) for _ in range(2)]
+            try:
+                with srv.client() as c:
+                    deadline = time.monotonic() + 60  # a loaded CI machine can take seconds to queue them
+                    while "adapterserve_queue_depth 2.0" not in c.get("/metrics").text:
+                        assert time.monotonic() < deadline, "the two requests behind the gated one never queued"
+                        threading.Event().wait(0.02)
+                    r = c.post("/v1/infer", json={"inputs": ["fun"], "adapters": "q"})
+                    assert r.status_code == 429
+                    assert r.headers["retry-after"] == "1"
+                    assert r.headers["content-type"].startswith("application/problem+json")
+                    assert "queue is full" in r.json()["detail"]
+            finally:
+                gate.set()  # never leave the gated requests hanging, even when an assertion failed
             assert [f.result() for f in blocked] == [200, 200, 200]
 
 
