@@ -131,8 +131,6 @@ def apply_loras(
                 hidden = mod(xs if hidden is None else hidden)
         result = combine_rows(result, idx, hidden, mods[-1].kind, out_index)
     for members in batched.values():
-        if len(members) == 1 and _fused_add(members[0], n_rows, x, result, out_index):
-            continue
         if _segmented_add(members, n_rows, x, result, out_index):
             continue
         all_rows = [r for _, rows in members for r in rows]
@@ -149,25 +147,14 @@ def apply_loras(
     return result
 
 
-def _fused_add(member: tuple[nn.Module, Sequence[int]], n_rows: int, x: torch.Tensor, out: torch.Tensor,
-               out_index: torch.Tensor | None) -> bool:
-    """One LoRA for every row, in inference: out += s * (x A^T) B^T as a single in-place addmm."""
-    mod, rows = member
-    if (not isinstance(mod, LoRA) or out_index is not None or len(rows) != n_rows or mod.training
-            or torch.is_grad_enabled() and (out.requires_grad or mod.lora_A.requires_grad)
-            or not out.is_contiguous()):
-        return False
-    flat_x = x.reshape(-1, x.shape[-1])
-    out.view(-1, out.shape[-1]).addmm_(flat_x @ mod.lora_A.t(), mod.b_effective().t(), alpha=mod.scaling)
-    return True
-
-
 def _segmented_add(members: Sequence[tuple[nn.Module, Sequence[int]]], n_rows: int, x: torch.Tensor,
                    out: torch.Tensor, out_index: torch.Tensor | None) -> bool:
     """Inference: each adapter updates its contiguous runs of rows in place (out[a:b] += s * x A^T B^T, one
     addmm when all columns are covered, or *= the IA3 vector). No gather or per-row weight copy; returns
-    False (nothing done) under autograd, in training, or past SEGMENT_MAX_RUNS runs."""
-    if torch.is_grad_enabled() or any(mod.training for mod, _ in members) or out_index is None and not out.is_contiguous():
+    False (nothing done) when autograd must see the update, in training, or past SEGMENT_MAX_RUNS runs."""
+    if any(mod.training for mod, _ in members) or out_index is None and not out.is_contiguous():
+        return False
+    if torch.is_grad_enabled() and (out.requires_grad or any(p.requires_grad for m, _ in members for p in m.parameters())):
         return False
     runs = [(mod, row_slices(rows, n_rows)) for mod, rows in members]
     if sum(len(slices) for _, slices in runs) > bottleneck.SEGMENT_MAX_RUNS:
