@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     switch_interval_ms: float = Field(
         0.1, ge=0, description="Python's GIL switch interval in this process. The inference thread gives up the GIL "
         "at every torch op and must win it back from a busy event loop; 0.1 ms instead of Python's 5 ms gave "
-        "about 15% more throughput under load (bench/serve_load.py). 0 keeps Python's default"
+        "2-19% more throughput in paired runs of bench/serve_cpu.py. 0 keeps Python's default"
     )
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
 
