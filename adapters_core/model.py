@@ -46,6 +46,7 @@ from .models.base import ArchSpec, spec_for
 from .models.wiring import Wiring
 from .routing import ForwardContext, compile_setup, forward_context
 
+_INSPECT_LOCK = threading.Lock()
 _NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 # Segments after which AdapterHub puts the adapter name in a state-dict key.
 _NAME_SLOTS = ("adapters", "loras", "prefix_tunings", "shared_parameters")
@@ -428,7 +429,27 @@ class AdapterModelMixin(FusionMixin, MergeMixin):
                 params[key].copy_(value)
 
     def inspect_adapter_dir(self, path: str | os.PathLike[str], allow_pickle: bool = False) -> AdapterInfo:
-        """Validate a folder against this model without keeping anything loaded."""
+        """Validate a folder against this model's architecture without touching this model.
+
+        The probe load runs on a copy of the architecture on the meta device (shapes only, no memory), so
+        it checks every key and shape like load_adapter does, and any thread may call it while this model
+        serves forward passes.
+        """
+        with _INSPECT_LOCK, torch.device("meta"):
+            return self._inspection_skeleton()._probe(path, allow_pickle)
+
+    def _inspection_skeleton(self) -> AdapterModelMixin:
+        skeleton = self.__dict__.get("_skeleton")  # kept out of _modules: not part of this model's state
+        if skeleton is None:
+            bases = type(self).__bases__
+            if bases[0] is AdapterModelMixin and len(bases) == 2:  # a transformers model given adapters by init()
+                skeleton = init(bases[1](self.config))
+            else:
+                skeleton = type(self)(self.config)
+            self.__dict__["_skeleton"] = skeleton
+        return skeleton
+
+    def _probe(self, path: str | os.PathLike[str], allow_pickle: bool) -> AdapterInfo:
         files = self._read(path, allow_pickle)
         self._check_compatible(files)
         probe = "__probe__" + files.name.replace(".", "_")[:40]

@@ -106,8 +106,8 @@ class Engine:
         return hasattr(self.model, "add_classification_head")
 
     def inspect(self, folder: Path) -> Upload:
-        """Validate an adapter folder against this backbone (ValueError if wrong). The library probes by
-        loading and deleting a temporary adapter, so this must run on the inference thread."""
+        """Validate an adapter folder against this backbone (ValueError if wrong). The library probes a
+        meta-device copy of the architecture, so this may run on any thread, beside forward passes."""
         info = self.model.inspect_adapter_dir(str(folder), allow_pickle=False)
         methods = tuple(sorted(_kinds_of(info)))
         head = None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 
@@ -114,9 +113,8 @@ async def ingest(rt: Runtime, request: Request, principal: Principal, name: str 
     staged = rt.store.staging_dir()
     try:
         await run_in_threadpool(_stage, staged, files, archive, rt.settings.max_upload_bytes)
-        # the library validates by probing the model, so it runs on the inference thread
-        loop = asyncio.get_running_loop()
-        upload = await loop.run_in_executor(rt.batcher.executor, validate_upload, staged, rt.engine)
+        # the library probes a meta-device copy of the architecture, so this need not wait for the inference thread
+        upload = await run_in_threadpool(validate_upload, staged, rt.engine)
         _check_quota(rt, tenant, name, staged)
         uploader = f"{principal.tenant}:{principal.key_id}"
         return await run_in_threadpool(rt.store.commit, tenant, name, staged, upload, uploader)

@@ -98,6 +98,34 @@ def test_init_model_and_adapter_model_share_files(tmp_path: Path) -> None:
     assert max_diff(run(plain, x, "b"), run(plain, x, "a")) < 1e-6
 
 
+@pytest.mark.parametrize("via_init", [False, True])
+def test_inspect_checks_shapes_without_touching_the_model(via_init: bool, tmp_path: Path) -> None:
+    """inspect_adapter_dir probes a meta-device copy of the architecture: the live model keeps exactly its
+    modules and tensors, and a wrong shape is still found and named."""
+    _, folder = _saved(tmp_path, config="mam")
+    model = build("bert", via_init=via_init)
+    model.add_adapter("live", "lora")
+    add_noise(model, "live")
+    modules_before = [n for n, _ in model.named_modules()]
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("inspect_adapter_dir added an adapter to the live model")
+
+    model.add_adapter = refuse  # the probe must happen elsewhere; this instance must never grow one
+    info = model.inspect_adapter_dir(folder)
+    assert info.method == "mam" and info.n_params > 0 and info.nbytes == 4 * info.n_params
+    key = "bert.encoder.layer.1.output.adapters.a.adapter_up.weight"
+    _edit_tensors(folder, lambda st: st.__setitem__(key, torch.zeros(32, 3)))
+    with pytest.raises(ValueError, match=r"wrong shape for .*layer[.]1[.]output[.]adapters[.].*adapter_up[.]weight"):
+        model.inspect_adapter_dir(folder)
+    assert [n for n, _ in model.named_modules()] == modules_before
+    state_after = model.state_dict()
+    assert state_after.keys() == state_before.keys()
+    assert all(torch.equal(state_after[k], v) for k, v in state_before.items())
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
 # -- what we refuse ---------------------------------------------------------------------------------------------
 
 
