@@ -208,20 +208,20 @@ class StackCache:
     def get(self, params: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
         flat = [t for pair in params for t in pair if t is not None]
         if any(not isinstance(t, nn.Parameter) for t in flat):
-            return _stack_params(params)  # computed per forward (Compacter's PHM products): nothing to keep
+            return stack_params(params)  # computed per forward (Compacter's PHM products): nothing to keep
         key = tuple(id(t) for t in flat)
         stamp = tuple((t.data_ptr(), t._version) for t in flat)
         hit = self._entries.get(key)
         if hit is not None and hit[0] == stamp:
             return hit[1]
-        value = _stack_params(params)
+        value = stack_params(params)
         if len(self._entries) > 64:
             self._entries.clear()
         self._entries[key] = (stamp, value)
         return value
 
 
-def _stack_params(params: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def stack_params(params: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
     # stacked already transposed: a contiguous [S, in, out] right operand is the fast bmm layout
     w_t = torch.stack([p[0].t() for p in params])
     biases = [p[1] for p in params]
@@ -241,7 +241,7 @@ def _gathered_linear(
     row_slot None: row r uses slot r (one row per adapter, in order), so no gather is needed.
     """
     cached = cache is not None and not torch.is_grad_enabled()
-    w_t, b = cache.get(params) if cached else _stack_params(params)
+    w_t, b = cache.get(params) if cached else stack_params(params)
     if row_slot is not None:
         w_t = w_t[row_slot]
         b = None if b is None else b[row_slot]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import bottleneck
-from .bottleneck import row_index, row_slices
+from .bottleneck import StackCache, row_index, row_slices, stack_params
 
 
 class LoRA(nn.Module):
@@ -108,6 +108,7 @@ def apply_loras(
     out: torch.Tensor,
     out_index: torch.Tensor | None,
     skip: str | None = None,
+    cache: StackCache | None = None,
 ) -> torch.Tensor:
     """Return `out` with every routed row's LoRA/IA3 applied; `skip` names an adapter merged into the weight."""
     n_rows = out.shape[0]
@@ -141,8 +142,9 @@ def apply_loras(
             mod = mods[0]
             hidden = mod(xs) if isinstance(mod, LoRA) else mod.vector()
         else:
-            slot = torch.tensor([i for i, (_, rows) in enumerate(members) for _ in rows], device=out.device)
-            hidden = _gathered(mods, slot, xs)
+            slots = [i for i, (_, rows) in enumerate(members) for _ in rows]
+            one_each = slots == list(range(len(members)))  # one row per adapter, in order: no gather
+            hidden = _gathered(mods, None if one_each else torch.tensor(slots, device=out.device), xs, cache)
         result = combine_rows(result, idx, hidden, mods[0].kind, out_index)
     return result
 
@@ -179,15 +181,22 @@ def _segmented_add(members: Sequence[tuple[nn.Module, Sequence[int]]], n_rows: i
     return True
 
 
-def _gathered(mods: Sequence[nn.Module], slot: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+def _gathered(mods: Sequence[nn.Module], slot: torch.Tensor | None, xs: torch.Tensor,
+              cache: StackCache | None = None) -> torch.Tensor:
+    """Row r of xs through the LoRA (or IA3 vector) of slot[r] (slot None: row r uses module r), in one bmm
+    pair; stacked weights come from `cache` when no gradient is recorded."""
     if isinstance(mods[0], IA3):
-        vecs = torch.stack([m.vector() for m in mods])[slot]  # [R, out]
+        vecs = torch.stack([m.vector() for m in mods])
+        vecs = vecs if slot is None else vecs[slot]  # [R, out]
         return vecs.view(vecs.shape[0], *([1] * (xs.dim() - 2)), vecs.shape[-1])
-    a = torch.stack([m.lora_A for m in mods])[slot]
-    b = torch.stack([m.b_effective() for m in mods])[slot]
-    s = torch.tensor([m.scaling for m in mods], dtype=xs.dtype, device=xs.device)[slot]
+    stack = cache.get if cache is not None and not torch.is_grad_enabled() else stack_params
+    a_t, _ = stack([(m.lora_A, None) for m in mods])  # [S, in, r]
+    b_t, _ = stack([(m.b_effective(), None) for m in mods])  # [S, r, out]
+    s = torch.tensor([m.scaling for m in mods], dtype=xs.dtype, device=xs.device)
+    if slot is not None:
+        a_t, b_t, s = a_t[slot], b_t[slot], s[slot]
     flat = xs.reshape(xs.shape[0], -1, xs.shape[-1])
-    y = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2)) * s[:, None, None]
+    y = torch.bmm(torch.bmm(flat, a_t), b_t) * s[:, None, None]
     return y.reshape(*xs.shape[:-1], y.shape[-1])
 
 

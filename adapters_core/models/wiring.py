@@ -59,6 +59,7 @@ class LoRATarget:
     out_index: dict[str, torch.Tensor | None] = field(default_factory=dict)
     cover: dict[str, tuple[int, ...] | None] = field(default_factory=dict)  # out_index as a hashable key
     merged: str | None = None
+    stack_cache: StackCache = field(default_factory=StackCache)
     saved: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @property
@@ -250,7 +251,7 @@ class Wiring:
                         f"unmerge it before running {sorted(others)}"
                     )
             if len(target.site.attn_keys) <= 1:
-                return apply_loras(target.loras, groups, args[0], output, None, skip=target.merged)
+                return apply_loras(target.loras, groups, args[0], output, None, skip=target.merged, cache=target.stack_cache)
             return self._fused_lora(target, groups, args[0], output)
         return hook
 
@@ -269,7 +270,8 @@ class Wiring:
                 by_cover.setdefault(target.cover.get(live[0]), (idx, []))[1].append((stack, rows))
         result = output
         for out_index, sub in by_cover.values():
-            result = apply_loras(target.loras, tuple(sub), x, result, out_index, skip=target.merged)
+            result = apply_loras(target.loras, tuple(sub), x, result, out_index, skip=target.merged,
+                                 cache=target.stack_cache)
         return result
 
     def _lora_tree(self, target: LoRATarget, tree: Any, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:

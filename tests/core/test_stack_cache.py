@@ -7,22 +7,23 @@ import torch
 from transformers import BertConfig
 
 from adapters_core import AdapterSetup, AutoAdapterModel, BatchSplit
-from adapters_core.methods import bottleneck
+from adapters_core.methods import bottleneck, lora
 
 
 @pytest.fixture(autouse=True)
 def gathered_inference(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make inference take the gathered (cached) path even for the few rows these tests use."""
     monkeypatch.setattr(bottleneck, "SEGMENT_MAX_RUNS", 0)
+    assert lora.bottleneck is bottleneck  # LoRA reads the same switch
 
 
-def _model() -> torch.nn.Module:
+def _model(method: str = "seq_bn") -> torch.nn.Module:
     torch.manual_seed(0)
     cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = AutoAdapterModel.from_config(cfg).eval()
     for i in range(3):
-        model.add_adapter(f"a{i}", "seq_bn")
+        model.add_adapter(f"a{i}", method)
         with torch.no_grad():
             for p in model.adapter_parameters(f"a{i}"):
                 p.add_(torch.randn_like(p) * 0.1)
@@ -34,8 +35,9 @@ def _run(model: torch.nn.Module, setup: object, ids: torch.Tensor) -> torch.Tens
         return model.base_model(input_ids=ids).last_hidden_state.clone()
 
 
-def test_in_place_update_and_reload_invalidate_the_cache(tmp_path) -> None:
-    model = _model()
+@pytest.mark.parametrize("method", ["seq_bn", "lora"])
+def test_in_place_update_and_reload_invalidate_the_cache(tmp_path, method: str) -> None:
+    model = _model(method)
     ids = torch.randint(0, 100, (3, 5), generator=torch.Generator().manual_seed(1))
     split = BatchSplit("a0", "a1", "a2", batch_sizes=[1, 1, 1])
     first = _run(model, split, ids)
