@@ -1,39 +1,42 @@
-"""Fast JSON for responses that are mostly float arrays (embeddings): '%.9g' round-trips float32 exactly,
-is about 3x cheaper than json's repr-based floats and makes the body ~40% smaller."""
+"""Fast JSON for responses that are mostly float32 arrays (embeddings).
+
+orjson writes numpy float32 arrays natively with the shortest text that reads back to the same float32
+(about 12 us for a 384-float embedding, against ~100 us for '%.9g' formatting in Python). That matters
+because this work runs on the event loop, which shares the GIL with the inference thread. Non-finite
+values are refused instead of being written as null.
+"""
 
 from __future__ import annotations
 
-import json
+import math
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi.responses import Response
 
-_FORMATS: dict[int, str] = {}
+_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 
 
-def float_array(values: np.ndarray) -> str:
-    """A 1-D float array as a JSON array; float32 values survive the round trip bit for bit."""
-    if values.ndim != 1:
-        return "[" + ",".join(float_array(v) for v in values) + "]"
-    if not np.isfinite(values).all():
-        raise ValueError("the model produced a non-finite value")
-    n = int(values.shape[0])
-    fmt = _FORMATS.get(n)
-    if fmt is None:
-        fmt = _FORMATS.setdefault(n, "[" + ",".join(["%.9g"] * n) + "]")
-    return fmt % tuple(values.tolist())
-
-
-def encode(obj: Any) -> str:
-    """JSON text for dicts, lists, scalars and numpy arrays."""
+def _check_finite(obj: Any) -> None:
     if isinstance(obj, np.ndarray):
-        return float_array(obj)
-    if isinstance(obj, dict):
-        return "{" + ",".join(json.dumps(str(k)) + ":" + encode(v) for k, v in obj.items()) + "}"
-    if isinstance(obj, list | tuple):
-        return "[" + ",".join(encode(v) for v in obj) + "]"
-    return json.dumps(obj, allow_nan=False)
+        if obj.dtype.kind == "f" and not np.isfinite(obj).all():
+            raise ValueError("the model produced a non-finite value")
+    elif isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise ValueError("the model produced a non-finite value")
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            _check_finite(value)
+    elif isinstance(obj, list | tuple):
+        for value in obj:
+            _check_finite(value)
+
+
+def encode(obj: Any) -> bytes:
+    """JSON bytes for dicts, lists, scalars and numpy arrays; ValueError on NaN or infinity."""
+    _check_finite(obj)
+    return orjson.dumps(obj, option=_OPTIONS)
 
 
 class FastJSONResponse(Response):
@@ -42,4 +45,4 @@ class FastJSONResponse(Response):
     media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
-        return encode(content).encode()
+        return encode(content)

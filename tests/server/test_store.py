@@ -169,3 +169,5 @@ def test_fast_json_round_trips_float32() -> None:
     assert np.array_equal(back, arr) and body["data"][1]["i"] == 1 and body["data"][0]["s"] == 'x"y'
     with pytest.raises(ValueError):
         encode(np.array([np.nan], dtype=np.float32))
+    with pytest.raises(ValueError):
+        encode({"results": [{"score": float("inf")}]})
