@@ -7,6 +7,7 @@ validates and compiles the active setup into a routing plan before any tensor is
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 from collections.abc import Iterator
@@ -442,10 +443,11 @@ class AdapterModelMixin(FusionMixin, MergeMixin):
         skeleton = self.__dict__.get("_skeleton")  # kept out of _modules: not part of this model's state
         if skeleton is None:
             bases = type(self).__bases__
+            config = copy.deepcopy(self.config)  # model construction may write to its config: not to ours
             if bases[0] is AdapterModelMixin and len(bases) == 2:  # a transformers model given adapters by init()
-                skeleton = init(bases[1](self.config))
+                skeleton = init(bases[1](config))
             else:
-                skeleton = type(self)(self.config)
+                skeleton = type(self)(config)
             self.__dict__["_skeleton"] = skeleton
         return skeleton
 

@@ -188,10 +188,10 @@ class Engine:
         head_setup = heads[0] if same else BatchSplit(*heads, batch_sizes=[len(s.rows) for s in segments])
         with torch.inference_mode(), AdapterSetup(self.setup_for(segments), head_setup=head_setup):
             out = self.model(**inputs)
-        per_segment = [_logits(out)] if same else [_logits(o) for o in out]
-        if same:  # one head: split its rows back into segments
-            sizes = [len(s.rows) for s in segments]
-            per_segment = list(per_segment[0].split(sizes))
+        if same:  # one head over all rows: split them back into segments
+            per_segment = list(_logits(out).split([len(s.rows) for s in segments]))
+        else:  # a MultiHeadOutput, one output per segment
+            per_segment = [_logits(o) for o in out]
         return [self._classified(logits, labels.get(s.head or "", {})) for s, logits in zip(segments, per_segment, strict=True)]
 
     @staticmethod

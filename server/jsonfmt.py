@@ -33,10 +33,17 @@ def _check_finite(obj: Any) -> None:
             _check_finite(value)
 
 
+def _fallback(obj: Any) -> Any:
+    """What orjson does not write natively: numpy arrays that are not C-contiguous (views, transposes)."""
+    if isinstance(obj, np.ndarray):
+        return np.ascontiguousarray(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
 def encode(obj: Any) -> bytes:
     """JSON bytes for dicts, lists, scalars and numpy arrays; ValueError on NaN or infinity."""
     _check_finite(obj)
-    return orjson.dumps(obj, option=_OPTIONS)
+    return orjson.dumps(obj, default=_fallback, option=_OPTIONS)
 
 
 class FastJSONResponse(Response):

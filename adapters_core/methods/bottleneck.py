@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -325,8 +326,8 @@ def apply_bottlenecks(
         results.append(BottleneckResult(_run_stack(stack, hs, xs, layer_norm), idx, stack[-1].config.original_ln_after))
     inference = not torch.is_grad_enabled()
     for (_, ln_after, delta), members in batched.items():
-        runs = [(adapter, row_slices(rows, n_rows)) for adapter, rows in members] if inference else []
-        if inference and sum(len(slices) for _, slices in runs) <= SEGMENT_MAX_RUNS:
+        runs = segment_runs(members, n_rows) if inference else None
+        if runs is not None:
             results.extend(_run_segments(runs, h, x, hx, layer_norm, ln_after, delta))
             continue
         all_rows = [r for _, rows in members for r in rows]
@@ -377,9 +378,23 @@ def _run_segments(
 SEGMENT_MAX_RUNS = 8
 
 
+M = TypeVar("M")
+
+
+def segment_runs(members: Sequence[tuple[M, Sequence[int]]], n_rows: int) -> list[tuple[M, list[slice | None]]] | None:
+    """Each member's rows as contiguous runs, or None when they add up to more than SEGMENT_MAX_RUNS runs
+    (then the gathered path is cheaper)."""
+    runs = [(member, row_slices(rows, n_rows)) for member, rows in members]
+    return runs if sum(len(slices) for _, slices in runs) <= SEGMENT_MAX_RUNS else None
+
+
+def _all_in_order(rows: Sequence[int], n_rows: int) -> bool:
+    return len(rows) == n_rows and all(r == i for i, r in enumerate(rows))
+
+
 def row_slices(rows: Sequence[int], n_rows: int) -> list[slice | None]:
     """`rows` as contiguous runs (slices), or [None] when they are all rows in order."""
-    if len(rows) == n_rows and all(r == i for i, r in enumerate(rows)):
+    if _all_in_order(rows, n_rows):
         return [None]
     runs: list[slice | None] = []
     start = prev = rows[0]
@@ -394,7 +409,7 @@ def row_slices(rows: Sequence[int], n_rows: int) -> list[slice | None]:
 
 def row_index(rows: Sequence[int], n_rows: int, device: torch.device) -> torch.Tensor | None:
     """Index tensor of `rows`, or None when they are simply all rows in order (no gather needed)."""
-    if len(rows) == n_rows and all(r == i for i, r in enumerate(rows)):
+    if _all_in_order(rows, n_rows):
         return None
     return torch.tensor(list(rows), device=device)
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import bottleneck
-from .bottleneck import StackCache, row_index, row_slices, stack_params
+from .bottleneck import StackCache, row_index, stack_params
 
 
 class LoRA(nn.Module):
@@ -158,8 +158,8 @@ def _segmented_add(members: Sequence[tuple[nn.Module, Sequence[int]]], n_rows: i
         return False
     if torch.is_grad_enabled() and (out.requires_grad or any(p.requires_grad for m, _ in members for p in m.parameters())):
         return False
-    runs = [(mod, row_slices(rows, n_rows)) for mod, rows in members]
-    if sum(len(slices) for _, slices in runs) > bottleneck.SEGMENT_MAX_RUNS:
+    runs = bottleneck.segment_runs(members, n_rows)
+    if runs is None:
         return False
     width = out.shape[-1]
     for mod, slices in runs:

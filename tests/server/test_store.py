@@ -171,3 +171,5 @@ def test_fast_json_round_trips_float32() -> None:
         encode(np.array([np.nan], dtype=np.float32))
     with pytest.raises(ValueError):
         encode({"results": [{"score": float("inf")}]})
+    strided = arr.T[:5]  # a non-contiguous view: written like its contiguous copy
+    assert _json.loads(encode({"e": strided}))["e"] == _json.loads(encode({"e": np.ascontiguousarray(strided)}))["e"]
