@@ -23,16 +23,19 @@ from server.routes import adapters, health, inference, openai
 from server.runtime import Runtime
 from server.settings import Settings, env_settings
 from server.store import AdapterStore
+from server.worker import AnyEngine, WorkerEngine
 
 log = logging.getLogger("adapterserve")
-EngineFactory = Callable[[Settings], Engine]
+EngineFactory = Callable[[Settings], AnyEngine]
 
 
-def default_engine(settings: Settings) -> Engine:
-    return Engine(settings.model_path, settings.device, settings.dtype, settings.torch_threads)
+def default_engine(settings: Settings) -> AnyEngine:
+    """The model in a child process (the default) or on a thread of this one (INFERENCE_WORKER=false)."""
+    kind = WorkerEngine if settings.inference_worker else Engine
+    return kind(settings.model_path, settings.device, settings.dtype, settings.torch_threads)
 
 
-def build_runtime(app: FastAPI, settings: Settings, engine: Engine) -> Runtime:
+def build_runtime(app: FastAPI, settings: Settings, engine: AnyEngine) -> Runtime:
     """Wire store, residency and batcher around a loaded engine (call on the event loop)."""
     metrics: Metrics = app.state.metrics
     store = AdapterStore(settings.store_dir)
@@ -42,6 +45,8 @@ def build_runtime(app: FastAPI, settings: Settings, engine: Engine) -> Runtime:
         max_batch_tokens=settings.max_batch_tokens, max_wait_s=settings.max_wait_ms / 1000.0, queue_size=settings.queue_size,
     )
     residency.on_doomed = lambda: batcher.executor.submit(residency.unload_pending)
+    if isinstance(engine, WorkerEngine):
+        engine.on_restart = metrics.worker_restarts.inc
     return Runtime(settings, store, app.state.keyring, metrics, engine, residency, batcher)
 
 
@@ -64,6 +69,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
         finally:
             app.state.runtime = None
             await runtime.batcher.stop()
+            await asyncio.to_thread(engine.close)
 
     app = FastAPI(
         title="AdapterServe", version="0.1.0", lifespan=lifespan,

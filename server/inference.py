@@ -12,6 +12,7 @@ from server.composition import Resolved
 from server.engine import Engine, Segment
 from server.problems import ProblemError
 from server.residency import AdapterUnavailable, Residency
+from server.worker import WorkerEngine
 
 log = logging.getLogger("adapterserve.inference")
 
@@ -67,7 +68,7 @@ def humanize(message: str, jobs: Sequence[Job]) -> str:
     return message
 
 
-def make_runner(engine: Engine, residency: Residency) -> Runner:
+def make_runner(engine: Engine | WorkerEngine, residency: Residency) -> Runner:
     """A runner for the batcher: load/pin the jobs' adapters, run one forward, unpin."""
 
     def forward(jobs: Sequence[Job]) -> list[Any]:

@@ -37,6 +37,7 @@ class Metrics:
         self.adapter_load_seconds = Histogram(p + "adapter_load_seconds", "Time to load one adapter", buckets=_LATENCY, registry=r)
         self.tenant_requests = Counter(p + "tenant_requests", "API requests per tenant (tenants from the keys file only)", ["tenant"], registry=r)
         self.in_flight = Gauge(p + "requests_in_flight", "API (/v1) requests being handled now", registry=r)
+        self.worker_restarts = Counter(p + "inference_worker_restarts", "Times the inference worker process died and was started again", registry=r)
         self.draining = Gauge(p + "draining", "1 while the server drains before exiting", registry=r)
         for result in ("ok", "error"):
             self.adapter_loads.labels(result=result)

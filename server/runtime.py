@@ -12,13 +12,13 @@ from fastapi import Request
 from server.auth import SHARED_TENANT, KeyRing, Principal
 from server.batcher import Batcher, DeadlineExceeded, Draining, Job, QueueFull
 from server.composition import Resolved, resolve
-from server.engine import Engine
 from server.inference import Task, Work, group_key
 from server.metrics import Metrics
 from server.problems import ProblemError
 from server.residency import Residency
 from server.settings import Settings
 from server.store import AdapterStore, VersionMeta
+from server.worker import AnyEngine
 
 log = logging.getLogger("adapterserve")
 
@@ -41,7 +41,7 @@ class Runtime:
     store: AdapterStore
     keyring: KeyRing
     metrics: Metrics
-    engine: Engine
+    engine: AnyEngine
     residency: Residency
     batcher: Batcher
     started: float = field(default_factory=time.time)

@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     tenant_max_adapters: int = Field(100, ge=0)
     tenant_max_store_mb: float = Field(4096, gt=0)
     drain_timeout_s: float = Field(30, ge=0)
+    inference_worker: bool = Field(
+        True, description="run the model in a child process (server.worker), so forward passes never wait for the "
+        "event loop's GIL; false keeps it on a thread of this process"
+    )
     torch_threads: int = Field(0, ge=0, description="intra-op threads for the forward pass; 0 = torch's default")
     switch_interval_ms: float = Field(
         0.1, ge=0, description="Python's GIL switch interval in this process. The inference thread gives up the GIL "

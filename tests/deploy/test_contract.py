@@ -20,10 +20,11 @@ SETTINGS = {
     "ADAPTERSERVE_MAX_UPLOAD_MB", "ADAPTERSERVE_MAX_INPUTS", "ADAPTERSERVE_MAX_INPUT_TOKENS",
     "ADAPTERSERVE_TENANT_MAX_ADAPTERS", "ADAPTERSERVE_DRAIN_TIMEOUT_S", "ADAPTERSERVE_LOG_LEVEL",
     "ADAPTERSERVE_TENANT_MAX_STORE_MB", "ADAPTERSERVE_TORCH_THREADS", "ADAPTERSERVE_SWITCH_INTERVAL_MS",
+    "ADAPTERSERVE_INFERENCE_WORKER",
 }
 # The metrics contract, as exposed sample names (counters end in _total, histograms expose
 # _bucket/_sum/_count). adapterserve_draining is the server's drain gauge.
-COUNTERS = {"requests", "adapter_loads", "tenant_requests"}
+COUNTERS = {"requests", "adapter_loads", "tenant_requests", "inference_worker_restarts"}
 HISTOGRAMS = {"request_seconds", "queue_seconds", "inference_seconds", "batch_size",
               "batch_distinct_adapters", "adapter_load_seconds"}
 GAUGES = {"queue_depth", "adapters_resident", "adapter_cache_bytes", "draining", "requests_in_flight"}

@@ -135,3 +135,29 @@ def test_solo_job_runs_alone() -> None:
     rec = asyncio.run(main())
     solo_calls = [c for c in rec.calls if any(j.solo for j in c)]
     assert solo_calls and all(len(c) == 1 for c in solo_calls)
+
+
+def test_full_batch_starts_without_the_event_loop() -> None:
+    """While a batch runs, a full next batch is handed to the executor at once: it starts when the first ends
+    even if the event loop is busy then; a partial batch waits in the queue for more rows."""
+
+    async def main() -> Recorder:
+        gate = threading.Event()
+        rec = Recorder(gate)
+        b = Batcher(rec, Metrics(), max_batch_size=2, max_wait_s=0.05)
+        b.start()
+        first = b.submit(_job(2, adapter="first"))
+        await asyncio.sleep(0.1)  # running, held at the gate
+        second = b.submit(_job(2, adapter="second"))  # a full batch
+        partial = b.submit(_job(1, adapter="partial"))  # could still grow
+        await asyncio.sleep(0.1)
+        assert b.depth == 2  # the staged batch still counts as waiting (queue bound, 429, metric)
+        gate.set()
+        time.sleep(0.5)  # the event loop is blocked: only the executor can start the next batch
+        assert [c[0].payload for c in rec.calls] == ["first", "second"]
+        assert await asyncio.gather(first, second, partial) == ["first:2", "second:2", "partial:1"]
+        await b.stop()
+        return rec
+
+    rec = asyncio.run(main())
+    assert [[j.payload for j in c] for c in rec.calls] == [["first"], ["second"], ["partial"]]

@@ -1,0 +1,88 @@
+"""The inference worker process (server.worker): same answers as the in-process engine, the model really lives in
+the child, and a dead child is replaced with every adapter loaded again."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.engine import Engine
+from server.worker import WorkerEngine
+from tests.server.conftest import SENTENCES, Reference, serve, settings_for, upload_files
+
+CONFIGS = ("seq_bn", "lora", "prefix_tuning[prefix_length=4,bottleneck_size=16]")
+
+
+def _emb(body: dict) -> np.ndarray:
+    return np.array([r["embedding"] for r in body["results"]], dtype=np.float32)
+
+
+@pytest.mark.parametrize("worker", [True, False], ids=["worker-process", "in-process"])
+def test_mixed_concurrent_requests_equal_library(worker: bool, tiny_model_dir: Path, tmp_path: Path,
+                                                 adapter_factory: Callable[[str, int], Path], reference: Reference) -> None:
+    folders = {f"w{i}": adapter_factory(CONFIGS[i % 3], 300 + i) for i in range(9)}
+    settings = settings_for(tiny_model_dir, tmp_path / "store", inference_worker=worker, max_wait_ms=50)
+    with serve(settings) as srv:
+        engine = srv.app.state.runtime.engine
+        assert isinstance(engine, WorkerEngine) is worker and isinstance(engine, Engine) is not worker
+        with srv.client() as c:
+            for name, folder in folders.items():
+                assert upload_files(c, name, folder).status_code == 201
+
+        def call(name: str) -> np.ndarray:
+            with srv.client() as c:
+                r = c.post("/v1/infer", json={"inputs": SENTENCES[:2], "adapters": name})
+                assert r.status_code == 200, r.text
+                return _emb(r.json())
+
+        with cf.ThreadPoolExecutor(9) as pool:
+            got = dict(zip(folders, pool.map(call, folders), strict=True))
+    for name, folder in folders.items():
+        assert np.abs(got[name] - reference.embed(folder, SENTENCES[:2])).max() < 1e-5, name
+
+
+def test_model_lives_in_the_child(tiny_model_dir: Path, adapter_factory: Callable[[str, int], Path]) -> None:
+    engine = WorkerEngine(str(tiny_model_dir), device="cpu")
+    try:
+        assert engine.alive and engine.pid is not None and engine.pid != os.getpid()
+        # this process keeps only a meta-device skeleton (shapes for upload validation), no weights
+        params = list(engine._shape_model.parameters())
+        assert params and all(p.device.type == "meta" for p in params)
+        info = engine.inspect(adapter_factory("lora", 310))
+        assert info.method == "lora" and info.nbytes > 0
+        # a library error in the child comes back as the same kind (the server maps ValueError to 4xx)
+        with pytest.raises(ValueError, match="nope"):
+            engine.unload("nope")
+    finally:
+        engine.close()
+    assert not engine.alive
+
+
+def test_dead_worker_is_replaced_with_its_adapters(tiny_model_dir: Path, tmp_path: Path,
+                                                   adapter_factory: Callable[[str, int], Path], reference: Reference) -> None:
+    folders = {"k0": adapter_factory("seq_bn", 320), "k1": adapter_factory("prefix_tuning[prefix_length=4,bottleneck_size=16]", 321)}
+    with serve(settings_for(tiny_model_dir, tmp_path / "store", inference_worker=True)) as srv, srv.client() as c:
+        for name, folder in folders.items():
+            assert upload_files(c, name, folder).status_code == 201
+            assert c.post("/v1/infer", json={"inputs": ["fun"], "adapters": name}).status_code == 200  # now resident
+        engine: WorkerEngine = srv.app.state.runtime.engine
+        old = engine.pid
+        assert old is not None
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while engine.alive:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        for name, folder in folders.items():  # residency still counts them loaded: the new child must have them
+            r = c.post("/v1/infer", json={"inputs": SENTENCES[:2], "adapters": name})
+            assert r.status_code == 200, r.text
+            assert np.abs(_emb(r.json()) - reference.embed(folder, SENTENCES[:2])).max() < 1e-5
+        assert engine.pid not in (None, old)
+        assert "adapterserve_inference_worker_restarts_total 1.0" in c.get("/metrics").text
