@@ -3,8 +3,10 @@
     .venv/bin/python bench/serve_cpu.py [--seconds 15] [--server-arg=--switch-interval-ms=5]
 
 Starts one batched server (bench/serve_load.py's setup: 100 adapters, 64 clients, Zipf popularity), loads
-it for a while and reads every server thread's utime+stime from /proc/<pid>/task/*/stat (Linux) before
-and after. The busiest thread is the inference thread; the next is the event loop.
+it for a while and reads the utime+stime of every thread of the server and of its child processes (the
+inference worker) from /proc/<pid>/task/*/stat (Linux) before and after. With the worker (the default)
+the busiest thread is the worker's main thread; with --server-arg=--inference-worker=false it is the
+server's inference thread. The next is the event loop.
 """
 
 from __future__ import annotations
@@ -21,14 +23,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import serve_load as sl  # noqa: E402
 
 
+def _stat_fields(path: str) -> list[str]:
+    stat = Path(path).read_text()
+    return stat[stat.rindex(")") + 2:].split()  # fields after the command name: state, ppid, ...
+
+
+def children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if int(_stat_fields(f"/proc/{entry}/stat")[1]) == pid:
+                    kids.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return kids
+
+
 def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds (user + system) of every thread of `pid`, by thread id."""
+    """CPU seconds (user + system) of every thread of `pid` and of its children, by "pid/tid"."""
     ticks = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2:].split()
-        out[tid] = (int(fields[11]) + int(fields[12])) / ticks
+    for proc in (pid, *children(pid)):
+        for tid in os.listdir(f"/proc/{proc}/task"):
+            fields = _stat_fields(f"/proc/{proc}/task/{tid}/stat")
+            out[f"{proc}/{tid}"] = (int(fields[11]) + int(fields[12])) / ticks
     return out
 
 
@@ -61,6 +80,7 @@ def main() -> None:
                 await load.close()
                 return before, after, (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
 
+            server_pid = server.proc.pid
             before, after, client = sl.run_async(measure())
         finally:
             sl.stop_server(server)
@@ -71,7 +91,8 @@ def main() -> None:
     print("| --- | ---: |")
     for seconds, tid in used:
         if seconds > 0.05:
-            print(f"| server thread {tid} | {1000 * seconds / n:.2f} |")
+            who = "server" if tid.split("/")[0] == str(server_pid) else "worker"
+            print(f"| {who} thread {tid} | {1000 * seconds / n:.2f} |")
     print(f"| load generator (this process) | {1000 * client / n:.2f} |")
 
 
