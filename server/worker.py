@@ -14,11 +14,13 @@ ever unpickled (clients' texts arrive as token ids in lists).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import multiprocessing as mp
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -60,6 +62,9 @@ class WorkerEngine(Backbone):
         self.on_restart: Callable[[], None] | None = None
         self.device = ""
         self._start()
+        # Before multiprocessing's own exit hook joins its children: the child ignores SIGTERM and would only
+        # leave once the pipe closes (atexit runs hooks last-registered first).
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     # -- the child's lifecycle -------------------------------------------------------------------
     def _start(self) -> None:
@@ -163,6 +168,12 @@ class WorkerEngine(Backbone):
 
 
 AnyEngine = Engine | WorkerEngine
+
+
+def _close_at_exit(ref: weakref.ref[WorkerEngine]) -> None:
+    engine = ref()
+    if engine is not None:
+        engine.close()
 
 
 def _error(payload: tuple[str, str]) -> Exception:

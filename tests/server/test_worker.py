@@ -6,6 +6,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -86,3 +88,27 @@ def test_dead_worker_is_replaced_with_its_adapters(tiny_model_dir: Path, tmp_pat
             assert np.abs(_emb(r.json()) - reference.embed(folder, SENTENCES[:2])).max() < 1e-5
         assert engine.pid not in (None, old)
         assert "adapterserve_inference_worker_restarts_total 1.0" in c.get("/metrics").text
+
+
+def test_process_exits_without_close(tiny_model_dir: Path) -> None:
+    """A server that exits without closing its engine must not hang in multiprocessing's exit hook (the child
+    ignores SIGTERM and leaves when the pipe closes)."""
+    code = (
+        "import sys; from server.worker import WorkerEngine; "
+        f"e = WorkerEngine({str(tiny_model_dir)!r}, device='cpu'); print(e.pid, flush=True)"
+    )
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    child = int(proc.stdout.strip())
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{child}").exists() and "zombie" not in _state(child):
+        assert time.monotonic() < deadline, "the worker outlived its parent"
+        time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "zombie"
