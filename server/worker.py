@@ -4,8 +4,9 @@ In one process the inference thread gives the GIL up at every torch op and must 
 event loop (HTTP, JSON, tokenization): under load that cost it 8-9% of its time off-CPU, in GIL waits
 (bench/serve_cpu.py). `WorkerEngine` keeps HTTP, tokenization and upload validation in the server
 process and sends each load, unload and batch to a child process that owns the model and runs
-`Engine` there, over a private pipe. The child is started with "spawn" (safe with CUDA), ignores
-SIGINT/SIGTERM (the parent drains and then closes the pipe), and exits when the pipe closes. If it
+`Engine` there, over a private socket pair. The child is a fresh interpreter (`python -m server.worker`,
+safe with CUDA, and unlike multiprocessing's "spawn" it never re-imports the parent's `__main__`), ignores
+SIGINT/SIGTERM (the parent drains and then closes the socket), and exits when the socket closes. If it
 dies, the call in flight fails and the next call starts a new child and loads the same adapters again.
 
 The pipe carries pickles only between this process and the child it started; nothing a client sent is
@@ -14,13 +15,14 @@ ever unpickled (clients' texts arrive as token ids in lists).
 
 from __future__ import annotations
 
-import atexit
 import logging
-import multiprocessing as mp
+import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -53,43 +55,46 @@ class WorkerEngine(Backbone):
         with torch.device("meta"):
             self._describe(AutoAdapterModel.from_config(config))
         self._args = (model_path, device, dtype, threads)
-        self._ctx = mp.get_context("spawn")
         self._lock = threading.Lock()
         self._loaded: dict[str, Path] = {}  # internal name -> folder: what a new child loads again
-        self._proc: Any = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self.restarts = 0
         self.on_restart: Callable[[], None] | None = None
         self.device = ""
         self._start()
-        # Before multiprocessing's own exit hook joins its children: the child ignores SIGTERM and would only
-        # leave once the pipe closes (atexit runs hooks last-registered first).
-        atexit.register(_close_at_exit, weakref.ref(self))
 
     # -- the child's lifecycle -------------------------------------------------------------------
     def _start(self) -> None:
-        parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=worker_main, args=(child, *self._args), name="adapterserve-inference", daemon=True)
-        proc.start()
-        child.close()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not parent.poll(0.2):
-            if not proc.is_alive() or time.monotonic() > deadline:
-                proc.kill()
-                parent.close()
-                raise RuntimeError(f"the inference worker process did not start (exit code {proc.exitcode})")
-        status, payload = parent.recv()
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)  # the child imports what this process can (bench scripts extend sys.path)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+        proc = subprocess.Popen([sys.executable, "-m", "server.worker", str(theirs.fileno())],
+                                pass_fds=(theirs.fileno(),), env=env)
+        theirs.close()
+        conn = Connection(ours.detach())
+        try:
+            conn.send(self._args)
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while not conn.poll(0.2):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise EOFError
+            status, payload = conn.recv()
+        except (EOFError, OSError):
+            conn.close()
+            proc.kill()
+            raise RuntimeError(f"the inference worker process did not start (exit code {proc.wait(10)})") from None
         if status != "ok":
-            proc.join(10)
-            parent.close()
+            conn.close()
+            proc.wait(10)
             raise _error(payload)
-        self._proc, self._conn = proc, parent
+        self._proc, self._conn = proc, conn
         self.device = str(payload["device"])
         log.info("inference worker pid %d: %s on %s", proc.pid, self.name, self.device)
 
     @property
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.is_alive()
+        return self._proc is not None and self._proc.poll() is None
 
     @property
     def pid(self) -> int | None:
@@ -113,10 +118,11 @@ class WorkerEngine(Backbone):
         if self._conn is not None:
             self._conn.close()
         if self._proc is not None:
-            self._proc.join(5)
-            if self._proc.is_alive():
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
                 self._proc.kill()
-                self._proc.join(5)
+                self._proc.wait(5)
         self._proc, self._conn = None, None
 
     def close(self) -> None:
@@ -136,8 +142,10 @@ class WorkerEngine(Backbone):
             self._conn.send((op, args))
             status, payload = self._conn.recv()
         except (EOFError, OSError):
-            self._proc.join(5)
-            code = self._proc.exitcode
+            try:
+                code: int | None = self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                code = None
             self._discard()
             raise WorkerDied(f"the inference worker process died (exit code {code}); a new one starts with the next request") from None
         if status != "ok":
@@ -170,12 +178,6 @@ class WorkerEngine(Backbone):
 AnyEngine = Engine | WorkerEngine
 
 
-def _close_at_exit(ref: weakref.ref[WorkerEngine]) -> None:
-    engine = ref()
-    if engine is not None:
-        engine.close()
-
-
 def _error(payload: tuple[str, str]) -> Exception:
     """The child's exception as the parent raises it: ValueError stays ValueError (the caller's fault)."""
     kind, message = payload
@@ -190,10 +192,14 @@ _OPS: dict[str, Callable[..., Any]] = {
 }
 
 
-def worker_main(conn: Connection, model_path: str, device: str, dtype: str, threads: int) -> None:
-    """The child: build the Engine, then answer requests until the pipe closes or "stop" arrives."""
+def worker_main(conn: Connection) -> None:
+    """The child: build the Engine, then answer requests until the socket closes or "stop" arrives."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        model_path, device, dtype, threads = conn.recv()
+    except (EOFError, OSError):
+        return
     try:
         engine = Engine(model_path, device, dtype, threads)
     except Exception as exc:
@@ -217,3 +223,7 @@ def worker_main(conn: Connection, model_path: str, device: str, dtype: str, thre
             conn.send(reply)
         except (EOFError, OSError):
             return
+
+
+if __name__ == "__main__":
+    worker_main(Connection(int(sys.argv[1])))

@@ -91,8 +91,8 @@ def test_dead_worker_is_replaced_with_its_adapters(tiny_model_dir: Path, tmp_pat
 
 
 def test_process_exits_without_close(tiny_model_dir: Path) -> None:
-    """A server that exits without closing its engine must not hang in multiprocessing's exit hook (the child
-    ignores SIGTERM and leaves when the pipe closes)."""
+    """A process that exits without closing its engine exits at once, and its worker (which ignores SIGTERM)
+    follows when the socket closes; the script has no __main__ guard, which multiprocessing's spawn needed."""
     code = (
         "import sys; from server.worker import WorkerEngine; "
         f"e = WorkerEngine({str(tiny_model_dir)!r}, device='cpu'); print(e.pid, flush=True)"
