@@ -120,12 +120,7 @@ def test_eight_threads_each_see_only_their_own_setup(model: torch.nn.Module) -> 
             failures.append(f"thread {k} ({setup!r}): {type(exc).__name__}: {exc}")
 
     threads = [threading.Thread(target=worker, args=(k,), name=f"setup-{k}") for k in range(len(setups))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(TIMEOUT)
-    assert not any(t.is_alive() for t in threads), "a thread hung"
-    assert not failures, "\n".join(failures[:10])
+    _run_all(threads, failures)
     assert counts == [ITERATIONS] * len(setups)
     # and afterwards, on this thread, every setup still gives its reference
     for (setup, head), ref in zip(setups, references, strict=True):
@@ -191,6 +186,11 @@ def test_failing_threads_do_not_disturb_the_others(model: torch.nn.Module) -> No
     base = _forward(model, inputs, None, None)
     threads = [threading.Thread(target=good_worker, args=(k,)) for k in range(len(good))]
     threads += [threading.Thread(target=bad_worker, args=(k,)) for k in range(len(bad))]
+    _run_all(threads, failures)
+
+
+def _run_all(threads: list[threading.Thread], failures: list[str]) -> None:
+    """Start the threads, wait for them (bounded), and fail with the first recorded failures."""
     for t in threads:
         t.start()
     for t in threads:
