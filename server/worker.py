@@ -1,15 +1,16 @@
 """The model in a child process, so forward passes never wait for the event loop's GIL.
 
 In one process the inference thread gives the GIL up at every torch op and must win it back from the
-event loop (HTTP, JSON, tokenization): under load that cost it 8-9% of its time off-CPU, in GIL waits
-(bench/serve_cpu.py). `WorkerEngine` keeps HTTP, tokenization and upload validation in the server
-process and sends each load, unload and batch to a child process that owns the model and runs
-`Engine` there, over a private socket pair. The child is a fresh interpreter (`python -m server.worker`,
-safe with CUDA, and unlike multiprocessing's "spawn" it never re-imports the parent's `__main__`), ignores
-SIGINT/SIGTERM (the parent drains and then closes the socket), and exits when the socket closes. If it
-dies, the call in flight fails and the next call starts a new child and loads the same adapters again.
+event loop (HTTP, JSON, tokenization): under bench/serve_load.py's load that left it off-CPU 8-9% of
+the time, in GIL waits (its /proc counters: ~700 voluntary context switches a second). `WorkerEngine`
+keeps HTTP, tokenization and upload validation in the server process and sends each load, unload and
+batch to a child process that owns the model and runs `Engine` there, over a private socket pair. The
+child is a fresh interpreter (`python -m server.worker`, safe with CUDA, and unlike multiprocessing's
+"spawn" it never re-imports the parent's `__main__`), ignores SIGINT/SIGTERM (the parent drains and
+then closes the socket), and exits when the socket closes. If it dies, the call in flight fails and the
+next call starts a new child and loads the same adapters again.
 
-The pipe carries pickles only between this process and the child it started; nothing a client sent is
+The socket carries pickles only between this process and the child it started; nothing a client sent is
 ever unpickled (clients' texts arrive as token ids in lists).
 """
 
