@@ -3,12 +3,13 @@ with Zipf adapter popularity, against the bare backbone in-process and the serve
 
     .venv/bin/python bench/serve_load.py [--adapters 100] [--clients 64] [--duration 30] [--rounds 3]
 
-Four cases share one run: the bare backbone in-process, the same adapters in-process (no HTTP), the
-batched server and the naive server (max batch size 1). Both servers run for the whole benchmark; each
-case gets `--rounds` slices of duration/rounds seconds, interleaved in a fresh order each round, so slow
-drift of a shared machine hits every case alike. Prints a markdown table: throughput (inputs/s), its
-range over the slices, p50/p99 latency, rows and distinct adapters per forward pass, and the ratios to
-the bare backbone and to the naive server.
+Five cases share one run: the bare backbone in-process (one padded pass per batch, as plain transformers
+runs it), the same backbone cut into passes by input length as the server cuts its batches, the same
+adapters in-process (no HTTP, one pass), the batched server and the naive server (max batch size 1).
+Both servers run for the whole benchmark; each case gets `--rounds` slices of duration/rounds seconds,
+interleaved in a fresh order each round, so slow drift of a shared machine hits every case alike. Prints
+a markdown table: throughput (inputs/s), its range over the slices, p50/p99 latency, rows and distinct
+adapters per forward pass, and the ratios to the bare backbone (both forms) and to the naive server.
 """
 
 from __future__ import annotations
@@ -101,14 +102,16 @@ class InProcess:
 
     adapters=None: the bare transformers backbone (AutoModel). Otherwise adapters_core with every adapter
     loaded; each row's adapter is drawn from the Zipf popularity, rows sorted by adapter, one BatchSplit.
+    buckets > 1 (bare only): each batch cut into forward passes by input length exactly as the server cuts
+    its batches (server.engine.length_buckets), so the server can also be compared with that.
     """
 
     def __init__(self, model_path: str, texts: list[str], batch: int, adapters: list[tuple[str, Path, str]] | None,
-                 zipf_s: float) -> None:
+                 zipf_s: float, buckets: int = 1) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         self.tok = AutoTokenizer.from_pretrained(model_path)
-        self.texts, self.batch = texts, batch
+        self.texts, self.batch, self.buckets = texts, batch, buckets
         self.rng = random.Random(3)
         if adapters is None:
             self.model = AutoModel.from_pretrained(model_path).eval()
@@ -139,11 +142,25 @@ class InProcess:
             if groups:
                 with AdapterSetup(BatchSplit(*groups, batch_sizes=list(groups.values()))):
                     hidden = self.model(**enc).last_hidden_state
+                self._pool(hidden, enc["attention_mask"])
             else:
-                hidden = self.model(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).tolist()
+                self._bare(enc)
         return len(groups)
+
+    def _bare(self, enc: Any) -> None:
+        from server.engine import length_buckets
+
+        lengths = enc["attention_mask"].sum(1).tolist()
+        for rows in length_buckets(lengths, self.buckets):
+            idx = torch.tensor(rows)
+            width = max(lengths[i] for i in rows)  # right padding: the bucket's columns are a prefix
+            part = {k: v[idx, :width] for k, v in enc.items()}
+            self._pool(self.model(**part).last_hidden_state, part["attention_mask"])
+
+    @staticmethod
+    def _pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).tolist()
 
     def run(self, seconds: float, tally: Tally) -> None:
         start = time.perf_counter()
@@ -168,11 +185,11 @@ class Server:
     url: str
 
 
-def start_server(model_path: str, store: Path, max_batch_size: int, log: Path, threads: int) -> Server:
+def start_server(model_path: str, store: Path, max_batch_size: int, log: Path, threads: int, length_buckets: int = 2) -> Server:
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--store", str(store),
            "--model", model_path, "--device", "cpu", "--max-batch-size", str(max_batch_size), "--log-level", "warning",
-           "--torch-threads", str(threads), *EXTRA_SERVER_ARGS]
+           "--torch-threads", str(threads), "--length-buckets", str(length_buckets), *EXTRA_SERVER_ARGS]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -305,6 +322,8 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=32, help="the batched server's (and the in-process) batch size")
     parser.add_argument("--model", default=default_model_path())
     parser.add_argument("--server-arg", action="append", default=[], help="extra `adapterserve serve` flag (repeatable)")
+    parser.add_argument("--length-buckets", type=int, default=2, help="the batched server's ADAPTERSERVE_LENGTH_BUCKETS "
+                        "(and the in-process case cut like it)")
     parser.add_argument("--torch-threads", type=int, default=0, help="intra-op threads, same in-process and in the servers (0: torch default)")
     args = parser.parse_args()
     if args.torch_threads > 0:
@@ -318,8 +337,10 @@ def main() -> None:
         adapters = make_adapters(args.model, work / "adapters", args.adapters)
         names = [a[0] for a in adapters]
         bare = InProcess(args.model, texts, args.max_batch_size, None, args.zipf)
+        bare_buckets = InProcess(args.model, texts, args.max_batch_size, None, args.zipf, buckets=args.length_buckets)
         mixed = InProcess(args.model, texts, args.max_batch_size, adapters, args.zipf)
-        for case in (bare, mixed):
+        local = {"bare": bare, "bare_buckets": bare_buckets, "mixed": mixed}
+        for case in local.values():
             case.one_batch()
             case.one_batch()
         servers = {}
@@ -327,9 +348,9 @@ def main() -> None:
             for label, size in (("batched", args.max_batch_size), ("naive", 1)):
                 print(f"starting the {label} server (max batch size {size}) and uploading ...", file=sys.stderr)
                 servers[label] = start_server(args.model, work / f"store-{label}", size, work / f"server-{label}.log",
-                                              args.torch_threads)
+                                              args.torch_threads, args.length_buckets)
                 upload_all(servers[label].url, adapters)
-            tallies = {k: Tally() for k in ("bare", "mixed", "batched", "naive")}
+            tallies = {k: Tally() for k in ("bare", "bare_buckets", "mixed", "batched", "naive")}
 
             async def measure() -> None:
                 loads = {k: Load(srv, names, texts, args) for k, srv in servers.items()}
@@ -344,7 +365,7 @@ def main() -> None:
                         if key in loads:
                             await loads[key].run(slice_s, tallies[key])
                         else:
-                            (bare if key == "bare" else mixed).run(slice_s, tallies[key])
+                            local[key].run(slice_s, tallies[key])
                 for load in loads.values():
                     await load.close()
 
@@ -358,15 +379,16 @@ def main() -> None:
 
 
 def report(args: argparse.Namespace, t: dict[str, Tally]) -> None:
-    base = t["bare"].rate
+    base, cut = t["bare"].rate, t["bare_buckets"].rate
     print(f"\n{args.adapters} adapters (seq_bn/lora/prefix_tuning), {args.clients} clients, Zipf s={args.zipf}, "
           f"{args.inputs_per_request} input(s)/request, {args.duration:g}s per case in {args.rounds} interleaved slices, "
           f"MiniLM-L6, CPU x{os.cpu_count()}, torch threads {torch.get_num_threads()}\n")
     print("| case | inputs/s | slices inputs/s (min-max) | p50 ms | p99 ms | errors | mean rows/forward | "
-          "mean distinct adapters/forward | vs bare backbone | vs naive |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "mean distinct adapters/forward | vs bare backbone | vs bare cut by length | vs naive |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     labels = {
         "bare": f"bare backbone in-process (batch {args.max_batch_size}, no HTTP, no adapters)",
+        "bare_buckets": f"bare backbone in-process, cut by length like the server (up to {args.length_buckets} passes per batch)",
         "mixed": f"same {args.adapters} adapters in-process (BatchSplit, batch {args.max_batch_size}, no HTTP)",
         "batched": f"server, batched (max batch {args.max_batch_size})",
         "naive": "server, naive (max batch 1)",
@@ -382,7 +404,7 @@ def report(args: argparse.Namespace, t: dict[str, Tally]) -> None:
         distinct = f"{r.distinct / r.batches:.1f}" if r.batches else "0"
         vs_naive = f"{r.rate / t['naive'].rate:.2f}" if key in ("batched", "naive") else ""
         print(f"| {label} | {r.rate:.1f} | {spread} | {p50} | {p99} | {errors} | {rows} | {distinct} | "
-              f"{r.rate / base:.2f} | {vs_naive} |")
+              f"{r.rate / base:.2f} | {r.rate / cut:.2f} | {vs_naive} |")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ EngineFactory = Callable[[Settings], AnyEngine]
 def default_engine(settings: Settings) -> AnyEngine:
     """The model in a child process (the default) or on a thread of this one (INFERENCE_WORKER=false)."""
     kind = WorkerEngine if settings.inference_worker else Engine
-    return kind(settings.model_path, settings.device, settings.dtype, settings.torch_threads)
+    return kind(settings.model_path, settings.device, settings.dtype, settings.torch_threads, settings.length_buckets)
 
 
 def build_runtime(app: FastAPI, settings: Settings, engine: AnyEngine) -> Runtime:

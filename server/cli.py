@@ -28,6 +28,7 @@ _FLAGS: dict[str, str] = {
     "--max-inputs": "max_inputs", "--max-input-tokens": "max_input_tokens", "--tenant-max-adapters": "tenant_max_adapters",
     "--drain-timeout-s": "drain_timeout_s", "--log-level": "log_level", "--torch-threads": "torch_threads",
     "--switch-interval-ms": "switch_interval_ms", "--inference-worker": "inference_worker",
+    "--length-buckets": "length_buckets",
 }
 
 

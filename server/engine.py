@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,9 +126,11 @@ class Backbone:
 class Engine(Backbone):
     """Backbone + tokenizer in this process; loads adapters by internal name and runs mixed-adapter batches."""
 
-    def __init__(self, model_path: str, device: str = "auto", dtype: str = "float32", threads: int = 0) -> None:
+    def __init__(self, model_path: str, device: str = "auto", dtype: str = "float32", threads: int = 0,
+                 length_buckets: int = 1) -> None:
         from adapters_core import AutoAdapterModel
 
+        self.length_buckets = length_buckets
         if threads > 0:
             torch.set_num_threads(threads)
         super().__init__(model_path)
@@ -173,6 +176,41 @@ class Engine(Backbone):
         return BatchSplit(*(batchable(b) for b in blocks), batch_sizes=[len(s.rows) for s in segments])
 
     def embed(self, segments: list[Segment]) -> list[np.ndarray]:
+        """Per segment a float32 array [rows(*width), hidden]: one forward pass per length bucket."""
+        if segments[0].width > 1:
+            return self._embed_once(segments)
+        return [np.stack(rows) for rows in self._in_buckets(segments, self._embed_once)]
+
+    def classify(self, segments: list[Segment], labels: dict[str, dict[int, str]]) -> list[list[Classified]]:
+        """Per segment its rows' labels: one forward pass per length bucket."""
+        return [list(rows) for rows in self._in_buckets(segments, lambda segs: self._classify_once(segs, labels))]
+
+    def _in_buckets(self, segments: list[Segment], run: Callable[[list[Segment]], Sequence[Sequence[Any]]]) -> list[list[Any]]:
+        """Per segment, its rows' results in order, from `run` called once per length bucket (see
+        `length_buckets`); rows of one segment that share a bucket stay one segment (one BatchSplit child)."""
+        rows = [(si, pos) for si, s in enumerate(segments) for pos in range(len(s.rows))]
+        buckets = length_buckets([len(segments[si].rows[pos]) for si, pos in rows], self.length_buckets)
+        if len(buckets) == 1:
+            return [list(out) for out in run(segments)]
+        results: list[list[Any]] = [[None] * len(s.rows) for s in segments]
+        for bucket in buckets:
+            subsegments: list[Segment] = []
+            places: list[tuple[int, list[int]]] = []
+            for i in bucket:
+                si, pos = rows[i]
+                seg = segments[si]
+                if places and places[-1][0] == si:
+                    subsegments[-1].rows.append(seg.rows[pos])
+                    places[-1][1].append(pos)
+                else:
+                    subsegments.append(Segment(seg.block, [seg.rows[pos]], seg.head, seg.width))
+                    places.append((si, [pos]))
+            for (si, positions), out in zip(places, run(subsegments), strict=True):
+                for pos, value in zip(positions, out, strict=True):
+                    results[si][pos] = value
+        return results
+
+    def _embed_once(self, segments: list[Segment]) -> list[np.ndarray]:
         """One forward pass over all segments' rows; per segment a float32 array [rows(*width), hidden]."""
         from adapters_core import AdapterSetup
 
@@ -195,7 +233,7 @@ class Engine(Backbone):
             start += len(s.rows)
         return out
 
-    def classify(self, segments: list[Segment], labels: dict[str, dict[int, str]]) -> list[list[Classified]]:
+    def _classify_once(self, segments: list[Segment], labels: dict[str, dict[int, str]]) -> list[list[Classified]]:
         """One forward pass; each segment's rows go through its own prediction head (a BatchSplit head setup
         when the segments have different heads, so requests for different classifiers share the pass)."""
         from adapters_core import AdapterSetup
@@ -227,6 +265,40 @@ class Engine(Backbone):
         base = getattr(self.model, "base_model", self.model)
         out = base(**inputs)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def length_buckets(lengths: Sequence[int], max_buckets: int, min_rows: int = 4, min_saving: float = 0.1) -> list[list[int]]:
+    """Row indices for each forward pass: the rows cut by length into at most `max_buckets` groups, each in
+    the original order, where that saves padding. Every pass beyond the first must save `min_saving` of
+    the one-pass padded tokens (a pass has a fixed cost), and a group holds at least `min_rows` rows.
+
+    A batch pads every row to its longest; for 32 MiniLM rows of 10-27 tokens two passes (short rows,
+    long rows) held about 18% fewer tokens and took 1/1.21 of the time of one pass (README)."""
+    n = len(lengths)
+    if max_buckets <= 1 or n < 2 * min_rows:
+        return [list(range(n))]
+    order = sorted(range(n), key=lambda i: lengths[i])
+    sorted_len = [lengths[i] for i in order]
+    one_pass = n * sorted_len[-1]
+    inf = float("inf")
+    # cost[k][j]: fewest padded tokens for the j shortest rows in k groups; cut[k][j]: where the last group starts
+    cost = [[inf] * (n + 1) for _ in range(max_buckets + 1)]
+    cut = [[0] * (n + 1) for _ in range(max_buckets + 1)]
+    cost[0][0] = 0.0
+    for k in range(1, max_buckets + 1):
+        for j in range(k * min_rows, n + 1):
+            for i in range((k - 1) * min_rows, j - min_rows + 1):
+                c = cost[k - 1][i] + (j - i) * sorted_len[j - 1]
+                if c < cost[k][j]:
+                    cost[k][j], cut[k][j] = c, i
+    k_best = min(range(1, max_buckets + 1), key=lambda k: cost[k][n] + (k - 1) * min_saving * one_pass)
+    groups: list[list[int]] = []
+    j = n
+    for k in range(k_best, 0, -1):
+        i = cut[k][j]
+        groups.append(sorted(order[i:j]))
+        j = i
+    return groups[::-1]
 
 
 def _logits(out: Any) -> torch.Tensor:

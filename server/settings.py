@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     tenant_max_adapters: int = Field(100, ge=0)
     tenant_max_store_mb: float = Field(4096, gt=0)
     drain_timeout_s: float = Field(30, ge=0)
+    length_buckets: int = Field(
+        2, ge=1, description="forward passes a batch may be cut into by input length (short rows, long rows), so "
+        "short inputs are not padded to the longest; a pass is added only where it saves 10% of the padded tokens. "
+        "1 runs every batch in one pass"
+    )
     inference_worker: bool = Field(
         True, description="run the model in a child process (server.worker), so forward passes never wait for the "
         "event loop's GIL; false keeps it on a thread of this process"

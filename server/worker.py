@@ -46,7 +46,8 @@ class WorkerDied(RuntimeError):
 class WorkerEngine(Backbone):
     """Same interface as `Engine`; the model lives in a child process."""
 
-    def __init__(self, model_path: str, device: str = "auto", dtype: str = "float32", threads: int = 0) -> None:
+    def __init__(self, model_path: str, device: str = "auto", dtype: str = "float32", threads: int = 0,
+                 length_buckets: int = 1) -> None:
         from transformers import AutoConfig
 
         from adapters_core import AutoAdapterModel
@@ -55,7 +56,7 @@ class WorkerEngine(Backbone):
         config = AutoConfig.from_pretrained(model_path)
         with torch.device("meta"):
             self._describe(AutoAdapterModel.from_config(config))
-        self._args = (model_path, device, dtype, threads)
+        self._args = (model_path, device, dtype, threads, length_buckets)
         self._lock = threading.Lock()
         self._loaded: dict[str, Path] = {}  # internal name -> folder: what a new child loads again
         self._proc: subprocess.Popen[bytes] | None = None
@@ -198,11 +199,11 @@ def worker_main(conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        model_path, device, dtype, threads = conn.recv()
+        model_path, device, dtype, threads, length_buckets = conn.recv()
     except (EOFError, OSError):
         return
     try:
-        engine = Engine(model_path, device, dtype, threads)
+        engine = Engine(model_path, device, dtype, threads, length_buckets)
     except Exception as exc:
         conn.send(("error", (type(exc).__name__, str(exc))))
         return
