@@ -183,6 +183,8 @@ class Engine(Backbone):
 
     def classify(self, segments: list[Segment], labels: dict[str, dict[int, str]]) -> list[list[Classified]]:
         """Per segment its rows' labels: one forward pass per length bucket."""
+        if segments[0].width > 1:
+            return self._classify_once(segments, labels)
         return [list(rows) for rows in self._in_buckets(segments, lambda segs: self._classify_once(segs, labels))]
 
     def _in_buckets(self, segments: list[Segment], run: Callable[[list[Segment]], Sequence[Sequence[Any]]]) -> list[list[Any]]:
