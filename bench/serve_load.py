@@ -9,7 +9,7 @@ adapters in-process (no HTTP, one pass), the batched server and the naive server
 Both servers run for the whole benchmark; each case gets `--rounds` slices of duration/rounds seconds,
 interleaved in a fresh order each round, so slow drift of a shared machine hits every case alike. Prints
 a markdown table: throughput (inputs/s), its range over the slices, p50/p99 latency, rows and distinct
-adapters per forward pass, and the ratios to the bare backbone (both forms) and to the naive server.
+adapters per batch, and the ratios to the bare backbone (both forms) and to the naive server.
 """
 
 from __future__ import annotations
@@ -383,8 +383,8 @@ def report(args: argparse.Namespace, t: dict[str, Tally]) -> None:
     print(f"\n{args.adapters} adapters (seq_bn/lora/prefix_tuning), {args.clients} clients, Zipf s={args.zipf}, "
           f"{args.inputs_per_request} input(s)/request, {args.duration:g}s per case in {args.rounds} interleaved slices, "
           f"MiniLM-L6, CPU x{os.cpu_count()}, torch threads {torch.get_num_threads()}\n")
-    print("| case | inputs/s | slices inputs/s (min-max) | p50 ms | p99 ms | errors | mean rows/forward | "
-          "mean distinct adapters/forward | vs bare backbone | vs bare cut by length | vs naive |")
+    print("| case | inputs/s | slices inputs/s (min-max) | p50 ms | p99 ms | errors | mean rows/batch | "
+          "mean distinct adapters/batch | vs bare backbone | vs bare cut by length | vs naive |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     labels = {
         "bare": f"bare backbone in-process (batch {args.max_batch_size}, no HTTP, no adapters)",

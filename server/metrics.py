@@ -25,10 +25,10 @@ class Metrics:
         self.requests = Counter(p + "requests", "HTTP requests by route template and status", ["route", "status"], registry=r)
         self.request_seconds = Histogram(p + "request_seconds", "HTTP request latency", ["route"], buckets=_LATENCY, registry=r)
         self.queue_seconds = Histogram(p + "queue_seconds", "Time an inference request waited in the queue", buckets=_LATENCY, registry=r)
-        self.inference_seconds = Histogram(p + "inference_seconds", "Time of one batched forward pass", buckets=_LATENCY, registry=r)
-        self.batch_size = Histogram(p + "batch_size", "Rows (inputs) per forward pass", buckets=_SIZES, registry=r)
+        self.inference_seconds = Histogram(p + "inference_seconds", "Time the model took for one batch (one forward pass, or one per length bucket)", buckets=_LATENCY, registry=r)
+        self.batch_size = Histogram(p + "batch_size", "Rows (inputs) per batch", buckets=_SIZES, registry=r)
         self.batch_distinct_adapters = Histogram(
-            p + "batch_distinct_adapters", "Distinct adapter compositions per forward pass", buckets=_SIZES, registry=r
+            p + "batch_distinct_adapters", "Distinct adapter compositions per batch", buckets=_SIZES, registry=r
         )
         self.queue_depth = Gauge(p + "queue_depth", "Inference requests waiting in the queue", registry=r)
         self.adapters_resident = Gauge(p + "adapters_resident", "Adapters loaded into the model", registry=r)
