@@ -47,6 +47,7 @@ def build_runtime(app: FastAPI, settings: Settings, engine: AnyEngine) -> Runtim
     residency.on_doomed = lambda: batcher.executor.submit(residency.unload_pending)
     if isinstance(engine, WorkerEngine):
         engine.on_restart = metrics.worker_restarts.inc
+        engine.on_lost = residency.drop
     return Runtime(settings, store, app.state.keyring, metrics, engine, residency, batcher)
 
 

@@ -197,6 +197,16 @@ class Residency:
                     self._forget(internal)
                 self._publish()
 
+    def drop(self, internal: str) -> None:
+        """The model lost this adapter on its own (a restarted inference worker could not load it again):
+        forget it without unloading, so the next request that needs it loads it, or answers 503."""
+        with self._lock:
+            self._resident.pop(internal, None)
+            self._doomed.discard(internal)
+            if internal in self._retired and not self._inflight.get(internal):
+                self._forget(internal)
+            self._publish()
+
     def unload_pending(self) -> None:
         """Unload deleted adapters that no request uses any more."""
         with self._lock:

@@ -63,6 +63,7 @@ class WorkerEngine(Backbone):
         self._conn: Connection | None = None
         self.restarts = 0
         self.on_restart: Callable[[], None] | None = None
+        self.on_lost: Callable[[str], None] | None = None  # an adapter the new child could not load again
         self.device = ""
         self._start()
 
@@ -115,6 +116,8 @@ class WorkerEngine(Backbone):
             except Exception:
                 log.exception("reloading adapter %s into the new inference worker failed", internal)
                 self._loaded.pop(internal, None)
+                if self.on_lost is not None:
+                    self.on_lost(internal)
 
     def _discard(self) -> None:
         if self._conn is not None:

@@ -112,3 +112,29 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
     except (OSError, IndexError):
         return "zombie"
+
+
+def test_adapter_the_new_worker_cannot_load_is_forgotten(tiny_model_dir: Path, tmp_path: Path,
+                                                         adapter_factory: Callable[[str, int], Path], reference: Reference) -> None:
+    """A restarted worker reloads what the old one had; one that fails to load (its stored file broke) leaves
+    residency too, so later requests for it answer 503 (cannot be loaded) instead of reaching the model."""
+    good, bad = adapter_factory("lora", 330), adapter_factory("seq_bn", 331)
+    settings = settings_for(tiny_model_dir, tmp_path / "store", inference_worker=True)
+    with serve(settings) as srv, srv.client() as c:
+        for name, folder in (("good", good), ("bad", bad)):
+            assert upload_files(c, name, folder).status_code == 201
+            assert c.post("/v1/infer", json={"inputs": ["fun"], "adapters": name}).status_code == 200
+        stored = settings.store_dir / "default" / "bad" / "1" / "adapter.safetensors"
+        stored.write_bytes(b"\0" * 64)  # broken on the volume after it was loaded
+        engine: WorkerEngine = srv.app.state.runtime.engine
+        assert engine.pid is not None
+        os.kill(engine.pid, signal.SIGKILL)
+        while engine.alive:
+            time.sleep(0.02)
+        r = c.post("/v1/infer", json={"inputs": SENTENCES[:2], "adapters": "good"})  # restarts the worker
+        assert r.status_code == 200, r.text
+        assert np.abs(_emb(r.json()) - reference.embed(good, SENTENCES[:2])).max() < 1e-5
+        assert not srv.app.state.runtime.residency.is_resident(
+            srv.app.state.runtime.store.latest("default", "bad").internal)
+        r = c.post("/v1/infer", json={"inputs": ["fun"], "adapters": "bad"})
+        assert r.status_code == 503 and "cannot be loaded" in r.json()["detail"], r.text
