@@ -190,16 +190,12 @@ class Residency:
         try:
             self.loader.unload(internal)
         finally:
-            with self._lock:
-                self._resident.pop(internal, None)
-                self._doomed.discard(internal)
-                if internal in self._retired and not self._inflight.get(internal):
-                    self._forget(internal)
-                self._publish()
+            self.drop(internal)
 
     def drop(self, internal: str) -> None:
-        """The model lost this adapter on its own (a restarted inference worker could not load it again):
-        forget it without unloading, so the next request that needs it loads it, or answers 503."""
+        """Forget a resident adapter without unloading it: after `_unload`, or when the model lost it on its own
+        (a restarted inference worker could not load it again), so the next request that needs it loads it,
+        or answers 503."""
         with self._lock:
             self._resident.pop(internal, None)
             self._doomed.discard(internal)
