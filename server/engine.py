@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -24,6 +24,8 @@ from server.composition import batchable
 from server.store import Upload
 
 log = logging.getLogger("adapterserve.engine")
+
+R = TypeVar("R")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -179,21 +181,23 @@ class Engine(Backbone):
         """Per segment a float32 array [rows(*width), hidden]: one forward pass per length bucket."""
         if segments[0].width > 1:
             return self._embed_once(segments)
-        return [np.stack(rows) for rows in self._in_buckets(segments, self._embed_once)]
+        return self._in_buckets(segments, self._embed_once, np.stack)
 
     def classify(self, segments: list[Segment], labels: dict[str, dict[int, str]]) -> list[list[Classified]]:
         """Per segment its rows' labels: one forward pass per length bucket."""
         if segments[0].width > 1:
             return self._classify_once(segments, labels)
-        return [list(rows) for rows in self._in_buckets(segments, lambda segs: self._classify_once(segs, labels))]
+        return self._in_buckets(segments, lambda segs: self._classify_once(segs, labels), list)
 
-    def _in_buckets(self, segments: list[Segment], run: Callable[[list[Segment]], Sequence[Sequence[Any]]]) -> list[list[Any]]:
-        """Per segment, its rows' results in order, from `run` called once per length bucket (see
-        `length_buckets`); rows of one segment that share a bucket stay one segment (one BatchSplit child)."""
+    def _in_buckets(self, segments: list[Segment], run: Callable[[list[Segment]], list[R]],
+                    join: Callable[[list[Any]], R]) -> list[R]:
+        """Per segment its result, from `run` called once per length bucket (see `length_buckets`); with
+        several buckets each segment's rows are put back in order and `join`ed. Rows of one segment that
+        share a bucket stay one segment (one BatchSplit child)."""
         rows = [(si, pos) for si, s in enumerate(segments) for pos in range(len(s.rows))]
         buckets = length_buckets([len(segments[si].rows[pos]) for si, pos in rows], self.length_buckets)
         if len(buckets) == 1:
-            return [list(out) for out in run(segments)]
+            return run(segments)
         results: list[list[Any]] = [[None] * len(s.rows) for s in segments]
         for bucket in buckets:
             subsegments: list[Segment] = []
@@ -210,7 +214,7 @@ class Engine(Backbone):
             for (si, positions), out in zip(places, run(subsegments), strict=True):
                 for pos, value in zip(positions, out, strict=True):
                     results[si][pos] = value
-        return results
+        return [join(r) for r in results]
 
     def _embed_once(self, segments: list[Segment]) -> list[np.ndarray]:
         """One forward pass over all segments' rows; per segment a float32 array [rows(*width), hidden]."""
