@@ -56,23 +56,90 @@ def round_robin(cases: dict[str, Callable[[], object]], repeats: int, warmup: in
     return times
 
 
+def bracketed(cases: dict[str, Callable[[], object]], ref: str, repeats: int, warmup: int = 2
+              ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Time every case once per round, in a fresh order, with `ref` timed before and after each one.
+
+    Returns the samples and, per case, its throughput ratio to `ref` in every round: the mean of the two
+    reference samples around it divided by its own time. This machine drifts by tens of percent over
+    seconds; a ratio taken between its neighbours cancels that drift up to its curvature.
+    """
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    ratios: dict[str, list[float]] = {k: [] for k in cases}
+    others = [k for k in cases if k != ref]
+    rng = random.Random(0)
+
+    def timed(name: str) -> float:
+        start = time.perf_counter()
+        cases[name]()
+        elapsed = time.perf_counter() - start
+        times[name].append(elapsed)
+        return elapsed
+
+    for _ in range(repeats):
+        rng.shuffle(others)
+        before = timed(ref)
+        for name in others:
+            t = timed(name)
+            after = timed(ref)
+            ratios[name].append((before + after) / 2 / t)
+            ratios[ref].append(1.0)
+            before = after
+    return times, ratios
+
+
 def paired_ratio(times: dict[str, list[float]], name: str, ref: str) -> float:
     """Median over rounds of ref time / case time within the same round: drift between rounds cancels."""
     return statistics.median(r / t for r, t in zip(times[ref], times[name], strict=True))
 
 
-def print_table(title: str, times: dict[str, list[float]], ref: str, batch_rows: int) -> None:
+def print_table(title: str, times: dict[str, list[float]], ref: str, batch_rows: int,
+                ratios: dict[str, list[float]] | None = None, extra: dict[str, dict[str, str]] | None = None) -> None:
     """A markdown table: case, median and range of ms per batch, rows per second, and the throughput ratio to
-    `ref` two ways: of the medians, and the median of the per-round ratios (both over the same rounds)."""
+    `ref` two ways: of the medians, and the median of the per-round ratios (`ratios` when the run bracketed
+    each case with `ref`, else each case against `ref` in the same round). `extra` adds columns
+    (header -> case -> cell)."""
     base = median_ms(times[ref])
+    paired = "median of bracketed ratios" if ratios is not None else "median of per-round ratios"
+    extra = extra or {}
     print(f"\n{title}")
-    print(f"| case | median ms / batch | min-max ms | rows/s | ratio to {ref} (of medians) | ratio to {ref} (median of per-round ratios) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| case | median ms / batch | min-max ms | rows/s | ratio to {ref} (of medians) | ratio to {ref} ({paired}) |"
+          + "".join(f" {h} |" for h in extra))
+    print("| --- | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * len(extra))
     for name, samples in times.items():
         ms = median_ms(samples)
         spread = f"{min(samples) * 1000:.0f}-{max(samples) * 1000:.0f}"
-        print(f"| {name} | {ms:.1f} | {spread} | {batch_rows * 1000.0 / ms:.0f} | {base / ms:.3f} | "
-              f"{paired_ratio(times, name, ref):.3f} |")
+        ratio = statistics.median(ratios[name]) if ratios is not None else paired_ratio(times, name, ref)
+        print(f"| {name} | {ms:.1f} | {spread} | {batch_rows * 1000.0 / ms:.0f} | {base / ms:.3f} | {ratio:.3f} |"
+              + "".join(f" {col.get(name, '')} |" for col in extra.values()))
+
+
+def _raw(formula: Callable[..., int]) -> Callable[..., int]:
+    def counted(*args: object, **kwargs: object) -> int:
+        return formula(*args, **kwargs)
+    counted._get_raw = True  # type: ignore[attr-defined]  # the registry's formulas already read shapes
+    return counted
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """Floating-point operations of one call of `fn` (2 per multiply-add), as torch's FlopCounterMode
+    counts them, plus the ops it leaves out that our paths use: in-place addmm_/baddbmm_ and CPU sdpa.
+    A first, uncounted call fills caches (the prefix MLP's output), as in steady-state serving."""
+    from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+    aten = torch.ops.aten
+    extra = {
+        aten.addmm_: _raw(flop_registry[aten.addmm]),
+        aten.baddbmm_: _raw(flop_registry[aten.baddbmm]),
+        aten._scaled_dot_product_flash_attention_for_cpu: _raw(flop_registry[aten._scaled_dot_product_flash_attention]),
+    }
+    fn()
+    with FlopCounterMode(display=False, custom_mapping=extra) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def setup_threads(n: int) -> None:

@@ -1,7 +1,7 @@
 """Throughput of every adapter method (one adapter for the whole batch) relative to the bare backbone.
 
-MiniLM, batch 32 x 64 tokens, 2 threads, inference mode; all cases timed round-robin in one run and
-summarised by their median. Run: `.venv/bin/python bench/methods.py [--repeats 9]`.
+MiniLM, batch 32 x 64 tokens, 2 threads, inference mode; all cases timed round-robin in one run, each
+one between two backbone runs, and summarised by their medians. Run: `.venv/bin/python bench/methods.py [--repeats 9]`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 import torch
 
 from adapters_core import AdapterSetup, AutoAdapterModel
-from bench.common import fixed_inputs, minilm_path, noisy, print_table, round_robin, setup_threads
+from bench.common import bracketed, count_flops, fixed_inputs, minilm_path, noisy, print_table, setup_threads
 
 CASES = {
     "seq_bn": "seq_bn",
@@ -47,11 +47,17 @@ def main() -> None:
                 model(**inputs)
         return fn
 
-    cases = {"backbone": run(None)} | {name: run(name.replace("+", "p")) for name in CASES}
-    times = round_robin(cases, args.repeats)
+    # the control runs the backbone again: its ratio shows how far this machine's noise moves a ratio
+    cases = {"backbone": run(None), "backbone (control)": run(None)}
+    cases |= {name: run(name.replace("+", "p")) for name in CASES}
+    flops = {name: count_flops(fn) for name, fn in cases.items()}
+    times, ratios = bracketed(cases, "backbone", args.repeats)
+    share = {name: f"{flops[name] / flops['backbone']:.3f}" for name in cases}
+    bound = {name: f"{flops['backbone'] / flops[name]:.3f}" for name in cases}
     print_table(
         f"bench/methods.py: MiniLM, batch {args.batch} x {args.seq_len}, {args.threads} threads, "
-        f"{args.repeats} round-robin rounds", times, "backbone", args.batch,
+        f"{args.repeats} rounds, each case between two backbone runs", times, "backbone", args.batch, ratios,
+        {"FLOPs vs backbone": share, "ratio if time followed FLOPs": bound},
     )
 
 

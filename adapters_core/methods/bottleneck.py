@@ -190,7 +190,7 @@ def _linear_params(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 class BottleneckResult:
     """Pre-final values for `rows` (None = all rows), and whether the host still applies its LN/residual."""
 
-    value: torch.Tensor
+    value: torch.Tensor | LowRankUpdate  # a LowRankUpdate only for delta results at inference
     rows: torch.Tensor | slice | None  # an index tensor, a contiguous run, or None for all rows
     original_ln_after: bool
     delta: bool = False  # value is an update to add onto the host's own sum (see delta_form)
@@ -263,10 +263,49 @@ def _scaled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-def _delta_single(adapter: BottleneckAdapter, z: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class LowRankUpdate:
+    """scale * act @ weight_t, kept factored so that inference adds it to the host's sum with one
+    accumulating matmul (no full-size temporary, no separate bias or add pass)."""
+
+    act: torch.Tensor  # [..., k]
+    weight_t: torch.Tensor  # [k, out]
+    scale: float
+
+    def dense(self) -> torch.Tensor:
+        y = self.act @ self.weight_t
+        return y * self.scale if self.scale != 1.0 else y
+
+
+def _up_factor(adapter: BottleneckAdapter, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """adapter_up's weight as [k (+1), out]: transposed, with the bias as a last row that a ones column in
+    the activation picks up. Cached on the adapter until the weight or bias storage or version changes;
+    computed weights (Compacter's PHM products, possibly inference tensors without a version) are not cached."""
+    parts = [t for t in (weight, bias) if t is not None]
+    if not all(isinstance(t, nn.Parameter) for t in parts):
+        return _factor(weight, bias)
+    stamp = tuple((t.data_ptr(), t._version, t.dtype) for t in parts)
+    cached = adapter.__dict__.get("_up_factor")
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, _factor(weight, bias))
+        adapter.__dict__["_up_factor"] = cached
+    return cached[1]
+
+
+def _factor(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return (weight.t() if bias is None else torch.cat([weight.t(), bias[None]])).contiguous()
+
+
+def _delta_single(adapter: BottleneckAdapter, z: torch.Tensor, factored: bool = False) -> torch.Tensor | LowRankUpdate:
+    """The adapter's update for input z; `factored` (inference only) returns it as a LowRankUpdate."""
     (wd, bd), (wu, bu) = adapter.linear_params()
     act = adapter.adapter_down[-1]
-    return _scaled_linear(act(_scaled_linear(z, wd, bd, 1.0)), wu, bu, adapter.scaling)
+    down = act(_scaled_linear(z, wd, bd, 1.0))
+    if not factored:
+        return _scaled_linear(down, wu, bu, adapter.scaling)
+    if bu is not None:
+        down = F.pad(down, (0, 1), value=1.0)
+    return LowRankUpdate(down, _up_factor(adapter, wu, bu), adapter.scaling)
 
 
 def _delta_gathered(adapters: Sequence[BottleneckAdapter], row_slot: torch.Tensor | None, z: torch.Tensor,
@@ -364,7 +403,7 @@ def _run_segments(
             hs, xs = (h, x) if sl is None else (h[sl], x[sl])
             if delta:
                 hxs = hx if hx is None or sl is None else hx[sl]
-                up = _delta_single(adapter, adapter.delta_input(hs, xs, hxs, layer_norm))
+                up = _delta_single(adapter, adapter.delta_input(hs, xs, hxs, layer_norm), factored=True)
                 results.append(BottleneckResult(up, sl, True, delta=True))
             else:
                 results.append(BottleneckResult(_run_stack([adapter], hs, xs, layer_norm), sl, ln_after))
@@ -414,8 +453,16 @@ def row_index(rows: Sequence[int], n_rows: int, device: torch.device) -> torch.T
     return torch.tensor(list(rows), device=device)
 
 
-def add_rows(base: torch.Tensor, rows: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+def add_rows(base: torch.Tensor, rows: torch.Tensor | slice | None, value: torch.Tensor | LowRankUpdate) -> torch.Tensor:
     """base + value on `rows` (all when None); in place when no gradient is being recorded."""
+    if isinstance(value, LowRankUpdate):
+        if not torch.is_grad_enabled() and not isinstance(rows, torch.Tensor) and base.is_contiguous():
+            block = base if rows is None else base[rows]
+            block.view(-1, block.shape[-1]).addmm_(
+                value.act.reshape(-1, value.act.shape[-1]), value.weight_t, alpha=value.scale
+            )
+            return base
+        value = value.dense()
     inplace = not torch.is_grad_enabled() or not (base.requires_grad or value.requires_grad)
     if rows is None:
         return base.add_(value) if inplace else base + value

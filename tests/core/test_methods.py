@@ -77,6 +77,22 @@ def test_adapter_changes_output(arch: str, method: str) -> None:
     assert torch.equal(static, out)
 
 
+@method_param
+@arch_param
+def test_grad_modes_agree(arch: str, method: str) -> None:
+    """Inference takes its own paths (in-place updates, factored bottleneck updates, cached PHM products and
+    prefixes); they must equal the autograd path, also under inference_mode and on a second (cached) call."""
+    model = _with_adapter(arch, method).eval()
+    x = make_inputs(arch)
+    with AdapterSetup("a"):
+        tracked = model(**x).last_hidden_state.detach()
+        for _ in range(2):
+            with torch.inference_mode():
+                inference = model(**x).last_hidden_state
+            assert max_diff(inference, tracked, valid(x)) < 1e-5
+    assert max_diff(run(model, x, "a"), tracked, valid(x)) < 1e-5
+
+
 # -- (b) save -> load into a fresh model ---------------------------------------------------------------------
 
 
