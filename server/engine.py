@@ -104,11 +104,6 @@ class Backbone:
         return list(self.tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_tokens)["input_ids"])
 
     # -- adapters ------------------------------------------------------------------------------
-    @property
-    def supports_heads(self) -> bool:
-        """Whether the adapters_core in use can load prediction heads (they land in a later version)."""
-        return hasattr(self._shape_model, "add_classification_head")
-
     def inspect(self, folder: Path) -> Upload:
         """Validate an adapter folder against this backbone (ValueError if wrong). The library probes a
         meta-device copy of the architecture, so this may run on any thread, beside forward passes."""
@@ -116,11 +111,6 @@ class Backbone:
         methods = tuple(sorted(_kinds_of(info)))
         head = None
         if info.has_head:
-            if not self.supports_heads:
-                raise ValueError(
-                    "this server's adapters_core cannot load prediction heads yet; upload the adapter without "
-                    "head_config.json / model_head.safetensors"
-                )
             head = read_head_labels(folder / "head_config.json")
         return Upload(method=str(info.method), methods=methods, has_head=bool(info.has_head), nbytes=int(info.nbytes), head=head)
 

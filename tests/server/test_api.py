@@ -253,14 +253,8 @@ def _with_head(folder: Path, out: Path, labels: tuple[str, ...] = ("neg", "pos")
 
 def test_classification_head(srv: Running, adapter_factory: Callable[[str, int], Path], reference: Reference, tmp_path: Path) -> None:
     folder = _with_head(adapter_factory("seq_bn", 91), tmp_path / "headed")
-    engine = srv.app.state.runtime.engine
     with srv.client("acme-key") as c:
-        before = c.get("/v1/adapters").json()
         r = upload_files(c, "clf", folder)
-        if not engine.supports_heads:
-            assert r.status_code == 422 and "head" in r.json()["detail"], r.text
-            assert c.get("/v1/adapters").json() == before
-            pytest.xfail("adapters_core cannot load prediction heads yet (the upload is refused with a clear 422)")
         assert r.status_code == 201, r.text
         assert r.json()["has_head"] and r.json()["head"]["id2label"] == {"0": "neg", "1": "pos"}
         r = c.post("/v1/infer", json={"inputs": SENTENCES[:3], "adapters": "clf"})
@@ -279,8 +273,6 @@ def test_classifiers_with_different_heads_share_forward_passes(
 ) -> None:
     """Concurrent requests for classifiers with different heads (and label sets) run in shared forward passes,
     each row through its own head, and each answer equals the library run alone."""
-    if not srv.app.state.runtime.engine.supports_heads:
-        pytest.skip("adapters_core cannot load prediction heads")
     label_sets = [("neg", "pos"), ("a", "b", "c"), ("x", "y", "z", "w")]
     configs = ["seq_bn", "lora", "prefix_tuning[prefix_length=4,bottleneck_size=16]"]
     folders = {f"clf{i}": _with_head(adapter_factory(configs[i % 3], 200 + i), tmp_path / f"clf{i}", label_sets[i % 3], seed=30 + i)
