@@ -1,7 +1,8 @@
 """Throughput of every adapter method (one adapter for the whole batch) relative to the bare backbone.
 
 MiniLM, batch 32 x 64 tokens, 2 threads, inference mode; all cases timed round-robin in one run, each
-one between two backbone runs, and summarised by their medians. Run: `.venv/bin/python bench/methods.py [--repeats 9]`.
+one between two backbone runs, and summarised by their medians.
+Run: `.venv/bin/python -m bench.methods [--repeats 25]`.
 """
 
 from __future__ import annotations
