@@ -67,6 +67,7 @@ class FusionMixin:
             layer = FusionLayer(cfg, self._hidden(), dropout).to(device=ref.device, dtype=ref.dtype)
             loc.fusions[fuse.name] = layer
         wiring.fusion_configs[fuse.name] = cfg
+        wiring.fusion_members[fuse.name] = tuple(fuse.flatten())
         self.train(self.training)
         if set_active:
             self.set_active_adapters(fuse)
@@ -80,6 +81,7 @@ class FusionMixin:
             if fuse.name in loc.fusions:
                 del loc.fusions[fuse.name]
         del wiring.fusion_configs[fuse.name]
+        wiring.fusion_members.pop(fuse.name, None)
 
     def fusion_named_parameters(self, fusion: Fuse | list[str] | str) -> list[tuple[str, nn.Parameter]]:
         name = _as_fuse(fusion).name

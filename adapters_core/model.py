@@ -253,7 +253,7 @@ class AdapterModelMixin(FusionMixin, MergeMixin):
     def delete_adapter(self, name: str) -> None:
         if not self.has_adapter(name):
             raise ValueError(f"no adapter named {name!r}")
-        for fusion_name in [f for f in self._wiring.fusion_configs if name in f.split(",")]:
+        for fusion_name in [f for f, members in self._wiring.fusion_members.items() if name in members]:
             self.delete_adapter_fusion(fusion_name)
         self._remove_modules(name)
         reg = self.adapters_registry

@@ -90,6 +90,7 @@ class Wiring:
         self.shared_parameters: nn.ModuleDict = _child(base, "shared_parameters", nn.ModuleDict)
         self.prefix_layer_index: dict[str, dict[int, int]] = {}
         self.fusion_configs: dict[str, Any] = {}
+        self.fusion_members: dict[str, tuple[str, ...]] = {}  # fusion name -> the adapters it fuses
         self._local = threading.local()
         for i, layer in enumerate(self.layers):
             for site in spec.bottleneck_sites:

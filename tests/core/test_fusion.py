@@ -90,10 +90,13 @@ def test_fusion_requires_bottleneck_adapters_and_existing_layer() -> None:
         model.add_adapter_fusion(Fuse("a", "zz"))
 
 
-def test_deleting_a_fused_adapter_drops_the_fusion() -> None:
+@pytest.mark.parametrize("fuse", [Fuse("a", "b"), Fuse("a", "b", name="custom")], ids=["default-name", "custom-name"])
+def test_deleting_a_fused_adapter_drops_the_fusion(fuse: Fuse) -> None:
     model = _model()
     baseline = {k for k, _ in model.named_parameters()}
-    model.add_adapter_fusion(Fuse("a", "b"))
+    model.add_adapter_fusion(fuse)
     model.delete_adapter("b")
     assert not any("adapter_fusion_layer" in k for k, _ in model.named_parameters())
+    with pytest.raises(ValueError, match="no adapter fusion"):
+        model.delete_adapter_fusion(fuse)
     assert {k for k, _ in model.named_parameters()} == {k for k in baseline if ".adapters.b." not in k}
