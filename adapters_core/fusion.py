@@ -7,6 +7,8 @@ every bottleneck location where all fused adapters are present, under `adapter_f
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,29 @@ def _as_fuse(fusion: Fuse | list[str] | tuple[str, ...] | str) -> Fuse:
     if isinstance(fusion, str):
         fusion = fusion.split(",")
     return Fuse(*fusion)
+
+
+@dataclass(frozen=True)
+class FusionInfo:
+    """What inspect_fusion_dir learned: the fused adapters' names as saved, the config, the weights' size."""
+
+    adapter_names: tuple[str, ...]
+    config: dict[str, Any]
+    nbytes: int
+
+
+def _saved_fuse(meta: dict[str, Any]) -> Fuse:
+    names = meta.get("adapter_names") or str(meta.get("name", "")).split(",")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{FUSION_CONFIG}: adapter_names must be a non-empty list of adapter names")
+    return Fuse(*names, name=meta.get("name") or None)
+
+
+def _config(meta: dict[str, Any]) -> dict[str, Any]:
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        raise ValueError(f"{FUSION_CONFIG} has no `config` object")
+    return config
 
 
 class FusionMixin:
@@ -120,15 +145,32 @@ class FusionMixin:
         })
         write_safetensors(folder / FUSION_WEIGHTS, {k: p.detach() for k, p in self.fusion_named_parameters(fuse)})
 
-    def load_adapter_fusion(self, directory: str | os.PathLike[str], set_active: bool = False) -> Fuse:
+    def fusion_nbytes(self, fusion: Fuse | list[str] | str) -> int:
+        return sum(p.numel() * p.element_size() for _, p in self.fusion_named_parameters(fusion))
+
+    def load_adapter_fusion(
+        self, directory: str | os.PathLike[str], set_active: bool = False,
+        adapter_names: Sequence[str] | None = None, load_as: str | None = None,
+    ) -> Fuse:
+        """Load a saved fusion. `adapter_names` fuses these adapters instead of the saved ones (same count,
+        same order); `load_as` names the fusion layer in this model (its keys are renamed to match)."""
         folder = Path(directory)
         meta = read_json(folder / FUSION_CONFIG)
-        names = meta.get("adapter_names") or str(meta.get("name", "")).split(",")
-        fuse = Fuse(*names, name=meta.get("name") or None)
+        saved = _saved_fuse(meta)
+        names = list(saved.children) if adapter_names is None else list(adapter_names)
+        if len(names) != len(saved.children):
+            raise ValueError(f"the fusion fuses {len(saved.children)} adapters, {len(names)} names given")
+        default = saved.name if adapter_names is None else None
+        fuse = Fuse(*names, name=load_as or default)
         state = read_safetensors(folder / FUSION_WEIGHTS)
         if not state:
             raise ValueError(f"{FUSION_WEIGHTS} is missing or empty in {folder}")
-        self.add_adapter_fusion(fuse, AdapterFusionConfig.from_dict(meta["config"]), overwrite_ok=True)
+        old_mark, new_mark = f".adapter_fusion_layer.{saved.name}.", f".adapter_fusion_layer.{fuse.name}."
+        foreign = sorted(k for k in state if old_mark not in "." + k)
+        if foreign:
+            raise ValueError(f"fusion keys do not belong to fusion {saved.name!r}: {', '.join(foreign[:5])}")
+        state = {("." + k).replace(old_mark, new_mark, 1)[1:]: v for k, v in state.items()}
+        self.add_adapter_fusion(fuse, AdapterFusionConfig.from_dict(_config(meta)), overwrite_ok=True)
         params = dict(self.fusion_named_parameters(fuse))
         wrong = sorted(set(state) ^ set(params))
         if wrong:
@@ -143,3 +185,26 @@ class FusionMixin:
         if set_active:
             self.set_active_adapters(fuse)
         return fuse
+
+    def inspect_fusion_dir(self, path: str | os.PathLike[str], adapter_dirs: Sequence[str | os.PathLike[str]]) -> FusionInfo:
+        """Validate a saved fusion over the adapters saved in `adapter_dirs` (in the fusion's order) without
+        touching this model: both load into the meta-device copy that inspect_adapter_dir uses."""
+        from .model import _INSPECT_LOCK
+
+        meta = read_json(Path(path) / FUSION_CONFIG)
+        saved = _saved_fuse(meta)
+        if len(adapter_dirs) != len(saved.children):
+            raise ValueError(f"the fusion fuses {len(saved.children)} adapters, {len(adapter_dirs)} given")
+        with _INSPECT_LOCK, torch.device("meta"):
+            skeleton = self._inspection_skeleton()
+            probes: list[str] = []
+            try:
+                for i, folder in enumerate(adapter_dirs):
+                    probes.append(skeleton.load_adapter(str(folder), load_as=f"__fusion_probe_{i}", allow_pickle=False))
+                fuse = skeleton.load_adapter_fusion(path, adapter_names=probes, load_as="__fusion_probe")
+                nbytes = skeleton.fusion_nbytes(fuse)
+            finally:
+                for probe in probes:
+                    if skeleton.has_adapter(probe):
+                        skeleton.delete_adapter(probe)  # its fusions go with it
+        return FusionInfo(tuple(str(c) for c in saved.children), dict(_config(meta)), nbytes)

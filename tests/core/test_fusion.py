@@ -56,6 +56,68 @@ def test_fusion_save_load_roundtrip(tmp_path, config: str) -> None:
     assert "bert.encoder.layer.0.output.adapter_fusion_layer.a,b.query.weight" in keys
 
 
+def test_fusion_loads_over_renamed_adapters_and_inspects_without_touching_the_model(tmp_path) -> None:
+    """A server keeps adapters under its own names: the fusion saved over (a, b) loads over copies of them
+    named x and y under a third name, computes the same, and inspect_fusion_dir checks it on meta tensors."""
+    model = _model()
+    model.add_adapter_fusion(Fuse("a", "b"))
+    with torch.no_grad():
+        for _, p in model.fusion_named_parameters(Fuse("a", "b")):
+            p.add_(torch.randn_like(p) * 0.1)
+    expected = _hidden(model, Fuse("a", "b"))
+    for name in ("a", "b"):
+        model.save_adapter(tmp_path / name, name)
+    model.save_adapter_fusion(tmp_path / "fusion", Fuse("a", "b"))
+
+    server = _model()  # the same backbone
+    for name in ("a", "b", "c"):
+        server.delete_adapter(name)
+    before = {k for k, _ in server.named_parameters()}
+    info = server.inspect_fusion_dir(tmp_path / "fusion", [tmp_path / "a", tmp_path / "b"])
+    assert info.adapter_names == ("a", "b")
+    assert info.nbytes == model.fusion_nbytes(Fuse("a", "b")) > 0
+    assert {k for k, _ in server.named_parameters()} == before
+
+    server.load_adapter(str(tmp_path / "a"), load_as="x")
+    server.load_adapter(str(tmp_path / "b"), load_as="y")
+    fuse = server.load_adapter_fusion(tmp_path / "fusion", adapter_names=["x", "y"], load_as="f1")
+    assert fuse == Fuse("x", "y", name="f1")
+    assert (_hidden(server, fuse) - expected).abs().max() < 1e-6
+    server.delete_adapter("y")
+    assert not any("adapter_fusion_layer" in k for k, _ in server.named_parameters())
+
+
+@pytest.mark.parametrize("damage", ["names", "keys", "config"])
+def test_inspect_fusion_dir_names_what_is_wrong(tmp_path, damage: str) -> None:
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model = _model()
+    model.add_adapter_fusion(Fuse("a", "b"))
+    for name in ("a", "b", "c"):
+        model.save_adapter(tmp_path / name, name)
+    folder = tmp_path / "fusion"
+    model.save_adapter_fusion(folder, Fuse("a", "b"))
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    if damage == "names":
+        dirs.append(tmp_path / "c")
+        message = "fuses 2 adapters, 3 given"
+    elif damage == "keys":
+        state = load_file(str(folder / "model_adapter_fusion.safetensors"))
+        key = next(k for k in state if ".query." in k)
+        state[key.replace(".query.", ".quarry.")] = state.pop(key)
+        save_file(state, str(folder / "model_adapter_fusion.safetensors"))
+        message = "quarry"
+    else:
+        meta = json.loads((folder / "adapter_fusion_config.json").read_text())
+        del meta["config"]
+        (folder / "adapter_fusion_config.json").write_text(json.dumps(meta))
+        message = "no `config`"
+    with pytest.raises(ValueError, match=message):
+        model.inspect_fusion_dir(folder, dirs)
+
+
 def test_train_adapter_fusion_updates_only_fusion_layer() -> None:
     model = _model()
     model.add_adapter_fusion(Fuse("a", "b", "c"))
