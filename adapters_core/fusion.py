@@ -46,11 +46,16 @@ class FusionInfo:
     nbytes: int
 
 
-def _saved_fuse(meta: dict[str, Any]) -> Fuse:
+def saved_fusion_names(meta: dict[str, Any]) -> tuple[str, ...]:
+    """The adapters a saved fusion config fuses: `adapter_names`, else AdapterHub's comma-joined `name`."""
     names = meta.get("adapter_names") or str(meta.get("name", "")).split(",")
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
         raise ValueError(f"{FUSION_CONFIG}: adapter_names must be a non-empty list of adapter names")
-    return Fuse(*names, name=meta.get("name") or None)
+    return tuple(names)
+
+
+def _saved_fuse(meta: dict[str, Any]) -> Fuse:
+    return Fuse(*saved_fusion_names(meta), name=meta.get("name") or None)
 
 
 def _config(meta: dict[str, Any]) -> dict[str, Any]:

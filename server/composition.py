@@ -24,6 +24,14 @@ Lookup = Callable[[str], VersionMeta | None]
 
 
 @dataclass(frozen=True)
+class FusionLookup:
+    """How a request's Fuse blocks find an uploaded AdapterFusion and the adapter versions it was made for."""
+
+    over: Callable[[tuple[str, ...]], VersionMeta | None]  # the fusion over exactly these adapters, in order
+    version: Callable[[str, str, int], VersionMeta | None]  # (tenant, name, version) -> that stored version
+
+
+@dataclass(frozen=True)
 class Resolved:
     """A composition pinned to exact stored versions (so a hot swap never changes a queued request)."""
 
@@ -42,14 +50,66 @@ class Resolved:
         return len(self.block.children) if isinstance(self.block, Parallel) else 1
 
 
-def _rename(obj: Any, names: dict[str, str]) -> Any:
+FusedUse = tuple[VersionMeta, list[VersionMeta]]  # an AdapterFusion and the adapter versions it fuses
+
+
+def _rename(obj: Any, names: dict[str, str], fused: dict[tuple[tuple[str, ...], str], FusedUse]) -> Any:
+    """The composition's JSON over model-side names; a fuse block becomes the fusion over its pinned versions."""
     if isinstance(obj, str):
         return names[obj]
     if isinstance(obj, list):
-        return [_rename(o, names) for o in obj]
+        return [_rename(o, names, fused) for o in obj]
+    if isinstance(obj, dict) and "fuse" in obj:
+        fusion, members = fused[(tuple(obj["fuse"]), obj.get("name") or ",".join(obj["fuse"]))]
+        return {"fuse": [m.internal for m in members], "name": fusion.internal}
     if isinstance(obj, dict):
-        return {k: (_rename(v, names) if isinstance(v, list | str) and k != "name" else v) for k, v in obj.items()}
+        return {k: (_rename(v, names, fused) if isinstance(v, list | str) and k != "name" else v) for k, v in obj.items()}
     return obj
+
+
+def _fuse_blocks(block: AdapterCompositionBlock | str) -> list[Fuse]:
+    if isinstance(block, str):
+        return []
+    own = [block] if isinstance(block, Fuse) else []
+    return own + [f for c in block.children for f in _fuse_blocks(c)]
+
+
+def _find_fusion(fuse: Fuse, lookup: Lookup, fusions: FusionLookup | None) -> FusedUse:
+    """The uploaded AdapterFusion a Fuse block means (by its explicit name, else over its adapters) and the
+    adapter versions it was made for; 404/422 naming what is missing."""
+    children = fuse.children
+    if not all(isinstance(c, str) for c in children):
+        raise ProblemError(422, "invalid-composition", "a fuse block must list adapter names (fusing nested blocks is not supported)")
+    default = ",".join(children)
+    if fusions is None:
+        raise ProblemError(422, "invalid-composition", f"no AdapterFusion over {list(children)} can be used here")
+    if fuse.name != default:
+        meta = lookup(fuse.name)
+        if meta is None:
+            raise ProblemError(404, "unknown-adapter", f"no AdapterFusion named {fuse.name!r} for this tenant")
+        if meta.method != "fusion":
+            raise ProblemError(422, "invalid-composition", f"{fuse.name!r} is not an AdapterFusion (it is a {meta.method} adapter)")
+    else:
+        meta = fusions.over(tuple(children))
+        if meta is None:
+            raise ProblemError(
+                422, "invalid-composition",
+                f"no AdapterFusion over {list(children)} has been uploaded; upload one (adapter_fusion_config.json and "
+                "model_adapter_fusion.safetensors), then use {\"fuse\": [...]} or {\"fuse\": [...], \"name\": ...}",
+            )
+    fused_names = [f["name"] for f in meta.fused]
+    if fused_names != list(children):
+        raise ProblemError(422, "invalid-composition", f"AdapterFusion {meta.name!r} fuses {fused_names}, not {list(children)}")
+    members = []
+    for f in meta.fused:
+        member = fusions.version(f["tenant"], f["name"], int(f["version"]))
+        if member is None or member.internal != f["internal"]:
+            raise ProblemError(
+                422, "stale-fusion",
+                f"AdapterFusion {meta.name!r} was made for version {f['version']} of {f['name']!r}, which is gone; upload the fusion again",
+            )
+        members.append(member)
+    return meta, members
 
 
 def _contains_parallel(block: AdapterCompositionBlock | str) -> bool:
@@ -63,8 +123,9 @@ def batchable(block: AdapterCompositionBlock | str) -> AdapterCompositionBlock |
     return Stack(block) if isinstance(block, Fuse) else block
 
 
-def resolve(spec: Any, lookup: Lookup, head: str | None, task: str) -> Resolved:
-    """Parse and validate the JSON composition; 404 for unknown adapters, 422 for invalid ones."""
+def resolve(spec: Any, lookup: Lookup, head: str | None, task: str, fusions: FusionLookup | None = None) -> Resolved:
+    """Parse and validate the JSON composition; 404 for unknown adapters, 422 for invalid ones. A fuse block
+    uses the uploaded AdapterFusion over its adapters, with the adapter versions that fusion was made for."""
     try:
         user_block = composition_from_json(spec)
     except ValueError as exc:
@@ -77,17 +138,29 @@ def resolve(spec: Any, lookup: Lookup, head: str | None, task: str) -> Resolved:
         meta = lookup(name)
         if meta is None:
             raise ProblemError(404, "unknown-adapter", f"no adapter named {name!r} for this tenant")
+        if meta.method == "fusion":
+            raise ProblemError(
+                422, "invalid-composition",
+                f"{name!r} is an AdapterFusion; use it as {{\"fuse\": {[f['name'] for f in meta.fused]}, \"name\": \"{name}\"}}",
+            )
         metas[name] = meta
     try:
         validate_composition(user_block, {n: m.methods for n, m in metas.items()})
     except ValueError as exc:
         raise ProblemError(422, "invalid-composition", str(exc)) from None
+    fused = {(tuple(f.children), f.name): _find_fusion(f, lookup, fusions) for f in _fuse_blocks(user_block)}
     internal = {n: m.internal for n, m in metas.items()}
-    block: AdapterCompositionBlock | str = composition_from_json(_rename(composition_to_json(user_block), internal))
+    block: AdapterCompositionBlock | str = composition_from_json(_rename(composition_to_json(user_block), internal, fused))
     if isinstance(block, Stack) and len(block.children) == 1 and isinstance(block.children[0], str):
         block = block.children[0]
     head_meta = _pick_head(user_block, metas, head, task)
-    return Resolved(block, tuple(metas.values()), head_meta, _contains_parallel(block))
+    # what the model must hold: the adapters the block names (a fuse block's pinned versions), then the fusions
+    known = {m.internal: m for m in (*metas.values(), *(m for _, ms in fused.values() for m in ms))}
+    used = [known[i] for i in dict.fromkeys(block.flatten() if not isinstance(block, str) else (block,))]
+    used += list({f.internal: f for f, _ in fused.values()}.values())
+    if head_meta is not None and head_meta.internal not in {m.internal for m in used}:
+        used.append(head_meta)
+    return Resolved(block, tuple(used), head_meta, _contains_parallel(block))
 
 
 def _pick_head(

@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from adapters_core.composition import AdapterCompositionBlock, BatchSplit
+from adapters_core.fusion import FusionInfo
 from adapters_core.head_types import mean_pool
 from server.composition import batchable
 from server.store import Upload
@@ -114,6 +115,10 @@ class Backbone:
             head = read_head_labels(folder / "head_config.json")
         return Upload(method=str(info.method), methods=methods, has_head=bool(info.has_head), nbytes=int(info.nbytes), head=head)
 
+    def inspect_fusion(self, folder: Path, adapter_dirs: Sequence[Path]) -> FusionInfo:
+        """Validate an AdapterFusion folder over the given stored adapters (meta device, any thread)."""
+        return self._shape_model.inspect_fusion_dir(str(folder), [str(d) for d in adapter_dirs])
+
 
 class Engine(Backbone):
     """Backbone + tokenizer in this process; loads adapters by internal name and runs mixed-adapter batches."""
@@ -131,11 +136,19 @@ class Engine(Backbone):
         model = AutoAdapterModel.from_pretrained(model_path)
         model.eval()
         self.model: Any = model.to(device=self.device, dtype=self.dtype)
+        self._fusions: dict[str, tuple[str, ...]] = {}  # loaded fusion -> the adapters it fuses
         self._describe(self.model)
         log.info("backbone %s: hidden %d, %d layers, %s %s", model_path, self.hidden_size, self.num_layers, self.device, dtype)
 
     # -- adapters (on the inference thread) -----------------------------------------------------
-    def load(self, path: Path, internal: str) -> int:
+    def load(self, path: Path, internal: str, fuses: Sequence[str] = ()) -> int:
+        """Load the adapter stored at `path` as `internal`; with `fuses`, an AdapterFusion over those loaded
+        adapters. Returns the bytes it holds."""
+        if fuses:
+            self.model.load_adapter_fusion(str(path), adapter_names=list(fuses), load_as=internal)
+            self._fusions[internal] = tuple(fuses)
+            self.model.to(device=self.device, dtype=self.dtype)
+            return int(self.model.fusion_nbytes(internal))
         name = self.model.load_adapter(str(path), load_as=internal, allow_pickle=False)
         if name != internal:
             raise RuntimeError(f"load_adapter returned {name!r}, expected {internal!r}")
@@ -143,7 +156,13 @@ class Engine(Backbone):
         return int(self.model.adapter_nbytes(internal))
 
     def unload(self, internal: str) -> None:
+        """Unload an adapter (with every fusion over it) or a fusion."""
+        if self._fusions.pop(internal, None) is not None:
+            self.model.delete_adapter_fusion(internal)
+            return
         self.model.delete_adapter(internal)
+        for fusion in [f for f, members in self._fusions.items() if internal in members]:
+            del self._fusions[fusion]
 
     # -- forward -------------------------------------------------------------------------------
     def _inputs(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from adapters_core.formats import FUSION_CONFIG, FUSION_WEIGHTS
 from server.problems import ProblemError
 
 ADAPTER_FILES = frozenset(
-    {"adapter_config.json", "adapter.safetensors", "head_config.json", "model_head.safetensors", "adapter_model.safetensors"}
+    {"adapter_config.json", "adapter.safetensors", "head_config.json", "model_head.safetensors", "adapter_model.safetensors",
+     FUSION_CONFIG, FUSION_WEIGHTS}
 )
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz"})
 IGNORED_FILES = frozenset({"README.md", ".gitattributes"})

@@ -25,9 +25,9 @@ log = logging.getLogger("adapterserve.residency")
 class AdapterLoader(Protocol):
     """What residency needs from the model side."""
 
-    def load(self, path: Path, internal: str) -> int: ...  # returns bytes now held by the model
+    def load(self, path: Path, internal: str, fuses: tuple[str, ...] = ()) -> int: ...  # bytes now held by the model
 
-    def unload(self, internal: str) -> None: ...
+    def unload(self, internal: str) -> None: ...  # an adapter's unload also unloads the fusions over it
 
 
 class AdapterUnavailable(Exception):
@@ -154,7 +154,7 @@ class Residency:
         start = time.perf_counter()
         try:
             self._verify(meta, path)
-            nbytes = self.loader.load(path, internal)
+            nbytes = self.loader.load(path, internal, meta.fused_internals)
         except Exception as exc:
             self.metrics.adapter_loads.labels(result="error").inc()
             log.error("loading %s/%s v%d failed: %s", meta.tenant, meta.name, meta.version, exc)
@@ -191,6 +191,10 @@ class Residency:
             self.loader.unload(internal)
         finally:
             self.drop(internal)
+            with self._lock:
+                dependents = [k for k, e in self._resident.items() if internal in e.meta.fused_internals]
+            for fusion in dependents:  # the model dropped them with the adapter they fuse
+                self.drop(fusion)
 
     def drop(self, internal: str) -> None:
         """Forget a resident adapter without unloading it: after `_unload`, or when the model lost it on its own

@@ -11,7 +11,7 @@ from fastapi import Request
 
 from server.auth import SHARED_TENANT, KeyRing, Principal
 from server.batcher import Batcher, DeadlineExceeded, Draining, Job, QueueFull
-from server.composition import Resolved, resolve
+from server.composition import FusionLookup, Resolved, resolve
 from server.inference import Task, Work, group_key
 from server.metrics import Metrics
 from server.problems import ProblemError
@@ -55,6 +55,14 @@ class Runtime:
         """A tenant's own adapter first, then a shared one; None (-> 404) for anything else."""
         return self.store.latest(principal.tenant, name) or self.store.latest(SHARED_TENANT, name)
 
+    def find_fusion(self, principal: Principal, adapters: tuple[str, ...]) -> VersionMeta | None:
+        """The tenant's own AdapterFusion over exactly these adapters (in order), else a shared one."""
+        for tenant in (principal.tenant, SHARED_TENANT):
+            for meta in self.store.list(tenant):
+                if meta.method == "fusion" and tuple(f["name"] for f in meta.fused) == adapters:
+                    return meta
+        return None
+
     # -- inputs ----------------------------------------------------------------------------------
     def check_inputs(self, texts: list[str]) -> None:
         if not texts:
@@ -84,7 +92,8 @@ class Runtime:
 
     # -- inference -------------------------------------------------------------------------------
     def resolve(self, principal: Principal, spec: Any, head: str | None, task: str) -> Resolved:
-        return resolve(spec, lambda n: self.find(principal, n), head, task)
+        fusions = FusionLookup(lambda names: self.find_fusion(principal, names), self.store.meta)
+        return resolve(spec, lambda n: self.find(principal, n), head, task, fusions)
 
     async def infer(self, tokens: Tokenized, resolved: Resolved, task: Task) -> Any:
         """Queue the rows and wait for the batch that runs them; maps queue errors to problems."""

@@ -17,8 +17,14 @@ class FileOut(BaseModel):
     size: int
 
 
+class FusedOut(BaseModel):
+    name: str
+    version: int
+    owner: Literal["tenant", "shared"]
+
+
 class AdapterOut(BaseModel):
-    """One stored adapter version."""
+    """One stored adapter version (or AdapterFusion: method "fusion", with `fuses`)."""
 
     name: str
     version: int
@@ -34,6 +40,9 @@ class AdapterOut(BaseModel):
     created: str
     uploader: str
     versions: list[int] | None = None
+    fuses: list[FusedOut] | None = Field(
+        None, description="an AdapterFusion's adapters, pinned to the versions current at its upload"
+    )
 
 
 class AdapterList(BaseModel):
@@ -61,7 +70,8 @@ UPLOAD_SCHEMA: dict[str, Any] = {
                             "items": {"type": "string", "format": "binary"},
                             "description": "adapter files; each part's filename is its name in the adapter folder "
                             "(adapter_config.json, adapter.safetensors or adapter_model.safetensors, "
-                            "head_config.json, model_head.safetensors)",
+                            "head_config.json, model_head.safetensors; or, for an AdapterFusion over adapters "
+                            "already uploaded, adapter_fusion_config.json and model_adapter_fusion.safetensors)",
                         },
                         "archive": {"type": "string", "format": "binary", "description": ".tar, .tar.gz or .zip of one adapter folder"},
                     },

@@ -83,6 +83,16 @@ class VersionMeta:
         raw = f"{self.tenant}/{self.name}/{self.version}/{self.sha256}/{self.created}"
         return "a_" + hashlib.sha256(raw.encode()).hexdigest()[:24]
 
+    @property
+    def fused(self) -> tuple[dict[str, Any], ...]:
+        """An AdapterFusion's adapters, in order, pinned to the versions current at its upload:
+        ({tenant, name, version, internal}, ...); empty for an adapter."""
+        return tuple(self.extra.get("fuses", ()))
+
+    @property
+    def fused_internals(self) -> tuple[str, ...]:
+        return tuple(str(f["internal"]) for f in self.fused)
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["methods"] = list(self.methods)

@@ -90,6 +90,15 @@ def _stage(staged: Path, files: list[UploadFile], archive: UploadFile | None, li
         copy_limited(part.file, staged / base, budget)
 
 
+def _member(rt: Runtime, tenant: str, name: str) -> tuple[VersionMeta, Path] | None:
+    """An adapter a fusion stored under `tenant` may fuse: the tenant's own, else a shared one (a shared
+    fusion, visible to every tenant, may fuse shared adapters only)."""
+    meta = rt.store.latest(tenant, name)
+    if meta is None and tenant != SHARED_TENANT:
+        meta = rt.store.latest(SHARED_TENANT, name)
+    return None if meta is None else (meta, rt.store.version_dir(meta.tenant, meta.name, meta.version))
+
+
 def _check_quota(rt: Runtime, tenant: str, name: str, staged: Path) -> None:
     if tenant == SHARED_TENANT:
         return
@@ -114,7 +123,7 @@ async def ingest(rt: Runtime, request: Request, principal: Principal, name: str 
     try:
         await run_in_threadpool(_stage, staged, files, archive, rt.settings.max_upload_bytes)
         # the library probes a meta-device copy of the architecture, so this need not wait for the inference thread
-        upload = await run_in_threadpool(validate_upload, staged, rt.engine)
+        upload = await run_in_threadpool(validate_upload, staged, rt.engine, lambda n: _member(rt, tenant, n))
         _check_quota(rt, tenant, name, staged)
         uploader = f"{principal.tenant}:{principal.key_id}"
         return await run_in_threadpool(rt.store.commit, tenant, name, staged, upload, uploader)

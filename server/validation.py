@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from adapters_core.formats import FUSION_CONFIG, FUSION_WEIGHTS
+from adapters_core.fusion import FusionInfo, saved_fusion_names
 from server.problems import ProblemError
 from server.safetensors_check import read_safetensors_shapes
-from server.store import Upload
+from server.store import Upload, VersionMeta
 
 WEIGHT_FILES = ("adapter.safetensors", "adapter_model.safetensors")
+FUSION_FILES = frozenset({FUSION_CONFIG, FUSION_WEIGHTS})
+
+# an adapter name as the uploader sees it -> its current version and folder (None: no such adapter)
+MemberLookup = Callable[[str], tuple[VersionMeta, Path] | None]
 
 
 class Inspector(Protocol):
@@ -19,6 +26,8 @@ class Inspector(Protocol):
     hidden_size: int
 
     def inspect(self, folder: Path) -> Upload: ...
+
+    def inspect_fusion(self, folder: Path, adapter_dirs: Sequence[Path]) -> FusionInfo: ...
 
 
 def _json_object(path: Path) -> dict[str, Any]:
@@ -58,20 +67,66 @@ def check_files(folder: Path) -> None:
 
 def check_backbone(folder: Path, inspector: Inspector) -> Upload:
     """Hidden size from the config, then the library's full check of every key's shape and the method config."""
-    config = _json_object(folder / "adapter_config.json")
-    hidden = config.get("hidden_size")
-    if isinstance(hidden, int) and hidden != inspector.hidden_size:
-        raise ProblemError(
-            422, "incompatible-adapter",
-            f"adapter_config.json says hidden_size {hidden}, but this server's backbone has hidden size {inspector.hidden_size}",
-        )
+    _check_hidden(_json_object(folder / "adapter_config.json"), "adapter_config.json", inspector)
     try:
         return inspector.inspect(folder)
     except (ValueError, KeyError, TypeError) as exc:
         raise ProblemError(422, "incompatible-adapter", f"the adapter does not fit this backbone: {exc}") from None
 
 
-def validate_upload(folder: Path, inspector: Inspector) -> Upload:
-    """All checks, in order; raises ProblemError (4xx) naming the problem."""
+def _check_hidden(config: dict[str, Any], name: str, inspector: Inspector) -> None:
+    hidden = config.get("hidden_size")
+    if isinstance(hidden, int) and hidden != inspector.hidden_size:
+        raise ProblemError(
+            422, "incompatible-adapter",
+            f"{name} says hidden_size {hidden}, but this server's backbone has hidden size {inspector.hidden_size}",
+        )
+
+
+def validate_fusion(folder: Path, inspector: Inspector, member: MemberLookup) -> Upload:
+    """An AdapterFusion over adapters this tenant already has: its files, the adapters it names (bottleneck
+    adapters, pinned to their current versions), then every key and shape against them on the meta model."""
+    present = {p.name for p in folder.iterdir()}
+    others = sorted(present - FUSION_FILES)
+    if others:
+        raise ProblemError(422, "bad-file", f"an AdapterFusion upload holds only {FUSION_CONFIG} and {FUSION_WEIGHTS}; "
+                           f"upload {', '.join(others)} as an adapter of its own")
+    if FUSION_WEIGHTS not in present:
+        raise ProblemError(422, "missing-file", f"{FUSION_WEIGHTS} is missing")
+    try:
+        read_safetensors_shapes(folder / FUSION_WEIGHTS)
+    except ValueError as exc:
+        raise ProblemError(422, "invalid-weights", str(exc)) from None
+    config = _json_object(folder / FUSION_CONFIG)
+    _check_hidden(config, FUSION_CONFIG, inspector)
+    try:
+        names = saved_fusion_names(config)
+    except ValueError as exc:
+        raise ProblemError(422, "invalid-config", str(exc)) from None
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise ProblemError(422, "invalid-config", f"{FUSION_CONFIG}: a fusion fuses two or more different adapters, got {list(names)}")
+    found: list[tuple[VersionMeta, Path]] = []
+    for name in names:
+        hit = member(name)
+        if hit is None:
+            raise ProblemError(422, "invalid-fusion", f"the fusion fuses {name!r}, but there is no adapter of that name here; upload it first")
+        if hit[0].methods != ("bottleneck",):
+            raise ProblemError(422, "invalid-fusion", f"the fusion fuses {name!r}, a {hit[0].method} adapter; AdapterFusion fuses bottleneck adapters only")
+        found.append(hit)
+    try:
+        info = inspector.inspect_fusion(folder, [path for _, path in found])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ProblemError(422, "incompatible-adapter", f"the fusion does not fit these adapters on this backbone: {exc}") from None
+    fuses = [{"tenant": m.tenant, "name": m.name, "version": m.version, "internal": m.internal} for m, _ in found]
+    return Upload(method="fusion", methods=("fusion",), has_head=False, nbytes=int(info.nbytes), extra={"fuses": fuses})
+
+
+def validate_upload(folder: Path, inspector: Inspector, member: MemberLookup | None = None) -> Upload:
+    """All checks, in order; raises ProblemError (4xx) naming the problem. A folder holding a fusion config
+    is an AdapterFusion, checked against the adapters `member` finds."""
+    if (folder / FUSION_CONFIG).exists():
+        if member is None:
+            raise ProblemError(422, "bad-file", f"{FUSION_CONFIG} cannot be uploaded here")
+        return validate_fusion(folder, inspector, member)
     check_files(folder)
     return check_backbone(folder, inspector)

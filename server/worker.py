@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,7 @@ class WorkerEngine(Backbone):
             self._describe(AutoAdapterModel.from_config(config))
         self._args = (model_path, device, dtype, threads, length_buckets)
         self._lock = threading.Lock()
-        self._loaded: dict[str, Path] = {}  # internal name -> folder: what a new child loads again
+        self._loaded: dict[str, tuple[Path, tuple[str, ...]]] = {}  # internal -> (folder, fused): what a new child reloads
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self.restarts = 0
@@ -110,9 +110,9 @@ class WorkerEngine(Backbone):
         self.restarts += 1
         if self.on_restart is not None:
             self.on_restart()
-        for internal, path in list(self._loaded.items()):
+        for internal, (path, fuses) in list(self._loaded.items()):  # in load order: adapters before their fusions
             try:
-                self._request("load", path, internal)
+                self._request("load", path, internal, fuses)
             except Exception:
                 log.exception("reloading adapter %s into the new inference worker failed", internal)
                 self._loaded.pop(internal, None)
@@ -164,13 +164,16 @@ class WorkerEngine(Backbone):
                 self._restart()
             return self._request(op, *args)
 
-    def load(self, path: Path, internal: str) -> int:
-        nbytes = int(self._call("load", Path(path), internal))
-        self._loaded[internal] = Path(path)
+    def load(self, path: Path, internal: str, fuses: Sequence[str] = ()) -> int:
+        nbytes = int(self._call("load", Path(path), internal, tuple(fuses)))
+        self._loaded[internal] = (Path(path), tuple(fuses))
         return nbytes
 
     def unload(self, internal: str) -> None:
+        """As Engine.unload: the child drops the fusions over an unloaded adapter, and so does the replay list."""
         self._loaded.pop(internal, None)
+        for fusion in [f for f, (_, fuses) in self._loaded.items() if internal in fuses]:
+            del self._loaded[fusion]
         self._call("unload", internal)
 
     def embed(self, segments: list[Segment]) -> list[np.ndarray]:

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from server.auth import SHARED_TENANT, Principal, authenticate
 from server.problems import ProblemError, problem_responses
 from server.runtime import Runtime, runtime_of
-from server.schemas import UPLOAD_SCHEMA, AdapterList, AdapterOut, Deleted, FileOut
+from server.schemas import UPLOAD_SCHEMA, AdapterList, AdapterOut, Deleted, FileOut, FusedOut
 from server.store import VersionMeta
 from server.uploads import check_name, ingest, owner_tenant
 
@@ -21,12 +21,17 @@ Rt = Annotated[Runtime, Depends(runtime_of)]
 Shared = Annotated[bool, Query(description="admins: act on the shared adapters (visible to every tenant)")]
 
 
+def _owner(tenant: str) -> str:
+    return "shared" if tenant == SHARED_TENANT else "tenant"
+
+
 def adapter_out(meta: VersionMeta, versions: list[int] | None = None) -> AdapterOut:
+    fuses = [FusedOut(name=f["name"], version=f["version"], owner=_owner(f["tenant"])) for f in meta.fused] or None
     return AdapterOut(
-        name=meta.name, version=meta.version, owner="shared" if meta.tenant == SHARED_TENANT else "tenant",
+        name=meta.name, version=meta.version, owner=_owner(meta.tenant),
         sha256=meta.sha256, method=meta.method, methods=list(meta.methods), has_head=meta.has_head, head=meta.head,
         nbytes=meta.nbytes, size=meta.size, files={k: FileOut(sha256=v.sha256, size=v.size) for k, v in meta.files.items()},
-        created=meta.created, uploader=meta.uploader, versions=versions,
+        created=meta.created, uploader=meta.uploader, versions=versions, fuses=fuses,
     )
 
 

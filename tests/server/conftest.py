@@ -107,12 +107,15 @@ class Reference:
         name = f"ref{self._n}"
         return self.embed_composition({name: folder}, name, texts)
 
-    def embed_composition(self, folders: dict[str, Path], setup: Any, texts: list[str]) -> np.ndarray:
-        """Embeddings under a composition block over the given adapters (loaded under their own names)."""
+    def embed_composition(self, folders: dict[str, Path], setup: Any, texts: list[str], fusion: Path | None = None) -> np.ndarray:
+        """Embeddings under a composition block over the given adapters (loaded under their own names), with
+        an AdapterFusion saved over those names loaded too when given."""
         from adapters_core import AdapterSetup
 
         for name, folder in folders.items():
             self.model.load_adapter(str(folder), load_as=name)
+        if fusion is not None:
+            self.model.load_adapter_fusion(str(fusion))  # deleting its adapters below deletes it too
         try:
             enc = self.tok(texts, padding=True, return_tensors="pt")
             with torch.inference_mode(), AdapterSetup(setup):
@@ -201,6 +204,23 @@ def settings_for(model_dir: Path, store: Path, **kw: Any) -> Settings:
     base: dict[str, Any] = {"model_path": str(model_dir), "store_dir": store, "device": "cpu", "max_wait_ms": 20}
     base.update(kw)
     return Settings(**base)
+
+
+def make_fusion(model_dir: Path, folders: dict[str, Path], out: Path, seed: int) -> Path:
+    """An AdapterFusion over the given adapters (saved under those names), with noisy weights, saved by adapters_core."""
+    from adapters_core import AutoAdapterModel, Fuse
+
+    model = AutoAdapterModel.from_pretrained(str(model_dir))
+    for name, folder in folders.items():
+        model.load_adapter(str(folder), load_as=name)
+    fuse = Fuse(*folders)
+    model.add_adapter_fusion(fuse)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.fusion_named_parameters(fuse):
+            p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    model.save_adapter_fusion(str(out), fuse)
+    return out
 
 
 def upload_files(client: httpx.Client, name: str, folder: Path, path: str = "/v1/adapters", **params: Any) -> httpx.Response:

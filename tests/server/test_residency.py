@@ -12,18 +12,28 @@ from server.store import AdapterStore, Upload, VersionMeta
 
 
 class FakeLoader:
+    """Keeps the model-side rules residency relies on: a fusion loads only over loaded adapters, and
+    unloading an adapter unloads the fusions over it."""
+
     def __init__(self) -> None:
         self.loaded: dict[str, int] = {}
+        self.fusions: dict[str, tuple[str, ...]] = {}
         self.log: list[str] = []
 
-    def load(self, path: Path, internal: str) -> int:
+    def load(self, path: Path, internal: str, fuses: tuple[str, ...] = ()) -> int:
         assert path.is_dir()
+        assert all(f in self.loaded for f in fuses), "a fusion needs its adapters loaded first"
         self.loaded[internal] = 100
+        if fuses:
+            self.fusions[internal] = fuses
         self.log.append("load " + internal)
         return 100
 
     def unload(self, internal: str) -> None:
         del self.loaded[internal]
+        self.fusions.pop(internal, None)
+        for fusion in [f for f, members in self.fusions.items() if internal in members]:
+            del self.loaded[fusion], self.fusions[fusion]
         self.log.append("unload " + internal)
 
 
@@ -97,3 +107,21 @@ def test_corrupt_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(AdapterUnavailable, match="sha256"):
         res.prepare([m[0]])
     assert not loader.loaded
+
+
+def test_evicting_a_fused_adapter_forgets_its_fusion(tmp_path: Path) -> None:
+    store, m = _metas(tmp_path, 3)
+    d = store.staging_dir()
+    (d / "model_adapter_fusion.safetensors").write_bytes(b"f")
+    fuses = [{"tenant": x.tenant, "name": x.name, "version": x.version, "internal": x.internal} for x in m[:2]]
+    fusion = store.commit("t", "f", d, Upload("fusion", ("fusion",), False, 100, extra={"fuses": fuses}), "u")
+    assert fusion.fused_internals == (m[0].internal, m[1].internal)
+    res, loader, _ = _residency(store, 300)
+    res.prepare([m[0], m[1], fusion])
+    assert loader.fusions == {fusion.internal: fusion.fused_internals}
+    res.unpin_metas([m[0], m[1], fusion])
+    res.prepare([m[2]])  # over budget: a0 (least recently used) goes, and the model drops the fusion with it
+    res.unpin_metas([m[2]])
+    assert fusion.internal not in loader.loaded and not res.is_resident(fusion.internal)
+    res.prepare([m[0], m[1], fusion])  # used again: the adapter and then the fusion load again
+    assert res.is_resident(fusion.internal) and loader.fusions == {fusion.internal: fusion.fused_internals}
