@@ -14,7 +14,7 @@ from server.auth import SHARED_TENANT, Principal
 from server.intake import ByteBudget, accepted_name, clear, copy_limited, extract_archive
 from server.problems import ProblemError
 from server.runtime import Runtime
-from server.store import NAME_RE, VersionMeta
+from server.store import NAME_RE, Upload, VersionMeta
 from server.validation import validate_upload
 
 log = logging.getLogger("adapterserve.uploads")
@@ -99,6 +99,14 @@ def _member(rt: Runtime, tenant: str, name: str) -> tuple[VersionMeta, Path] | N
     return None if meta is None else (meta, rt.store.version_dir(meta.tenant, meta.name, meta.version))
 
 
+def _check_kind(rt: Runtime, tenant: str, name: str, upload: Upload) -> None:
+    """A name stays an adapter or an AdapterFusion across its versions (requests address the two differently)."""
+    previous = rt.store.latest(tenant, name)
+    if previous is not None and (previous.method == "fusion") != (upload.method == "fusion"):
+        kinds = ("an AdapterFusion", "an adapter") if previous.method == "fusion" else ("an adapter", "an AdapterFusion")
+        raise ProblemError(422, "kind-change", f"{name!r} is {kinds[0]}; a new version cannot be {kinds[1]}; use another name")
+
+
 def _check_quota(rt: Runtime, tenant: str, name: str, staged: Path) -> None:
     if tenant == SHARED_TENANT:
         return
@@ -124,6 +132,7 @@ async def ingest(rt: Runtime, request: Request, principal: Principal, name: str 
         await run_in_threadpool(_stage, staged, files, archive, rt.settings.max_upload_bytes)
         # the library probes a meta-device copy of the architecture, so this need not wait for the inference thread
         upload = await run_in_threadpool(validate_upload, staged, rt.engine, lambda n: _member(rt, tenant, n))
+        _check_kind(rt, tenant, name, upload)
         _check_quota(rt, tenant, name, staged)
         uploader = f"{principal.tenant}:{principal.key_id}"
         return await run_in_threadpool(rt.store.commit, tenant, name, staged, upload, uploader)

@@ -44,6 +44,7 @@ def _epoch(iso: str) -> int:
 async def models(principal: Auth, rt: Rt) -> ModelList:
     own = await run_in_threadpool(rt.store.list, principal.tenant)
     shared = await run_in_threadpool(rt.store.list, SHARED_TENANT)
+    own, shared = ([m for m in metas if m.method != "fusion"] for metas in (own, shared))  # a fusion is no model alone
     cards = [ModelCard(id=m.name, created=_epoch(m.created), owned_by=principal.tenant) for m in own]
     names = {m.name for m in own}
     cards += [ModelCard(id=m.name, created=_epoch(m.created), owned_by="shared") for m in shared if m.name not in names]

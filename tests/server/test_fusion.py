@@ -165,6 +165,12 @@ def test_bad_fusion_uploads_and_uses(
         assert upload_files(c, "fgood", fusion).status_code == 201
         r = _infer(c, "fgood")
         assert r.status_code == 422 and "is an AdapterFusion" in r.json()["detail"] and '"name": "fgood"' in r.json()["detail"], r.text
+        r = c.post("/v1/embeddings", json={"model": "fgood", "input": "fun"})
+        assert r.status_code == 422 and "is an AdapterFusion" in r.json()["detail"], r.text
+        assert "fgood" not in [m["id"] for m in c.get("/v1/models").json()["data"]]
+        snapshot = store_snapshot(root)
+        bad("ba", fusion, 422, "'ba' is an adapter", "cannot be an AdapterFusion")  # no kind change across versions
+        bad("fgood", folders["ba"], 422, "'fgood' is an AdapterFusion")
         r = _infer(c, {"fuse": ["bb", "ba"], "name": "fgood"})
         assert r.status_code == 422 and "fuses ['ba', 'bb']" in r.json()["detail"], r.text
         r = _infer(c, {"fuse": ["ba", "bb"], "name": "bl"})
