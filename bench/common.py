@@ -6,6 +6,7 @@ import importlib.util
 import os
 import random
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -140,6 +141,24 @@ def count_flops(fn: Callable[[], object]) -> int:
     with FlopCounterMode(display=False, custom_mapping=extra) as counter:
         fn()
     return counter.get_total_flops()
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 180.0) -> None:
+    """Poll `url`/readyz until it answers 200; RuntimeError with the server's log if the process exits or
+    the time runs out (the process is killed then)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("server did not start:\n" + log.read_text())
+        time.sleep(0.2)
 
 
 def setup_threads(n: int) -> None:

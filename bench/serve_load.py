@@ -37,6 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import wait_ready  # noqa: E402
 from bench.http_client import HTTPError, KeepAliveClient  # noqa: E402
 from server.settings import default_model_path  # noqa: E402
 
@@ -193,17 +194,8 @@ def start_server(model_path: str, store: Path, max_batch_size: int, log: Path, t
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return Server(proc, url)
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit("server did not start:\n" + log.read_text())
-        time.sleep(0.2)
+    wait_ready(url, proc, log)
+    return Server(proc, url)
 
 
 def stop_server(server: Server) -> int:

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.common import wait_ready
 from server.settings import default_model_path
 from tests.server.conftest import SENTENCES, auth, free_port
 
@@ -46,17 +47,7 @@ def minilm_server(tmp_path_factory: pytest.TempPathFactory, keys_file: Path) -> 
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "ADAPTERSERVE_LOG_LEVEL": "info"})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("server did not start:\n" + log.read_text())
-        time.sleep(0.2)
+    wait_ready(url, proc, log)
     yield Proc(proc, url, log)
     if proc.poll() is None:
         proc.kill()
