@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 
@@ -30,6 +32,20 @@ class Recorder:
             self.block.wait(10)
         self.calls.append(list(jobs))
         return [f"{j.payload}:{len(j.rows)}" for j in jobs]
+
+
+@asynccontextmanager
+async def gated_batcher(**settings: Any) -> AsyncIterator[tuple[Batcher, Recorder, threading.Event]]:
+    """A started batcher whose runner holds every batch at `gate` until the test sets it; stopped on exit."""
+    gate = threading.Event()
+    rec = Recorder(gate)
+    b = Batcher(rec, Metrics(), **settings)
+    b.start()
+    try:
+        yield b, rec, gate
+    finally:
+        gate.set()
+        await b.stop()
 
 
 def test_batches_group_and_resolve_each_future() -> None:
@@ -68,37 +84,30 @@ def test_max_batch_size_splits_batches() -> None:
 
 def test_full_queue_raises_queue_full() -> None:
     async def main() -> None:
-        gate = threading.Event()
-        b = Batcher(Recorder(gate), Metrics(), max_batch_size=1, max_wait_s=0, queue_size=2)
-        b.start()
-        first = b.submit(_job(1))
-        await asyncio.sleep(0.1)  # the first job is now running (blocked), the queue is empty
-        b.submit(_job(1))
-        b.submit(_job(1))
-        with pytest.raises(QueueFull):
+        async with gated_batcher(max_batch_size=1, max_wait_s=0, queue_size=2) as (b, _, gate):
+            first = b.submit(_job(1))
+            await asyncio.sleep(0.1)  # the first job is now running (blocked), the queue is empty
             b.submit(_job(1))
-        gate.set()
-        await first
-        await b.stop()
+            b.submit(_job(1))
+            with pytest.raises(QueueFull):
+                b.submit(_job(1))
+            gate.set()
+            await first
 
     asyncio.run(main())
 
 
 def test_expired_job_is_dropped_before_running() -> None:
     async def main() -> Recorder:
-        gate = threading.Event()
-        rec = Recorder(gate)
-        b = Batcher(rec, Metrics(), max_batch_size=1, max_wait_s=0)
-        b.start()
-        blocker = b.submit(_job(1, adapter="blocker"))
-        await asyncio.sleep(0.05)
-        late = b.submit(_job(1, adapter="late", deadline_s=0.01))
-        await asyncio.sleep(0.1)
-        gate.set()
-        await blocker
-        with pytest.raises(DeadlineExceeded):
-            await late
-        await b.stop()
+        async with gated_batcher(max_batch_size=1, max_wait_s=0) as (b, rec, gate):
+            blocker = b.submit(_job(1, adapter="blocker"))
+            await asyncio.sleep(0.05)
+            late = b.submit(_job(1, adapter="late", deadline_s=0.01))
+            await asyncio.sleep(0.1)
+            gate.set()
+            await blocker
+            with pytest.raises(DeadlineExceeded):
+                await late
         return rec
 
     rec = asyncio.run(main())
@@ -142,21 +151,17 @@ def test_full_batch_starts_without_the_event_loop() -> None:
     even if the event loop is busy then; a partial batch waits in the queue for more rows."""
 
     async def main() -> Recorder:
-        gate = threading.Event()
-        rec = Recorder(gate)
-        b = Batcher(rec, Metrics(), max_batch_size=2, max_wait_s=0.05)
-        b.start()
-        first = b.submit(_job(2, adapter="first"))
-        await asyncio.sleep(0.1)  # running, held at the gate
-        second = b.submit(_job(2, adapter="second"))  # a full batch
-        partial = b.submit(_job(1, adapter="partial"))  # could still grow
-        await asyncio.sleep(0.1)
-        assert b.depth == 2  # the staged batch still counts as waiting (queue bound, 429, metric)
-        gate.set()
-        time.sleep(0.5)  # the event loop is blocked: only the executor can start the next batch
-        assert [c[0].payload for c in rec.calls] == ["first", "second"]
-        assert await asyncio.gather(first, second, partial) == ["first:2", "second:2", "partial:1"]
-        await b.stop()
+        async with gated_batcher(max_batch_size=2, max_wait_s=0.05) as (b, rec, gate):
+            first = b.submit(_job(2, adapter="first"))
+            await asyncio.sleep(0.1)  # running, held at the gate
+            second = b.submit(_job(2, adapter="second"))  # a full batch
+            partial = b.submit(_job(1, adapter="partial"))  # could still grow
+            await asyncio.sleep(0.1)
+            assert b.depth == 2  # the staged batch still counts as waiting (queue bound, 429, metric)
+            gate.set()
+            time.sleep(0.5)  # the event loop is blocked: only the executor can start the next batch
+            assert [c[0].payload for c in rec.calls] == ["first", "second"]
+            assert await asyncio.gather(first, second, partial) == ["first:2", "second:2", "partial:1"]
         return rec
 
     rec = asyncio.run(main())
