@@ -49,7 +49,7 @@ def accepted_name(filename: str | None) -> str | None:
         raise ProblemError(
             415, "pickle-rejected",
             f"{base!r}: pickle-based weight files are never accepted over the network; upload safetensors "
-            "(adapter.safetensors / adapter_model.safetensors)",
+            "(adapter.safetensors / adapter_model.safetensors, or model_adapter_fusion.safetensors for a fusion)",
         )
     if base in IGNORED_FILES:
         return None

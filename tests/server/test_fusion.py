@@ -159,6 +159,11 @@ def test_bad_fusion_uploads_and_uses(
         lonely.mkdir()
         (lonely / "adapter_fusion_config.json").write_bytes((fusion / "adapter_fusion_config.json").read_bytes())
         bad("f6", lonely, 422, "model_adapter_fusion.safetensors")
+        pickled = tmp_path / "pickled"  # AdapterHub's older fusion weights file is a pickle: never unpickled
+        pickled.mkdir()
+        (pickled / "adapter_fusion_config.json").write_bytes((fusion / "adapter_fusion_config.json").read_bytes())
+        (pickled / "pytorch_model_adapter_fusion.bin").write_bytes(b"\x80\x04not really")
+        bad("f7", pickled, 415, "pickle", "model_adapter_fusion.safetensors")
 
         r = _infer(c, {"fuse": ["ba", "bb"]})  # no fusion uploaded over them
         assert r.status_code == 422 and "no AdapterFusion over ['ba', 'bb']" in r.json()["detail"], r.text
