@@ -58,8 +58,8 @@ class Runtime:
     def find_fusion(self, principal: Principal, adapters: tuple[str, ...]) -> VersionMeta | None:
         """The tenant's own AdapterFusion over exactly these adapters (in order), else a shared one."""
         for tenant in (principal.tenant, SHARED_TENANT):
-            for meta in self.store.list(tenant):
-                if meta.method == "fusion" and tuple(f["name"] for f in meta.fused) == adapters:
+            for meta in self.store.fusions(tenant):
+                if tuple(f["name"] for f in meta.fused) == adapters:
                     return meta
         return None
 

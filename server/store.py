@@ -129,6 +129,7 @@ class AdapterStore:
         self._lock = threading.Lock()
         self._meta_cache: dict[tuple[str, str, int], tuple[tuple[int, int], VersionMeta]] = {}
         self._versions_cache: dict[str, tuple[tuple[int, int], list[int]]] = {}
+        self._fusion_names: dict[str, tuple[tuple[int, int], list[str]]] = {}
         self._tag = f"{socket.gethostname()}-{os.getpid()}"
         self.cleanup()
 
@@ -223,6 +224,21 @@ class AdapterStore:
             if meta is not None:
                 out.append(meta)
         return out
+
+    def fusions(self, tenant: str) -> list[VersionMeta]:
+        """The latest version of each of a tenant's AdapterFusions. Which names are fusions is cached per tenant
+        folder and re-read when its inode or mtime changes (a name added or removed): a name keeps its kind
+        across versions, so a new version cannot turn an adapter into a fusion or back."""
+        try:
+            st = os.stat(self.root / tenant)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        stamp = (st.st_ino, st.st_mtime_ns)
+        cached = self._fusion_names.get(tenant)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, [m.name for m in self.list(tenant) if m.method == "fusion"])
+            self._fusion_names[tenant] = cached
+        return [m for n in cached[1] if (m := self.latest(tenant, n)) is not None and m.method == "fusion"]
 
     def all_versions(self, tenant: str, name: str) -> list[VersionMeta]:
         return [m for v in self.versions(tenant, name) if (m := self.meta(tenant, name, v)) is not None]

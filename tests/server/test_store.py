@@ -44,6 +44,24 @@ def test_commit_versions_and_meta(tmp_path: Path) -> None:
     assert again.versions("acme", "sent") == [1, 2]
 
 
+def test_fusions_lists_each_fusion_and_follows_new_names_and_versions(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path)
+    for name in ("a", "b", "c"):
+        store.commit("t", name, _stage(store), UP, "u")
+
+    def fusion(*names: str) -> Upload:
+        return Upload("fusion", ("fusion",), False, 1, extra={"fuses": [{"name": n} for n in names]})
+
+    assert store.fusions("t") == [] and store.fusions("nobody") == []
+    store.commit("t", "f1", _stage(store), fusion("a", "b"), "u")
+    assert [m.name for m in store.fusions("t")] == ["f1"]  # a new name: the cached listing is re-read
+    store.commit("t", "f1", _stage(store, b"y"), fusion("a", "c"), "u")
+    assert [(m.version, [f["name"] for f in m.fused]) for m in store.fusions("t")] == [(2, ["a", "c"])]
+    store.commit("t", "f2", _stage(store), fusion("b", "c"), "u")
+    store.delete("t", "f1")
+    assert [m.name for m in store.fusions("t")] == ["f2"]
+
+
 def test_torn_write_is_invisible_and_cleaned(tmp_path: Path) -> None:
     store = AdapterStore(tmp_path)
     store.commit("acme", "a", _stage(store), UP, "u")
