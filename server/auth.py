@@ -22,6 +22,11 @@ log = logging.getLogger("adapterserve.auth")
 Role = Literal["tenant", "admin"]
 OPEN_TENANT = "default"
 SHARED_TENANT = "_shared"
+
+
+def owner_label(tenant: str) -> str:
+    """How responses name an adapter's owner: "shared" for the shared tenant, else "tenant"."""
+    return "shared" if tenant == SHARED_TENANT else "tenant"
 TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 

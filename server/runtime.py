@@ -53,7 +53,11 @@ class Runtime:
     # -- adapters --------------------------------------------------------------------------------
     def find(self, principal: Principal, name: str) -> VersionMeta | None:
         """A tenant's own adapter first, then a shared one; None (-> 404) for anything else."""
-        return self.store.latest(principal.tenant, name) or self.store.latest(SHARED_TENANT, name)
+        return self.find_for(principal.tenant, name)
+
+    def find_for(self, tenant: str, name: str) -> VersionMeta | None:
+        """What `name` means to `tenant`: its own adapter, else a shared one (for the shared tenant: only shared)."""
+        return self.store.latest(tenant, name) or self.store.latest(SHARED_TENANT, name)
 
     def find_fusion(self, principal: Principal, adapters: tuple[str, ...]) -> VersionMeta | None:
         """The tenant's own AdapterFusion over exactly these adapters (in order), else a shared one."""

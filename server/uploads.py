@@ -93,9 +93,7 @@ def _stage(staged: Path, files: list[UploadFile], archive: UploadFile | None, li
 def _member(rt: Runtime, tenant: str, name: str) -> tuple[VersionMeta, Path] | None:
     """An adapter a fusion stored under `tenant` may fuse: the tenant's own, else a shared one (a shared
     fusion, visible to every tenant, may fuse shared adapters only)."""
-    meta = rt.store.latest(tenant, name)
-    if meta is None and tenant != SHARED_TENANT:
-        meta = rt.store.latest(SHARED_TENANT, name)
+    meta = rt.find_for(tenant, name)
     return None if meta is None else (meta, rt.store.version_dir(meta.tenant, meta.name, meta.version))
 
 

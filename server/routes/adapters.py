@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from server.auth import SHARED_TENANT, Principal, authenticate
+from server.auth import SHARED_TENANT, Principal, authenticate, owner_label
 from server.problems import ProblemError, problem_responses
 from server.runtime import Runtime, runtime_of
 from server.schemas import UPLOAD_SCHEMA, AdapterList, AdapterOut, Deleted, FileOut, FusedOut
@@ -21,14 +21,10 @@ Rt = Annotated[Runtime, Depends(runtime_of)]
 Shared = Annotated[bool, Query(description="admins: act on the shared adapters (visible to every tenant)")]
 
 
-def _owner(tenant: str) -> str:
-    return "shared" if tenant == SHARED_TENANT else "tenant"
-
-
 def adapter_out(meta: VersionMeta, versions: list[int] | None = None) -> AdapterOut:
-    fuses = [FusedOut(name=f["name"], version=f["version"], owner=_owner(f["tenant"])) for f in meta.fused] or None
+    fuses = [FusedOut(name=f["name"], version=f["version"], owner=owner_label(f["tenant"])) for f in meta.fused] or None
     return AdapterOut(
-        name=meta.name, version=meta.version, owner=_owner(meta.tenant),
+        name=meta.name, version=meta.version, owner=owner_label(meta.tenant),
         sha256=meta.sha256, method=meta.method, methods=list(meta.methods), has_head=meta.has_head, head=meta.head,
         nbytes=meta.nbytes, size=meta.size, files={k: FileOut(sha256=v.sha256, size=v.size) for k, v in meta.files.items()},
         created=meta.created, uploader=meta.uploader, versions=versions, fuses=fuses,

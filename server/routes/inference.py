@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, Depends
 
-from server.auth import SHARED_TENANT, Principal, authenticate
+from server.auth import Principal, authenticate, owner_label
 from server.composition import Resolved
 from server.engine import Classified
 from server.inference import Task
@@ -51,7 +51,7 @@ async def infer(body: InferRequest, principal: Annotated[Principal, Depends(auth
     return FastJSONResponse({
         "results": results_json(output, tokens),
         "adapters": [
-            {"name": m.name, "version": m.version, "owner": "shared" if m.tenant == SHARED_TENANT else "tenant"}
+            {"name": m.name, "version": m.version, "owner": owner_label(m.tenant)}
             for m in resolved.metas
         ],
         "usage": {"prompt_tokens": tokens.tokens, "total_tokens": tokens.tokens},
