@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from server.batcher import Batcher, DeadlineExceeded, Job, QueueFull
 from server.metrics import Metrics
+from server.scheduling.batcher import Batcher, DeadlineExceeded, Job, QueueFull
 
 
 def _job(n: int, group: str = "g", adapter: str = "a", deadline_s: float = 30.0, solo: bool = False) -> Job:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from server.execution.residency import AdapterUnavailable, Residency
 from server.metrics import Metrics
-from server.residency import AdapterUnavailable, Residency
-from server.store import AdapterStore, Upload, VersionMeta
+from server.registry.store import AdapterStore, Upload, VersionMeta
 
 
 class FakeLoader:

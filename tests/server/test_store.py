@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from server.intake import ByteBudget, accepted_name, extract_archive
-from server.problems import ProblemError
-from server.safetensors_check import read_safetensors_shapes
-from server.store import AdapterStore, Upload
+from server.http.problems import ProblemError
+from server.registry.intake import ByteBudget, accepted_name, extract_archive
+from server.registry.safetensors_check import read_safetensors_shapes
+from server.registry.store import AdapterStore, Upload
 
 UP = Upload(method="seq_bn", methods=("bottleneck",), has_head=False, nbytes=123)
 
@@ -178,7 +178,7 @@ def test_fast_json_round_trips_float32() -> None:
 
     import numpy as np
 
-    from server.jsonfmt import encode
+    from server.http.jsonfmt import encode
 
     rng = np.random.default_rng(0)
     arr = rng.standard_normal((3, 384)).astype(np.float32) * np.float32(1e-3)

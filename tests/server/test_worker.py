@@ -1,4 +1,4 @@
-"""The inference worker process (server.worker): same answers as the in-process engine, the model really lives in
+"""The inference worker process (server.execution.worker): same answers as the in-process engine, the model really lives in
 the child, and a dead child is replaced with every adapter loaded again."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.engine import Engine
-from server.worker import WorkerEngine
+from server.execution.engine import Engine
+from server.execution.worker import WorkerEngine
 from tests.server.conftest import SENTENCES, Reference, serve, settings_for, upload_files
 
 CONFIGS = ("seq_bn", "lora", "prefix_tuning[prefix_length=4,bottleneck_size=16]")
@@ -94,7 +94,7 @@ def test_process_exits_without_close(tiny_model_dir: Path) -> None:
     """A process that exits without closing its engine exits at once, and its worker (which ignores SIGTERM)
     follows when the socket closes; the script has no __main__ guard, which multiprocessing's spawn needed."""
     code = (
-        "import sys; from server.worker import WorkerEngine; "
+        "import sys; from server.execution.worker import WorkerEngine; "
         f"e = WorkerEngine({str(tiny_model_dir)!r}, device='cpu'); print(e.pid, flush=True)"
     )
     root = Path(__file__).resolve().parents[2]

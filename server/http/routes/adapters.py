@@ -8,12 +8,12 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from server.auth import SHARED_TENANT, Principal, authenticate, owner_label
-from server.problems import ProblemError, problem_responses
-from server.runtime import Runtime, runtime_of
-from server.schemas import UPLOAD_SCHEMA, AdapterList, AdapterOut, Deleted, FileOut, FusedOut
-from server.store import VersionMeta
-from server.uploads import check_name, ingest, owner_tenant
+from server.http.auth import SHARED_TENANT, Principal, authenticate, owner_label
+from server.http.problems import ProblemError, problem_responses
+from server.http.schemas import UPLOAD_SCHEMA, AdapterList, AdapterOut, Deleted, FileOut, FusedOut
+from server.registry.store import VersionMeta
+from server.registry.uploads import check_name, ingest, owner_tenant
+from server.scheduling.runtime import Runtime, runtime_of
 
 router = APIRouter(tags=["adapters"])
 Auth = Annotated[Principal, Depends(authenticate)]

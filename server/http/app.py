@@ -11,19 +11,19 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from server.auth import KeyRing
-from server.batcher import Batcher
-from server.engine import Engine
-from server.inference import make_runner
+from server.execution.engine import Engine
+from server.execution.residency import Residency
+from server.execution.worker import AnyEngine, WorkerEngine
+from server.http.auth import KeyRing
+from server.http.middleware import ServeMiddleware
+from server.http.problems import install_problem_handlers, rewrite_openapi_errors
+from server.http.routes import adapters, health, inference, openai
 from server.metrics import Metrics
-from server.middleware import ServeMiddleware
-from server.problems import install_problem_handlers, rewrite_openapi_errors
-from server.residency import Residency
-from server.routes import adapters, health, inference, openai
-from server.runtime import Runtime
+from server.registry.store import AdapterStore
+from server.scheduling.batcher import Batcher
+from server.scheduling.runner import make_runner
+from server.scheduling.runtime import Runtime
 from server.settings import Settings, env_settings
-from server.store import AdapterStore
-from server.worker import AnyEngine, WorkerEngine
 
 log = logging.getLogger("adapterserve")
 EngineFactory = Callable[[Settings], AnyEngine]

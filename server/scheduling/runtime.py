@@ -9,16 +9,16 @@ from typing import Any
 
 from fastapi import Request
 
-from server.auth import SHARED_TENANT, KeyRing, Principal
-from server.batcher import Batcher, DeadlineExceeded, Draining, Job, QueueFull
-from server.composition import FusionLookup, Resolved, resolve
-from server.inference import Task, Work, group_key
+from server.execution.residency import Residency
+from server.execution.worker import AnyEngine
+from server.http.auth import SHARED_TENANT, KeyRing, Principal
+from server.http.problems import ProblemError
 from server.metrics import Metrics
-from server.problems import ProblemError
-from server.residency import Residency
+from server.registry.store import AdapterStore, VersionMeta
+from server.scheduling.batcher import Batcher, DeadlineExceeded, Draining, Job, QueueFull
+from server.scheduling.resolve import FusionLookup, Resolved, resolve
+from server.scheduling.runner import Task, Work, group_key
 from server.settings import Settings
-from server.store import AdapterStore, VersionMeta
-from server.worker import AnyEngine
 
 log = logging.getLogger("adapterserve")
 

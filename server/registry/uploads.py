@@ -10,12 +10,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
-from server.auth import SHARED_TENANT, Principal
-from server.intake import ByteBudget, accepted_name, clear, copy_limited, extract_archive
-from server.problems import ProblemError
-from server.runtime import Runtime
-from server.store import NAME_RE, Upload, VersionMeta
-from server.validation import validate_upload
+from server.http.auth import SHARED_TENANT, Principal
+from server.http.problems import ProblemError
+from server.registry.intake import ByteBudget, accepted_name, clear, copy_limited, extract_archive
+from server.registry.store import NAME_RE, Upload, VersionMeta
+from server.registry.validation import validate_upload
+from server.scheduling.runtime import Runtime
 
 log = logging.getLogger("adapterserve.uploads")
 MAX_PARTS = 16

@@ -15,7 +15,7 @@ from typing import Literal
 
 from fastapi import Request
 
-from server.problems import ProblemError
+from server.http.problems import ProblemError
 
 log = logging.getLogger("adapterserve.auth")
 

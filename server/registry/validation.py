@@ -9,9 +9,9 @@ from typing import Any, Protocol
 
 from adapters_core.formats import FUSION_CONFIG, FUSION_WEIGHTS
 from adapters_core.fusion import FusionInfo, saved_fusion_names
-from server.problems import ProblemError
-from server.safetensors_check import read_safetensors_shapes
-from server.store import Upload, VersionMeta
+from server.http.problems import ProblemError
+from server.registry.safetensors_check import read_safetensors_shapes
+from server.registry.store import Upload, VersionMeta
 
 WEIGHT_FILES = ("adapter.safetensors", "adapter_model.safetensors")
 FUSION_FILES = frozenset({FUSION_CONFIG, FUSION_WEIGHTS})
@@ -21,7 +21,7 @@ MemberLookup = Callable[[str], tuple[VersionMeta, Path] | None]
 
 
 class Inspector(Protocol):
-    """The backbone-side validation (server.engine.Engine provides it)."""
+    """The backbone-side validation (server.execution.engine.Engine provides it)."""
 
     hidden_size: int
 

@@ -15,8 +15,8 @@ from adapters_core.composition import (
     composition_to_json,
     validate_composition,
 )
-from server.problems import ProblemError
-from server.store import VersionMeta
+from server.http.problems import ProblemError
+from server.registry.store import VersionMeta
 
 MAX_ADAPTERS_PER_REQUEST = 16
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from server.metrics import Metrics
-from server.store import VersionMeta, file_sha256
+from server.registry.store import VersionMeta, file_sha256
 
 log = logging.getLogger("adapterserve.residency")
 

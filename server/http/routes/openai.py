@@ -8,11 +8,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 from starlette.concurrency import run_in_threadpool
 
-from server.auth import SHARED_TENANT, Principal, authenticate
-from server.jsonfmt import FastJSONResponse
-from server.problems import ProblemError, problem_responses
-from server.runtime import Runtime, runtime_of
-from server.schemas import EmbeddingsRequest, EmbeddingsResponse, ModelCard, ModelList
+from server.http.auth import SHARED_TENANT, Principal, authenticate
+from server.http.jsonfmt import FastJSONResponse
+from server.http.problems import ProblemError, problem_responses
+from server.http.schemas import EmbeddingsRequest, EmbeddingsResponse, ModelCard, ModelList
+from server.scheduling.runtime import Runtime, runtime_of
 
 router = APIRouter(tags=["openai"])
 Auth = Annotated[Principal, Depends(authenticate)]

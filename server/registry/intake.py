@@ -12,7 +12,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from adapters_core.formats import FUSION_CONFIG, FUSION_WEIGHTS
-from server.problems import ProblemError
+from server.http.problems import ProblemError
 
 ADAPTER_FILES = frozenset(
     {"adapter_config.json", "adapter.safetensors", "head_config.json", "model_head.safetensors", "adapter_model.safetensors",

@@ -7,14 +7,14 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, Depends
 
-from server.auth import Principal, authenticate, owner_label
-from server.composition import Resolved
-from server.engine import Classified
-from server.inference import Task
-from server.jsonfmt import FastJSONResponse
-from server.problems import problem_responses
-from server.runtime import Runtime, Tokenized, runtime_of
-from server.schemas import InferRequest, InferResponse
+from server.execution.engine import Classified
+from server.http.auth import Principal, authenticate, owner_label
+from server.http.jsonfmt import FastJSONResponse
+from server.http.problems import problem_responses
+from server.http.schemas import InferRequest, InferResponse
+from server.scheduling.resolve import Resolved
+from server.scheduling.runner import Task
+from server.scheduling.runtime import Runtime, Tokenized, runtime_of
 
 router = APIRouter(tags=["inference"])
 INFER_ERRORS = problem_responses(400, 401, 404, 413, 422, 429, 503, 504)

@@ -7,12 +7,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from server.batcher import Job, Runner
-from server.composition import Resolved
-from server.engine import Engine, Segment
-from server.problems import ProblemError
-from server.residency import AdapterUnavailable, Residency
-from server.worker import WorkerEngine
+from server.execution.engine import Engine, Segment
+from server.execution.residency import AdapterUnavailable, Residency
+from server.execution.worker import WorkerEngine
+from server.http.problems import ProblemError
+from server.scheduling.batcher import Job, Runner
+from server.scheduling.resolve import Resolved
 
 log = logging.getLogger("adapterserve.inference")
 
