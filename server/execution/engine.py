@@ -18,11 +18,10 @@ import torch
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from adapters_core.composition import AdapterCompositionBlock, BatchSplit
+from adapters_core.composition import AdapterCompositionBlock, BatchSplit, Fuse, Stack
 from adapters_core.fusion import FusionInfo
 from adapters_core.head_types import mean_pool
 from server.registry.store import Upload
-from server.scheduling.resolve import batchable
 
 log = logging.getLogger("adapterserve.engine")
 
@@ -54,6 +53,11 @@ def pick_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but CUDA is not available")
     return torch.device(device)
+
+
+def batchable(block: AdapterCompositionBlock | str) -> AdapterCompositionBlock | str:
+    """The form of a request's block that can sit inside a BatchSplit (a Fuse needs a Stack around it)."""
+    return Stack(block) if isinstance(block, Fuse) else block
 
 
 class Backbone:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from server.errors import AdapterUnavailable
 from server.metrics import Metrics
 from server.registry.store import VersionMeta, file_sha256
 
@@ -28,10 +29,6 @@ class AdapterLoader(Protocol):
     def load(self, path: Path, internal: str, fuses: tuple[str, ...] = ()) -> int: ...  # bytes now held by the model
 
     def unload(self, internal: str) -> None: ...  # an adapter's unload also unloads the fusions over it
-
-
-class AdapterUnavailable(Exception):
-    """An adapter could not be loaded (deleted, corrupt, or rejected by the model)."""
 
 
 @dataclass

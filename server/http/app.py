@@ -12,17 +12,13 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from server.execution.engine import Engine
-from server.execution.residency import Residency
 from server.execution.worker import AnyEngine, WorkerEngine
 from server.http.auth import KeyRing
 from server.http.middleware import ServeMiddleware
 from server.http.problems import install_problem_handlers, rewrite_openapi_errors
 from server.http.routes import adapters, health, inference, openai
 from server.metrics import Metrics
-from server.registry.store import AdapterStore
-from server.scheduling.batcher import Batcher
-from server.scheduling.runner import make_runner
-from server.scheduling.runtime import Runtime
+from server.scheduling.runtime import Runtime, build_runtime
 from server.settings import Settings, env_settings
 
 log = logging.getLogger("adapterserve")
@@ -35,22 +31,6 @@ def default_engine(settings: Settings) -> AnyEngine:
     return kind(settings.model_path, settings.device, settings.dtype, settings.torch_threads, settings.length_buckets)
 
 
-def build_runtime(app: FastAPI, settings: Settings, engine: AnyEngine) -> Runtime:
-    """Wire store, residency and batcher around a loaded engine (call on the event loop)."""
-    metrics: Metrics = app.state.metrics
-    store = AdapterStore(settings.store_dir)
-    residency = Residency(engine, settings.adapter_cache_bytes, metrics, lambda m: store.version_dir(m.tenant, m.name, m.version))
-    batcher = Batcher(
-        make_runner(engine, residency), metrics, max_batch_size=settings.max_batch_size,
-        max_batch_tokens=settings.max_batch_tokens, max_wait_s=settings.max_wait_ms / 1000.0, queue_size=settings.queue_size,
-    )
-    residency.on_doomed = lambda: batcher.executor.submit(residency.unload_pending)
-    if isinstance(engine, WorkerEngine):
-        engine.on_restart = metrics.worker_restarts.inc
-        engine.on_lost = residency.drop
-    return Runtime(settings, store, app.state.keyring, metrics, engine, residency, batcher)
-
-
 def create_app(settings: Settings | None = None, engine_factory: EngineFactory = default_engine) -> FastAPI:
     """A fresh app with its own metrics registry, store handle and (at startup) backbone."""
     settings = settings or env_settings()
@@ -61,7 +41,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
         if keyring.open_mode:
             log.warning("no API keys file: running OPEN (every caller is tenant 'default' with the admin role), bound to %s", settings.host)
         engine = await asyncio.to_thread(engine_factory, settings)
-        runtime = build_runtime(app, settings, engine)
+        runtime = build_runtime(settings, app.state.metrics, engine)
         runtime.batcher.start()
         app.state.runtime = runtime
         log.info("ready: store %s, %d tenants configured", runtime.store.root, len(keyring.tenants()))

@@ -18,21 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.errors import DeadlineExceeded, Draining, QueueFull
 from server.metrics import Metrics
 
 log = logging.getLogger("adapterserve.batcher")
-
-
-class QueueFull(Exception):
-    """The queue holds QUEUE_SIZE requests already (answer 429 with Retry-After)."""
-
-
-class DeadlineExceeded(Exception):
-    """The request waited past its deadline and was dropped before it ran."""
-
-
-class Draining(Exception):
-    """The server is shutting down and takes no new work."""
+QUEUE_FULL_RETRY_S = 1  # a slot frees as soon as the running batch ends
+DRAINING_RETRY_S = 5  # another replica (or this one, restarted) takes the retry
 
 
 @dataclass(eq=False)
@@ -145,9 +136,9 @@ class Batcher:
     def submit(self, job: Job) -> asyncio.Future[Any]:
         """Queue a job; QueueFull when the queue is at capacity, Draining when shutting down."""
         if not self.accepting:
-            raise Draining("the server is draining and accepts no new requests")
+            raise Draining("the server is draining and accepts no new requests", retry_after=DRAINING_RETRY_S)
         if self.depth >= self.queue_size:
-            raise QueueFull(f"the inference queue is full ({self.queue_size} requests)")
+            raise QueueFull(f"the inference queue is full ({self.queue_size} requests); retry shortly", retry_after=QUEUE_FULL_RETRY_S)
         job.future = asyncio.get_running_loop().create_future()
         self._pending.append(job)
         self._rows += len(job.rows)

@@ -15,7 +15,7 @@ from adapters_core.composition import (
     composition_to_json,
     validate_composition,
 )
-from server.http.problems import ProblemError
+from server.errors import InvalidComposition, InvalidHead, StaleFusion, UnknownAdapter
 from server.registry.store import VersionMeta
 
 MAX_ADAPTERS_PER_REQUEST = 16
@@ -76,36 +76,34 @@ def _fuse_blocks(block: AdapterCompositionBlock | str) -> list[Fuse]:
 
 def _find_fusion(fuse: Fuse, lookup: Lookup, fusions: FusionLookup | None) -> FusedUse:
     """The uploaded AdapterFusion a Fuse block means (by its explicit name, else over its adapters) and the
-    adapter versions it was made for; 404/422 naming what is missing."""
+    adapter versions it was made for; UnknownAdapter or InvalidComposition naming what is missing."""
     children = fuse.children
     if not all(isinstance(c, str) for c in children):
-        raise ProblemError(422, "invalid-composition", "a fuse block must list adapter names (fusing nested blocks is not supported)")
+        raise InvalidComposition("a fuse block must list adapter names (fusing nested blocks is not supported)")
     default = ",".join(children)
     if fusions is None:
-        raise ProblemError(422, "invalid-composition", f"no AdapterFusion over {list(children)} can be used here")
+        raise InvalidComposition(f"no AdapterFusion over {list(children)} can be used here")
     if fuse.name != default:
         meta = lookup(fuse.name)
         if meta is None:
-            raise ProblemError(404, "unknown-adapter", f"no AdapterFusion named {fuse.name!r} for this tenant")
+            raise UnknownAdapter(f"no AdapterFusion named {fuse.name!r} for this tenant")
         if meta.method != "fusion":
-            raise ProblemError(422, "invalid-composition", f"{fuse.name!r} is not an AdapterFusion (it is a {meta.method} adapter)")
+            raise InvalidComposition(f"{fuse.name!r} is not an AdapterFusion (it is a {meta.method} adapter)")
     else:
         meta = fusions.over(tuple(children))
         if meta is None:
-            raise ProblemError(
-                422, "invalid-composition",
+            raise InvalidComposition(
                 f"no AdapterFusion over {list(children)} has been uploaded; upload one (adapter_fusion_config.json and "
                 "model_adapter_fusion.safetensors), then use {\"fuse\": [...]} or {\"fuse\": [...], \"name\": ...}",
             )
     fused_names = [f["name"] for f in meta.fused]
     if fused_names != list(children):
-        raise ProblemError(422, "invalid-composition", f"AdapterFusion {meta.name!r} fuses {fused_names}, not {list(children)}")
+        raise InvalidComposition(f"AdapterFusion {meta.name!r} fuses {fused_names}, not {list(children)}")
     members = []
     for f in meta.fused:
         member = fusions.version(f["tenant"], f["name"], int(f["version"]))
         if member is None or member.internal != f["internal"]:
-            raise ProblemError(
-                422, "stale-fusion",
+            raise StaleFusion(
                 f"AdapterFusion {meta.name!r} was made for version {f['version']} of {f['name']!r}, which is gone; upload the fusion again",
             )
         members.append(member)
@@ -118,36 +116,30 @@ def _contains_parallel(block: AdapterCompositionBlock | str) -> bool:
     return isinstance(block, Parallel) or any(_contains_parallel(c) for c in block.children)
 
 
-def batchable(block: AdapterCompositionBlock | str) -> AdapterCompositionBlock | str:
-    """The form of a request's block that can sit inside a BatchSplit (Fuse needs a Stack around it)."""
-    return Stack(block) if isinstance(block, Fuse) else block
-
-
 def resolve(spec: Any, lookup: Lookup, head: str | None, task: str, fusions: FusionLookup | None = None) -> Resolved:
-    """Parse and validate the JSON composition; 404 for unknown adapters, 422 for invalid ones. A fuse block
-    uses the uploaded AdapterFusion over its adapters, with the adapter versions that fusion was made for."""
+    """Parse and validate the JSON composition (UnknownAdapter, InvalidComposition or InvalidHead when it is wrong).
+    A fuse block uses the uploaded AdapterFusion over its adapters, with the adapter versions it was made for."""
     try:
         user_block = composition_from_json(spec)
     except ValueError as exc:
-        raise ProblemError(422, "invalid-composition", str(exc)) from None
+        raise InvalidComposition(str(exc)) from None
     names = list(user_block.flatten())
     if len(names) > MAX_ADAPTERS_PER_REQUEST:
-        raise ProblemError(422, "invalid-composition", f"a composition may use at most {MAX_ADAPTERS_PER_REQUEST} adapters")
+        raise InvalidComposition(f"a composition may use at most {MAX_ADAPTERS_PER_REQUEST} adapters")
     metas: dict[str, VersionMeta] = {}
     for name in names:
         meta = lookup(name)
         if meta is None:
-            raise ProblemError(404, "unknown-adapter", f"no adapter named {name!r} for this tenant")
+            raise UnknownAdapter(f"no adapter named {name!r} for this tenant")
         if meta.method == "fusion":
-            raise ProblemError(
-                422, "invalid-composition",
+            raise InvalidComposition(
                 f"{name!r} is an AdapterFusion; use it as {{\"fuse\": {[f['name'] for f in meta.fused]}, \"name\": \"{name}\"}}",
             )
         metas[name] = meta
     try:
         validate_composition(user_block, {n: m.methods for n, m in metas.items()})
     except ValueError as exc:
-        raise ProblemError(422, "invalid-composition", str(exc)) from None
+        raise InvalidComposition(str(exc)) from None
     fused = {(tuple(f.children), f.name): _find_fusion(f, lookup, fusions) for f in _fuse_blocks(user_block)}
     internal = {n: m.internal for n, m in metas.items()}
     block: AdapterCompositionBlock | str = composition_from_json(_rename(composition_to_json(user_block), internal, fused))
@@ -168,22 +160,22 @@ def _pick_head(
 ) -> VersionMeta | None:
     if task == "embedding":
         if head is not None:
-            raise ProblemError(422, "invalid-head", "`head` cannot be combined with task 'embedding'")
+            raise InvalidHead("`head` cannot be combined with task 'embedding'")
         return None
     if head is not None:
         meta = metas.get(head)
         if meta is None:
-            raise ProblemError(422, "invalid-head", f"head {head!r} must name an adapter used in the composition")
+            raise InvalidHead(f"head {head!r} must name an adapter used in the composition")
         if not meta.has_head:
-            raise ProblemError(422, "invalid-head", f"adapter {head!r} has no prediction head")
+            raise InvalidHead(f"adapter {head!r} has no prediction head")
         return meta
     if isinstance(block, Parallel):
         if task == "classification":
-            raise ProblemError(422, "invalid-head", "classification with a parallel composition is not supported")
+            raise InvalidHead("classification with a parallel composition is not supported")
         return None
     last = metas[block.last()]
     if last.has_head:
         return last
     if task == "classification":
-        raise ProblemError(422, "invalid-head", f"adapter {block.last()!r} has no prediction head; pass `head` or use task 'embedding'")
+        raise InvalidHead(f"adapter {block.last()!r} has no prediction head; pass `head` or use task 'embedding'")
     return None

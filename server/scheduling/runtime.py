@@ -7,17 +7,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import Request
-
+from server.errors import DeadlineExceeded, InputTooLong, NoInputs, TooManyInputs
 from server.execution.residency import Residency
-from server.execution.worker import AnyEngine
-from server.http.auth import SHARED_TENANT, KeyRing, Principal
-from server.http.problems import ProblemError
+from server.execution.worker import AnyEngine, WorkerEngine
 from server.metrics import Metrics
-from server.registry.store import AdapterStore, VersionMeta
-from server.scheduling.batcher import Batcher, DeadlineExceeded, Draining, Job, QueueFull
+from server.registry.store import AdapterStore
+from server.scheduling.batcher import Batcher, Job
 from server.scheduling.resolve import FusionLookup, Resolved, resolve
-from server.scheduling.runner import Task, Work, group_key
+from server.scheduling.runner import Task, Work, group_key, make_runner
 from server.settings import Settings
 
 log = logging.getLogger("adapterserve")
@@ -39,7 +36,6 @@ class Runtime:
 
     settings: Settings
     store: AdapterStore
-    keyring: KeyRing
     metrics: Metrics
     engine: AnyEngine
     residency: Residency
@@ -50,34 +46,15 @@ class Runtime:
     def max_input_tokens(self) -> int:
         return min(self.settings.max_input_tokens, self.engine.max_positions)
 
-    # -- adapters --------------------------------------------------------------------------------
-    def find(self, principal: Principal, name: str) -> VersionMeta | None:
-        """A tenant's own adapter first, then a shared one; None (-> 404) for anything else."""
-        return self.find_for(principal.tenant, name)
-
-    def find_for(self, tenant: str, name: str) -> VersionMeta | None:
-        """What `name` means to `tenant`: its own adapter, else a shared one (for the shared tenant: only shared)."""
-        return self.store.latest(tenant, name) or self.store.latest(SHARED_TENANT, name)
-
-    def find_fusion(self, principal: Principal, adapters: tuple[str, ...]) -> VersionMeta | None:
-        """The tenant's own AdapterFusion over exactly these adapters (in order), else a shared one."""
-        for tenant in (principal.tenant, SHARED_TENANT):
-            for meta in self.store.fusions(tenant):
-                if tuple(f["name"] for f in meta.fused) == adapters:
-                    return meta
-        return None
-
     # -- inputs ----------------------------------------------------------------------------------
     def check_inputs(self, texts: list[str]) -> None:
         if not texts:
-            raise ProblemError(422, "no-inputs", "`inputs` must hold at least one string")
+            raise NoInputs("`inputs` must hold at least one string")
         if len(texts) > self.settings.max_inputs:
-            raise ProblemError(
-                413, "too-many-inputs", f"{len(texts)} inputs in one request; the limit is {self.settings.max_inputs}"
-            )
+            raise TooManyInputs(f"{len(texts)} inputs in one request; the limit is {self.settings.max_inputs}")
 
     def tokenize(self, texts: list[str], truncate: bool) -> Tokenized:
-        """Token ids per input; over-long inputs are a 422 unless the caller asked to truncate."""
+        """Token ids per input; over-long inputs are an error unless the caller asked to truncate."""
         self.check_inputs(texts)
         limit = self.max_input_tokens
         rows = self.engine.tokenize(texts)
@@ -85,22 +62,22 @@ class Runtime:
         for i, ids in enumerate(rows):
             if len(ids) > limit:
                 if not truncate:
-                    raise ProblemError(
-                        422, "input-too-long",
+                    raise InputTooLong(
                         f"input {i} has {len(ids)} tokens; the limit is {limit}. Shorten it, or send \"truncate\": true "
-                        "to keep the first tokens (results then say truncated: true)",
+                        "to keep the first tokens (results then say truncated: true)"
                     )
                 rows[i] = self.engine.tokenize_truncated(texts[i], limit)
                 truncated[i] = True
         return Tokenized(rows, truncated)
 
     # -- inference -------------------------------------------------------------------------------
-    def resolve(self, principal: Principal, spec: Any, head: str | None, task: str) -> Resolved:
-        fusions = FusionLookup(lambda names: self.find_fusion(principal, names), self.store.meta)
-        return resolve(spec, lambda n: self.find(principal, n), head, task, fusions)
+    def resolve(self, tenant: str, spec: Any, head: str | None, task: str) -> Resolved:
+        """The composition as `tenant` means it, pinned to stored versions (reads the store: call off the loop)."""
+        fusions = FusionLookup(lambda names: self.store.find_fusion(tenant, names), self.store.meta)
+        return resolve(spec, lambda n: self.store.find(tenant, n), head, task, fusions)
 
     async def infer(self, tokens: Tokenized, resolved: Resolved, task: Task) -> Any:
-        """Queue the rows and wait for the batch that runs them; maps queue errors to problems."""
+        """Queue the rows and wait for the batch that runs them; the batcher's domain errors pass through."""
         work = Work(resolved, task)
         job = Job(
             rows=tokens.rows, group=group_key(work), payload=work,
@@ -109,32 +86,27 @@ class Runtime:
         )
         self.residency.hold(resolved.metas)
         try:
-            try:
-                future = self.batcher.submit(job)
-            except QueueFull as exc:
-                raise ProblemError(429, "queue-full", f"{exc}; retry shortly", {"Retry-After": "1"}) from None
-            except Draining as exc:
-                raise ProblemError(503, "draining", str(exc), {"Retry-After": "5"}) from None
+            future = self.batcher.submit(job)
             try:
                 return await future  # cancelling the caller cancels the job (skipped unless running)
             except DeadlineExceeded as exc:
-                raise ProblemError(
-                    504, "deadline-exceeded", f"{exc} ({self.settings.request_timeout_s:g}s); the server is overloaded, retry later"
+                raise DeadlineExceeded(
+                    f"{exc.detail} ({self.settings.request_timeout_s:g}s); the server is overloaded, retry later"
                 ) from None
-            except Draining as exc:
-                raise ProblemError(503, "draining", str(exc)) from None
         finally:
             self.residency.release(resolved.metas)
 
 
-async def runtime_of(request: Request) -> Runtime:
-    """FastAPI dependency: the app's runtime (503 until the backbone is loaded)."""
-    rt: Runtime | None = getattr(request.app.state, "runtime", None)
-    if rt is None:
-        raise ProblemError(503, "not-ready", "the server is still loading its backbone")
-    return rt
-
-
-async def settings_of(request: Request) -> Settings:
-    """FastAPI dependency: the app's settings."""
-    return request.app.state.settings
+def build_runtime(settings: Settings, metrics: Metrics, engine: AnyEngine) -> Runtime:
+    """Wire store, residency and batcher around a loaded engine (call on the event loop)."""
+    store = AdapterStore(settings.store_dir)
+    residency = Residency(engine, settings.adapter_cache_bytes, metrics, lambda m: store.version_dir(m.tenant, m.name, m.version))
+    batcher = Batcher(
+        make_runner(engine, residency), metrics, max_batch_size=settings.max_batch_size,
+        max_batch_tokens=settings.max_batch_tokens, max_wait_s=settings.max_wait_ms / 1000.0, queue_size=settings.queue_size,
+    )
+    residency.on_doomed = lambda: batcher.executor.submit(residency.unload_pending)
+    if isinstance(engine, WorkerEngine):
+        engine.on_restart = metrics.worker_restarts.inc
+        engine.on_lost = residency.drop
+    return Runtime(settings, store, metrics, engine, residency, batcher)

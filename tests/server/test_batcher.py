@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
+from server.errors import DeadlineExceeded, QueueFull
 from server.metrics import Metrics
-from server.scheduling.batcher import Batcher, DeadlineExceeded, Job, QueueFull
+from server.scheduling.batcher import Batcher, Job
 
 
 def _job(n: int, group: str = "g", adapter: str = "a", deadline_s: float = 30.0, solo: bool = False) -> Job:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from server.execution.residency import AdapterUnavailable, Residency
+from server.errors import AdapterUnavailable
+from server.execution.residency import Residency
 from server.metrics import Metrics
 from server.registry.store import AdapterStore, Upload, VersionMeta
 
