@@ -12,7 +12,6 @@ from adapters_core.composition import (
     Parallel,
     Stack,
     composition_from_json,
-    composition_to_json,
     validate_composition,
 )
 from server.errors import InvalidComposition, InvalidHead, StaleFusion, UnknownAdapter
@@ -53,22 +52,25 @@ class Resolved:
 FusedUse = tuple[VersionMeta, list[VersionMeta]]  # an AdapterFusion and the adapter versions it fuses
 
 
-def _rename(obj: Any, names: dict[str, str], fused: dict[tuple[tuple[str, ...], str], FusedUse]) -> Any:
-    """The composition's JSON over model-side names; a fuse block becomes the fusion over its pinned versions."""
-    if isinstance(obj, str):
-        return names[obj]
-    if isinstance(obj, list):
-        return [_rename(o, names, fused) for o in obj]
-    if isinstance(obj, dict) and "fuse" in obj:
-        fusion, members = fused[(tuple(obj["fuse"]), obj.get("name") or ",".join(obj["fuse"]))]
-        return {"fuse": [m.internal for m in members], "name": fusion.internal}
-    if isinstance(obj, dict):
-        return {k: (_rename(v, names, fused) if isinstance(v, list | str) and k != "name" else v) for k, v in obj.items()}
-    return obj
+Child = AdapterCompositionBlock | str | None  # None: BatchSplit rows that run the bare backbone
 
 
-def _fuse_blocks(block: AdapterCompositionBlock | str) -> list[Fuse]:
-    if isinstance(block, str):
+def rename(block: Child, name: Callable[[str], str], fuse: Callable[[Fuse], Child] | None = None) -> Child:
+    """The same composition over other adapter names: every block is rebuilt from its renamed children with
+    its own parameters (splits, batch_sizes, weights). A Fuse becomes what `fuse` makes of it when given;
+    otherwise it keeps an explicit fusion name, and a default name follows its renamed children."""
+    if block is None or isinstance(block, str):
+        return None if block is None else name(block)
+    if isinstance(block, Fuse):
+        if fuse is not None:
+            return fuse(block)
+        explicit = block.name if block.name != Fuse(*block.children).name else None
+        return Fuse(*(rename(c, name, fuse) for c in block.children), name=explicit)
+    return type(block)(*(rename(c, name, fuse) for c in block.children), **block.params())
+
+
+def _fuse_blocks(block: Child) -> list[Fuse]:
+    if block is None or isinstance(block, str):
         return []
     own = [block] if isinstance(block, Fuse) else []
     return own + [f for c in block.children for f in _fuse_blocks(c)]
@@ -110,8 +112,8 @@ def _find_fusion(fuse: Fuse, lookup: Lookup, fusions: FusionLookup | None) -> Fu
     return meta, members
 
 
-def _contains_parallel(block: AdapterCompositionBlock | str) -> bool:
-    if isinstance(block, str):
+def _contains_parallel(block: Child) -> bool:
+    if block is None or isinstance(block, str):
         return False
     return isinstance(block, Parallel) or any(_contains_parallel(c) for c in block.children)
 
@@ -140,9 +142,15 @@ def resolve(spec: Any, lookup: Lookup, head: str | None, task: str, fusions: Fus
         validate_composition(user_block, {n: m.methods for n, m in metas.items()})
     except ValueError as exc:
         raise InvalidComposition(str(exc)) from None
-    fused = {(tuple(f.children), f.name): _find_fusion(f, lookup, fusions) for f in _fuse_blocks(user_block)}
-    internal = {n: m.internal for n, m in metas.items()}
-    block: AdapterCompositionBlock | str = composition_from_json(_rename(composition_to_json(user_block), internal, fused))
+    fused = {f: _find_fusion(f, lookup, fusions) for f in _fuse_blocks(user_block)}
+
+    def pinned(f: Fuse) -> Fuse:
+        """A request's fuse block as the model holds it: the uploaded fusion over the versions it was made for."""
+        fusion, members = fused[f]
+        return Fuse(*(m.internal for m in members), name=fusion.internal)
+
+    block = rename(user_block, lambda n: metas[n].internal, pinned)
+    assert block is not None
     if isinstance(block, Stack) and len(block.children) == 1 and isinstance(block.children[0], str):
         block = block.children[0]
     head_meta = _pick_head(user_block, metas, head, task)
