@@ -1,5 +1,5 @@
 """The inference worker process (server.execution.worker): same answers as the in-process engine, the model really lives in
-the child, and a dead child is replaced with every adapter loaded again."""
+the child, a dead child is replaced with every adapter loaded again, and the child never imports a web framework."""
 
 from __future__ import annotations
 
@@ -105,6 +105,23 @@ def test_process_exits_without_close(tiny_model_dir: Path) -> None:
     while Path(f"/proc/{child}").exists() and "zombie" not in _state(child):
         assert time.monotonic() < deadline, "the worker outlived its parent"
         time.sleep(0.05)
+
+
+def test_worker_child_imports_no_web_framework(tiny_model_dir: Path, adapter_factory: Callable[[str, int], Path]) -> None:
+    """What the child runs (its module, the Engine it builds, a load and a forward pass, with their lazy imports)
+    in a fresh interpreter leaves fastapi and starlette out of sys.modules."""
+    code = (
+        "import sys\n"
+        "import server.execution.worker as worker\n"
+        f"engine = worker.Engine({str(tiny_model_dir)!r}, device='cpu')\n"
+        f"engine.load({str(adapter_factory('seq_bn', 340))!r}, 'a')\n"
+        "engine.embed([worker.Segment('a', [[2, 7, 3]])])\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fastapi', 'starlette')))\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
 def _state(pid: int) -> str:
