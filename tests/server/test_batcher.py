@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from server.errors import DeadlineExceeded, QueueFull
+from server.errors import DeadlineExceeded, Draining, QueueFull
 from server.metrics import Metrics
 from server.scheduling.batcher import Batcher, Job
 
@@ -167,3 +167,26 @@ def test_full_batch_starts_without_the_event_loop() -> None:
 
     rec = asyncio.run(main())
     assert [[j.payload for j in c] for c in rec.calls] == [["first"], ["second"], ["partial"]]
+
+
+def test_stop_fails_running_staged_and_queued_jobs() -> None:
+    """stop() answers every job it will not finish: the one running, the one handed to the executor behind it (a
+    second group of the same batch) and the one still queued; none of their callers waits forever."""
+
+    async def main() -> None:
+        gate = threading.Event()
+        b = Batcher(Recorder(gate), Metrics(), max_batch_size=2, max_wait_s=0.05)
+        b.start()
+        try:
+            running = b.submit(_job(1, group="g1", adapter="running"))
+            staged = b.submit(_job(1, group="g2", adapter="staged"))  # same batch, next flight
+            await asyncio.sleep(0.2)  # the batch runs (held at the gate); its second flight waits for the executor
+            queued = b.submit(_job(1, adapter="queued"))
+            await b.stop()
+            results = await asyncio.wait_for(asyncio.gather(running, staged, queued, return_exceptions=True), 2)
+        finally:
+            gate.set()
+        assert all(isinstance(r, Draining) for r in results), results
+        assert b.depth == 0
+
+    asyncio.run(main())
