@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -71,10 +72,11 @@ class Runtime:
         return Tokenized(rows, truncated)
 
     # -- inference -------------------------------------------------------------------------------
-    def resolve(self, tenant: str, spec: Any, head: str | None, task: str) -> Resolved:
-        """The composition as `tenant` means it, pinned to stored versions (reads the store: call off the loop)."""
+    async def resolve(self, tenant: str, spec: Any, head: str | None, task: str) -> Resolved:
+        """The composition as `tenant` means it, pinned to stored versions. The store reads (a stat and maybe a
+        meta.json per adapter, slow on an RWX/NFS volume) run on a worker thread, never on the event loop."""
         fusions = FusionLookup(lambda names: self.store.find_fusion(tenant, names), self.store.meta)
-        return resolve(spec, lambda n: self.store.find(tenant, n), head, task, fusions)
+        return await asyncio.to_thread(resolve, spec, lambda n: self.store.find(tenant, n), head, task, fusions)
 
     async def infer(self, tokens: Tokenized, resolved: Resolved, task: Task) -> Any:
         """Queue the rows and wait for the batch that runs them; the batcher's domain errors pass through."""

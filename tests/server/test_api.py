@@ -356,3 +356,39 @@ def test_peft_folder_as_tar_and_adapterhub_as_zip(srv: Running, adapter_factory:
         for name, folder in (("peft1", peft), ("zipped", hub)):
             got = _emb(c.post("/v1/infer", json={"inputs": SENTENCES, "adapters": name}).json())
             assert np.abs(got - reference.embed(folder, SENTENCES)).max() < 1e-5
+
+
+def test_store_is_never_read_on_the_event_loop(srv: Running, adapter_factory: Callable[[str, int], Path],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every route reads and writes the store (stat, meta.json, listing, rename) on a worker thread: on an
+    RWX/NFS volume one slow stat on the event loop would stall every request in flight."""
+    import asyncio
+
+    from server.registry.store import AdapterStore
+
+    on_loop: list[str] = []
+    for method in ("versions", "meta", "names", "fusions", "all_versions", "tenant_bytes", "commit", "delete", "staging_dir"):
+        real = getattr(AdapterStore, method)
+
+        def spy(*args: object, _real: Callable[..., object] = real, _name: str = method, **kwargs: object) -> object:
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(_name)
+            except RuntimeError:
+                pass
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(AdapterStore, method, spy)
+    folder = adapter_factory("seq_bn", 61)
+    with srv.client("acme-key") as c:
+        assert upload_files(c, "offloop", folder).status_code == 201
+        assert upload_files(c, "offloop2", folder).status_code == 201
+        assert upload_files(c, "offloop", folder, path="/v1/adapters/offloop/versions").status_code == 201
+        for spec in ("offloop", {"stack": ["offloop", "offloop2"]}, {"fuse": ["offloop", "offloop2"]}, "missing"):
+            assert c.post("/v1/infer", json={"inputs": ["fun"], "adapters": spec}).status_code in (200, 404, 422)
+        assert c.post("/v1/embeddings", json={"model": "offloop", "input": "fun"}).status_code == 200
+        assert c.get("/v1/adapters/offloop").json()["versions"] == [1, 2]
+        assert c.get("/v1/adapters").status_code == 200 and c.get("/v1/models").status_code == 200
+        assert c.delete("/v1/adapters/offloop2").status_code == 200
+        assert c.delete("/v1/adapters/offloop2").status_code == 404
+    assert not on_loop, sorted(set(on_loop))

@@ -77,7 +77,7 @@ async def upload_adapter(request: Request, principal: Auth, rt: Rt, shared: Shar
 )
 async def upload_version(name: str, request: Request, principal: Auth, rt: Rt, shared: Shared = False) -> JSONResponse:
     tenant = principal.write_tenant(shared)
-    if rt.store.latest(tenant, check_name(name)) is None:
+    if await run_in_threadpool(rt.store.latest, tenant, check_name(name)) is None:
         raise UnknownAdapter(f"no adapter named {name!r} for this tenant; POST /v1/adapters creates one")
     meta = await _upload(rt, request, principal, name, shared)
     return _created(meta)
@@ -92,10 +92,13 @@ async def list_adapters(principal: Auth, rt: Rt) -> AdapterList:
 
 @router.get("/v1/adapters/{name}", response_model=AdapterOut, responses=problem_responses(401, 404, 503), summary="One adapter (latest version)")
 async def get_adapter(name: str, principal: Auth, rt: Rt) -> AdapterOut:
-    meta = rt.store.find(principal.tenant, name)
-    if meta is None:
-        raise UnknownAdapter(f"no adapter named {name!r} for this tenant")
-    return adapter_out(meta, rt.store.versions(meta.tenant, meta.name))
+    def lookup() -> AdapterOut:
+        meta = rt.store.find(principal.tenant, name)
+        if meta is None:
+            raise UnknownAdapter(f"no adapter named {name!r} for this tenant")
+        return adapter_out(meta, rt.store.versions(meta.tenant, meta.name))
+
+    return await run_in_threadpool(lookup)
 
 
 @router.delete(
@@ -104,12 +107,16 @@ async def get_adapter(name: str, principal: Auth, rt: Rt) -> AdapterOut:
 )
 async def delete_adapter(name: str, principal: Auth, rt: Rt, shared: Shared = False) -> Deleted:
     tenant = principal.write_tenant(shared)
-    metas = rt.store.all_versions(tenant, name)
-    if not metas:
-        if not shared and rt.store.latest(SHARED_TENANT, name) is not None:
-            raise ProblemError(403, "forbidden", f"{name!r} is a shared adapter; admins delete it with ?shared=true")
-        raise UnknownAdapter(f"no adapter named {name!r} for this tenant")
-    trash = await run_in_threadpool(rt.store.delete, tenant, name)
-    if trash is not None:
-        rt.residency.retire(metas, trash)
-    return Deleted(name=name, versions=[m.version for m in metas])
+
+    def delete() -> Deleted:
+        metas = rt.store.all_versions(tenant, name)
+        if not metas:
+            if not shared and rt.store.latest(SHARED_TENANT, name) is not None:
+                raise ProblemError(403, "forbidden", f"{name!r} is a shared adapter; admins delete it with ?shared=true")
+            raise UnknownAdapter(f"no adapter named {name!r} for this tenant")
+        trash = rt.store.delete(tenant, name)
+        if trash is not None:
+            rt.residency.retire(metas, trash)
+        return Deleted(name=name, versions=[m.version for m in metas])
+
+    return await run_in_threadpool(delete)

@@ -45,7 +45,7 @@ def results_json(output: Any, tokens: Tokenized) -> list[dict[str, Any]]:
 @router.post("/v1/infer", response_model=InferResponse, responses=INFER_ERRORS, summary="Run inputs through adapters")
 async def infer(body: InferRequest, principal: Annotated[Principal, Depends(authenticate)], rt: Annotated[Runtime, Depends(runtime_of)]) -> FastJSONResponse:
     rt.check_inputs(body.inputs)
-    resolved = rt.resolve(principal.tenant, body.adapters, body.head, body.task)
+    resolved = await rt.resolve(principal.tenant, body.adapters, body.head, body.task)
     tokens = rt.tokenize(body.inputs, body.truncate)
     task = task_of(resolved)
     output = await rt.infer(tokens, resolved, task)

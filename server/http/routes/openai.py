@@ -29,7 +29,7 @@ Rt = Annotated[Runtime, Depends(runtime_of)]
 async def embeddings(body: EmbeddingsRequest, principal: Auth, rt: Rt) -> FastJSONResponse:
     texts = [body.input] if isinstance(body.input, str) else body.input
     rt.check_inputs(texts)
-    resolved = rt.resolve(principal.tenant, body.model, None, "embedding")
+    resolved = await rt.resolve(principal.tenant, body.model, None, "embedding")
     if resolved.solo:
         raise InvalidComposition("embeddings need a single adapter or a non-parallel composition")
     tokens = rt.tokenize(texts, truncate=False)
