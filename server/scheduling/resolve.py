@@ -41,7 +41,7 @@ class Resolved:
 
     @property
     def key(self) -> str:
-        """Identity of the composition, for grouping rows and counting distinct adapters per batch."""
+        """Identity of the composition: jobs with equal keys are made adjacent, so their rows share one segment."""
         return repr(self.block)
 
     @property

@@ -190,3 +190,24 @@ def test_stop_fails_running_staged_and_queued_jobs() -> None:
         assert b.depth == 0
 
     asyncio.run(main())
+
+
+def test_batch_distinct_adapters_counts_adapter_versions() -> None:
+    """Two requests with one composition over three adapter versions, and one with another composition over
+    two of them: one batch, two compositions, three adapter versions (and the help text says so)."""
+
+    async def main() -> Metrics:
+        metrics = Metrics()
+        b = Batcher(Recorder(), metrics, max_batch_size=8, max_wait_s=0.05)
+        b.start()
+        jobs = [_job(1, adapter="abc"), _job(1, adapter="abc"), _job(1, adapter="ab")]
+        for job, used in zip(jobs, ({"a", "b", "c"}, {"a", "b", "c"}, {"a", "b"}), strict=True):
+            job.adapters = frozenset(used)
+        await asyncio.gather(*[b.submit(j) for j in jobs])
+        await b.stop()
+        return metrics
+
+    text = asyncio.run(main()).render().decode()
+    assert "# HELP adapterserve_batch_distinct_adapters Distinct adapter versions per batch\n" in text
+    assert "adapterserve_batch_distinct_adapters_count 1.0" in text
+    assert "adapterserve_batch_distinct_adapters_sum 3.0" in text
