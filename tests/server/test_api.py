@@ -161,9 +161,6 @@ def test_average_and_stack_equal_the_library(srv: Running, adapter_factory: Call
         want = reference.embed_composition({"x1": f1, "x2": f2}, Stack("x1", "x2"), SENTENCES[:3])
         assert np.abs(_emb(r.json()) - want).max() < 1e-5
         r = c.post("/v1/infer", json={"inputs": SENTENCES[:2], "adapters": {"average": ["av1", "av2"], "weights": [0.3, 0.7]}})
-        if r.status_code == 422 and "not supported for inference yet" in r.json()["detail"]:
-            assert "av1" in r.json()["detail"]  # names the caller's adapters, not model-side names
-            pytest.xfail("adapters_core does not run Average compositions yet")
         assert r.status_code == 200, r.text
         want = reference.embed_composition({"x1": f1, "x2": f2}, Average("x1", "x2", weights=[0.3, 0.7]), SENTENCES[:2])
         assert np.abs(_emb(r.json()) - want).max() < 1e-5
