@@ -59,8 +59,10 @@ def rename(block: Child, name: Callable[[str], str], fuse: Callable[[Fuse], Chil
     """The same composition over other adapter names: every block is rebuilt from its renamed children with
     its own parameters (splits, batch_sizes, weights). A Fuse becomes what `fuse` makes of it when given;
     otherwise it keeps an explicit fusion name, and a default name follows its renamed children."""
-    if block is None or isinstance(block, str):
-        return None if block is None else name(block)
+    if block is None:
+        return None
+    if isinstance(block, str):
+        return name(block)
     if isinstance(block, Fuse):
         if fuse is not None:
             return fuse(block)
