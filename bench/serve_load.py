@@ -104,7 +104,7 @@ class InProcess:
     adapters=None: the bare transformers backbone (AutoModel). Otherwise adapters_core with every adapter
     loaded; each row's adapter is drawn from the Zipf popularity, rows sorted by adapter, one BatchSplit.
     buckets > 1 (bare only): each batch cut into forward passes by input length exactly as the server cuts
-    its batches (server.engine.length_buckets), so the server can also be compared with that.
+    its batches (server.execution.engine.length_buckets), so the server can also be compared with that.
     """
 
     def __init__(self, model_path: str, texts: list[str], batch: int, adapters: list[tuple[str, Path, str]] | None,
@@ -149,7 +149,7 @@ class InProcess:
         return len(groups)
 
     def _bare(self, enc: Any) -> None:
-        from server.engine import length_buckets
+        from server.execution.engine import length_buckets
 
         lengths = enc["attention_mask"].sum(1).tolist()
         for rows in length_buckets(lengths, self.buckets):

@@ -14,7 +14,7 @@ from typing import Any
 
 import uvicorn
 
-from server.auth import hash_key, parse_keys
+from server.http.auth import hash_key, parse_keys
 from server.settings import Settings
 
 log = logging.getLogger("adapterserve")
@@ -61,7 +61,7 @@ class DrainingServer(uvicorn.Server):
         self._drain_task = asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
-        from server.app import drain
+        from server.http.app import drain
 
         done = await drain(self._app)
         log.info("drained (%s); shutting down", "all requests finished" if done else "timeout")
@@ -83,7 +83,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from server.app import create_app
+    from server.http.app import create_app
 
     if settings.switch_interval_ms > 0:
         sys.setswitchinterval(settings.switch_interval_ms / 1000.0)

@@ -28,7 +28,7 @@ class Metrics:
         self.inference_seconds = Histogram(p + "inference_seconds", "Time the model took for one batch (one forward pass, or one per length bucket)", buckets=_LATENCY, registry=r)
         self.batch_size = Histogram(p + "batch_size", "Rows (inputs) per batch", buckets=_SIZES, registry=r)
         self.batch_distinct_adapters = Histogram(
-            p + "batch_distinct_adapters", "Distinct adapter compositions per batch", buckets=_SIZES, registry=r
+            p + "batch_distinct_adapters", "Distinct adapter versions per batch", buckets=_SIZES, registry=r
         )
         self.queue_depth = Gauge(p + "queue_depth", "Inference requests waiting in the queue", registry=r)
         self.adapters_resident = Gauge(p + "adapters_resident", "Adapters loaded into the model", registry=r)

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
         "1 runs every batch in one pass"
     )
     inference_worker: bool = Field(
-        True, description="run the model in a child process (server.worker), so forward passes never wait for the "
+        True, description="run the model in a child process (server.execution.worker), so forward passes never wait for the "
         "event loop's GIL; false keeps it on a thread of this process"
     )
     torch_threads: int = Field(0, ge=0, description="intra-op threads for the forward pass; 0 = torch's default")

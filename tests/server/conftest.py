@@ -21,8 +21,8 @@ import uvicorn
 from fastapi import FastAPI
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
-from server.app import EngineFactory, create_app, default_engine
-from server.auth import hash_key
+from server.http.app import EngineFactory, create_app, default_engine
+from server.http.auth import hash_key
 from server.settings import Settings
 
 WORDS = (

@@ -161,9 +161,6 @@ def test_average_and_stack_equal_the_library(srv: Running, adapter_factory: Call
         want = reference.embed_composition({"x1": f1, "x2": f2}, Stack("x1", "x2"), SENTENCES[:3])
         assert np.abs(_emb(r.json()) - want).max() < 1e-5
         r = c.post("/v1/infer", json={"inputs": SENTENCES[:2], "adapters": {"average": ["av1", "av2"], "weights": [0.3, 0.7]}})
-        if r.status_code == 422 and "not supported for inference yet" in r.json()["detail"]:
-            assert "av1" in r.json()["detail"]  # names the caller's adapters, not model-side names
-            pytest.xfail("adapters_core does not run Average compositions yet")
         assert r.status_code == 200, r.text
         want = reference.embed_composition({"x1": f1, "x2": f2}, Average("x1", "x2", weights=[0.3, 0.7]), SENTENCES[:2])
         assert np.abs(_emb(r.json()) - want).max() < 1e-5
@@ -356,3 +353,39 @@ def test_peft_folder_as_tar_and_adapterhub_as_zip(srv: Running, adapter_factory:
         for name, folder in (("peft1", peft), ("zipped", hub)):
             got = _emb(c.post("/v1/infer", json={"inputs": SENTENCES, "adapters": name}).json())
             assert np.abs(got - reference.embed(folder, SENTENCES)).max() < 1e-5
+
+
+def test_store_is_never_read_on_the_event_loop(srv: Running, adapter_factory: Callable[[str, int], Path],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every route reads and writes the store (stat, meta.json, listing, rename) on a worker thread: on an
+    RWX/NFS volume one slow stat on the event loop would stall every request in flight."""
+    import asyncio
+
+    from server.registry.store import AdapterStore
+
+    on_loop: list[str] = []
+    for method in ("versions", "meta", "names", "fusions", "all_versions", "tenant_bytes", "commit", "delete", "staging_dir"):
+        real = getattr(AdapterStore, method)
+
+        def spy(*args: object, _real: Callable[..., object] = real, _name: str = method, **kwargs: object) -> object:
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(_name)
+            except RuntimeError:
+                pass
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(AdapterStore, method, spy)
+    folder = adapter_factory("seq_bn", 61)
+    with srv.client("acme-key") as c:
+        assert upload_files(c, "offloop", folder).status_code == 201
+        assert upload_files(c, "offloop2", folder).status_code == 201
+        assert upload_files(c, "offloop", folder, path="/v1/adapters/offloop/versions").status_code == 201
+        for spec in ("offloop", {"stack": ["offloop", "offloop2"]}, {"fuse": ["offloop", "offloop2"]}, "missing"):
+            assert c.post("/v1/infer", json={"inputs": ["fun"], "adapters": spec}).status_code in (200, 404, 422)
+        assert c.post("/v1/embeddings", json={"model": "offloop", "input": "fun"}).status_code == 200
+        assert c.get("/v1/adapters/offloop").json()["versions"] == [1, 2]
+        assert c.get("/v1/adapters").status_code == 200 and c.get("/v1/models").status_code == 200
+        assert c.delete("/v1/adapters/offloop2").status_code == 200
+        assert c.delete("/v1/adapters/offloop2").status_code == 404
+    assert not on_loop, sorted(set(on_loop))

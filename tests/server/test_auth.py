@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from server.auth import KeyRing, hash_key, parse_keys
 from server.cli import main
+from server.http.auth import KeyRing, hash_key, parse_keys
 from server.settings import Settings
 
 

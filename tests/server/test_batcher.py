@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from server.batcher import Batcher, DeadlineExceeded, Job, QueueFull
+from server.errors import DeadlineExceeded, Draining, QueueFull
 from server.metrics import Metrics
+from server.scheduling.batcher import Batcher, Job
 
 
 def _job(n: int, group: str = "g", adapter: str = "a", deadline_s: float = 30.0, solo: bool = False) -> Job:
@@ -166,3 +167,47 @@ def test_full_batch_starts_without_the_event_loop() -> None:
 
     rec = asyncio.run(main())
     assert [[j.payload for j in c] for c in rec.calls] == [["first"], ["second"], ["partial"]]
+
+
+def test_stop_fails_running_staged_and_queued_jobs() -> None:
+    """stop() answers every job it will not finish: the one running, the one handed to the executor behind it (a
+    second group of the same batch) and the one still queued; none of their callers waits forever."""
+
+    async def main() -> None:
+        gate = threading.Event()
+        b = Batcher(Recorder(gate), Metrics(), max_batch_size=2, max_wait_s=0.05)
+        b.start()
+        try:
+            running = b.submit(_job(1, group="g1", adapter="running"))
+            staged = b.submit(_job(1, group="g2", adapter="staged"))  # same batch, next flight
+            await asyncio.sleep(0.2)  # the batch runs (held at the gate); its second flight waits for the executor
+            queued = b.submit(_job(1, adapter="queued"))
+            await b.stop()
+            results = await asyncio.wait_for(asyncio.gather(running, staged, queued, return_exceptions=True), 2)
+        finally:
+            gate.set()
+        assert all(isinstance(r, Draining) for r in results), results
+        assert b.depth == 0
+
+    asyncio.run(main())
+
+
+def test_batch_distinct_adapters_counts_adapter_versions() -> None:
+    """Two requests with one composition over three adapter versions, and one with another composition over
+    two of them: one batch, two compositions, three adapter versions (and the help text says so)."""
+
+    async def main() -> Metrics:
+        metrics = Metrics()
+        b = Batcher(Recorder(), metrics, max_batch_size=8, max_wait_s=0.05)
+        b.start()
+        jobs = [_job(1, adapter="abc"), _job(1, adapter="abc"), _job(1, adapter="ab")]
+        for job, used in zip(jobs, ({"a", "b", "c"}, {"a", "b", "c"}, {"a", "b"}), strict=True):
+            job.adapters = frozenset(used)
+        await asyncio.gather(*[b.submit(j) for j in jobs])
+        await b.stop()
+        return metrics
+
+    text = asyncio.run(main()).render().decode()
+    assert "# HELP adapterserve_batch_distinct_adapters Distinct adapter versions per batch\n" in text
+    assert "adapterserve_batch_distinct_adapters_count 1.0" in text
+    assert "adapterserve_batch_distinct_adapters_sum 3.0" in text

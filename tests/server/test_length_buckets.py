@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.engine import Engine, Segment, length_buckets
+from server.execution.engine import Engine, Segment, length_buckets
 from tests.server.conftest import WORDS
 
 

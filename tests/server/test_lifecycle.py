@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from server.app import default_engine
-from server.engine import Engine, Segment
+from server.execution.engine import Engine, Segment
+from server.http.app import default_engine
 from server.settings import Settings
 from tests.server.conftest import SENTENCES, serve, settings_for, upload_files
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from server.errors import AdapterUnavailable
+from server.execution.residency import Residency
 from server.metrics import Metrics
-from server.residency import AdapterUnavailable, Residency
-from server.store import AdapterStore, Upload, VersionMeta
+from server.registry.store import AdapterStore, Upload, VersionMeta
 
 
 class FakeLoader:
@@ -125,3 +126,37 @@ def test_evicting_a_fused_adapter_forgets_its_fusion(tmp_path: Path) -> None:
     assert fusion.internal not in loader.loaded and not res.is_resident(fusion.internal)
     res.prepare([m[0], m[1], fusion])  # used again: the adapter and then the fusion load again
     assert res.is_resident(fusion.internal) and loader.fusions == {fusion.internal: fusion.fused_internals}
+
+
+def test_trash_is_removed_outside_the_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Removing a deleted adapter's files (slow on an RWX/NFS volume) never holds the lock the inference thread
+    takes: on retire with nothing in flight, on the last release, and on the deferred unload."""
+    import server.execution.residency as residency_module
+
+    store, m = _metas(tmp_path, 3)
+    res, loader, _ = _residency(store, 1000)
+    removed: list[tuple[Path, bool]] = []
+    real_rmtree = residency_module.shutil.rmtree
+
+    def recording_rmtree(path: Path, *args: object, **kwargs: object) -> None:
+        removed.append((Path(path), res._lock.locked()))
+        real_rmtree(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(residency_module.shutil, "rmtree", recording_rmtree)
+    trash0 = store.delete("t", "a0")  # nothing in flight: removed at once
+    assert trash0 is not None
+    res.retire([m[0]], trash0)
+    res.hold([m[1]])  # in flight, not resident: removed when the request is released
+    trash1 = store.delete("t", "a1")
+    assert trash1 is not None
+    res.retire([m[1]], trash1)
+    res.release([m[1]])
+    res.prepare([m[2]])  # resident: unloaded by the inference thread, then removed
+    res.unpin_metas([m[2]])
+    trash2 = store.delete("t", "a2")
+    assert trash2 is not None
+    res.retire([m[2]], trash2)
+    res.unload_pending()
+    assert {p for p, _ in removed} == {trash0, trash1, trash2}
+    assert not any(locked for _, locked in removed), removed
+    assert not any(p.exists() for p in (trash0, trash1, trash2)) and not loader.loaded

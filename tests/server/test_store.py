@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from server.intake import ByteBudget, accepted_name, extract_archive
-from server.problems import ProblemError
-from server.safetensors_check import read_safetensors_shapes
-from server.store import AdapterStore, Upload
+from server.errors import UploadRejected
+from server.registry.intake import ByteBudget, accepted_name, extract_archive
+from server.registry.safetensors_check import read_safetensors_shapes
+from server.registry.store import AdapterStore, Upload
 
 UP = Upload(method="seq_bn", methods=("bottleneck",), has_head=False, nbytes=123)
 
@@ -105,10 +105,10 @@ def test_safetensors_checks(tmp_path: Path) -> None:
 def test_accepted_names() -> None:
     assert accepted_name("adapter.safetensors") == "adapter.safetensors"
     assert accepted_name("README.md") is None
-    with pytest.raises(ProblemError) as e:
+    with pytest.raises(UploadRejected) as e:
         accepted_name("pytorch_adapter.bin")
     assert e.value.status == 415
-    with pytest.raises(ProblemError):
+    with pytest.raises(UploadRejected):
         accepted_name("evil.py")
 
 
@@ -141,7 +141,7 @@ def test_unsafe_tar_rejected(tmp_path: Path, members: dict[str, bytes], links: d
     arc.write_bytes(_tar(members, links))
     dest = tmp_path / "out"
     dest.mkdir()
-    with pytest.raises(ProblemError, match=match):
+    with pytest.raises(UploadRejected, match=match):
         extract_archive(arc, "a.tar.gz", dest, ByteBudget(1 << 20))
     assert not list(dest.iterdir())
 
@@ -159,7 +159,7 @@ def test_tar_and_zip_with_top_folder(tmp_path: Path) -> None:
         zf.writestr("../adapter.safetensors", "x")
     dest2 = tmp_path / "z"
     dest2.mkdir()
-    with pytest.raises(ProblemError, match="outside"):
+    with pytest.raises(UploadRejected, match="outside"):
         extract_archive(z, "a.zip", dest2, ByteBudget(1 << 20))
 
 
@@ -168,7 +168,7 @@ def test_archive_bomb_hits_budget(tmp_path: Path) -> None:
     arc.write_bytes(_tar({"adapter_config.json": b"{}", "adapter.safetensors": b"\0" * 200_000}))
     dest = tmp_path / "o"
     dest.mkdir()
-    with pytest.raises(ProblemError) as e:
+    with pytest.raises(UploadRejected) as e:
         extract_archive(arc, "a.tar.gz", dest, ByteBudget(100_000))
     assert e.value.status == 413
 
@@ -178,7 +178,7 @@ def test_fast_json_round_trips_float32() -> None:
 
     import numpy as np
 
-    from server.jsonfmt import encode
+    from server.http.jsonfmt import encode
 
     rng = np.random.default_rng(0)
     arr = rng.standard_normal((3, 384)).astype(np.float32) * np.float32(1e-3)

@@ -1,5 +1,5 @@
-"""The inference worker process (server.worker): same answers as the in-process engine, the model really lives in
-the child, and a dead child is replaced with every adapter loaded again."""
+"""The inference worker process (server.execution.worker): same answers as the in-process engine, the model really lives in
+the child, a dead child is replaced with every adapter loaded again, and the child never imports a web framework."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.engine import Engine
-from server.worker import WorkerEngine
+from server.execution.engine import Engine
+from server.execution.worker import WorkerEngine
 from tests.server.conftest import SENTENCES, Reference, serve, settings_for, upload_files
 
 CONFIGS = ("seq_bn", "lora", "prefix_tuning[prefix_length=4,bottleneck_size=16]")
@@ -94,7 +94,7 @@ def test_process_exits_without_close(tiny_model_dir: Path) -> None:
     """A process that exits without closing its engine exits at once, and its worker (which ignores SIGTERM)
     follows when the socket closes; the script has no __main__ guard, which multiprocessing's spawn needed."""
     code = (
-        "import sys; from server.worker import WorkerEngine; "
+        "import sys; from server.execution.worker import WorkerEngine; "
         f"e = WorkerEngine({str(tiny_model_dir)!r}, device='cpu'); print(e.pid, flush=True)"
     )
     root = Path(__file__).resolve().parents[2]
@@ -105,6 +105,23 @@ def test_process_exits_without_close(tiny_model_dir: Path) -> None:
     while Path(f"/proc/{child}").exists() and "zombie" not in _state(child):
         assert time.monotonic() < deadline, "the worker outlived its parent"
         time.sleep(0.05)
+
+
+def test_worker_child_imports_no_web_framework(tiny_model_dir: Path, adapter_factory: Callable[[str, int], Path]) -> None:
+    """What the child runs (its module, the Engine it builds, a load and a forward pass, with their lazy imports)
+    in a fresh interpreter leaves fastapi and starlette out of sys.modules."""
+    code = (
+        "import sys\n"
+        "import server.execution.worker as worker\n"
+        f"engine = worker.Engine({str(tiny_model_dir)!r}, device='cpu')\n"
+        f"engine.load({str(adapter_factory('seq_bn', 340))!r}, 'a')\n"
+        "engine.embed([worker.Segment('a', [[2, 7, 3]])])\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fastapi', 'starlette')))\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
 def _state(pid: int) -> str:

@@ -7,8 +7,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.http.problems import PROBLEM_MEDIA_TYPE, ProblemError, problem_bytes
 from server.metrics import Metrics
-from server.problems import PROBLEM_MEDIA_TYPE, ProblemError, problem_bytes
 
 UPLOAD_SLACK = 256 * 1024  # multipart framing on top of the file bytes
 

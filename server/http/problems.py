@@ -1,4 +1,5 @@
-"""RFC 9457 problem+json errors: one exception type, the handlers, and OpenAPI response declarations."""
+"""RFC 9457 problem+json errors: the one place domain errors become HTTP answers, the HTTP edge's own
+ProblemError, and the OpenAPI response declarations."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.errors import DomainError
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 TYPE_BASE = "urn:adapterserve:problem:"  # a URI naming the kind of problem (RFC 9457 section 3.1.1)
@@ -26,7 +29,8 @@ class Problem(BaseModel):
 
 
 class ProblemError(Exception):
-    """Raise anywhere to answer with a problem+json body (status, short slug, useful detail)."""
+    """An error of the HTTP edge itself (authentication, request framing, readiness), answered as problem+json;
+    everything below the edge raises a server.errors.DomainError instead."""
 
     def __init__(self, status: int, slug: str, detail: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
@@ -75,6 +79,12 @@ def install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(ProblemError)
     async def _problem(_: Request, exc: ProblemError) -> ProblemResponse:
         return problem_response(exc.status, exc.slug, exc.detail, exc.headers)
+
+    @app.exception_handler(DomainError)
+    async def _domain(_: Request, exc: DomainError) -> ProblemResponse:
+        """Every domain error: its status, slug and detail, and Retry-After when it says when to retry."""
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+        return problem_response(exc.status, exc.slug, exc.detail, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> ProblemResponse:

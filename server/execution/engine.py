@@ -1,6 +1,6 @@
 """The model side: one backbone with adapters (adapters_core), its tokenizer, and batched forward passes.
 
-Every method that touches the model runs on the single inference thread (see server.batcher).
+Every method that touches the model runs on the single inference thread (see server.scheduling.batcher).
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ import torch
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from adapters_core.composition import AdapterCompositionBlock, BatchSplit
+from adapters_core.composition import AdapterCompositionBlock, BatchSplit, Fuse, Stack
 from adapters_core.fusion import FusionInfo
 from adapters_core.head_types import mean_pool
-from server.composition import batchable
-from server.store import Upload
+from server.registry.store import Upload
 
 log = logging.getLogger("adapterserve.engine")
 
@@ -56,10 +55,15 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def batchable(block: AdapterCompositionBlock | str) -> AdapterCompositionBlock | str:
+    """The form of a request's block that can sit inside a BatchSplit (a Fuse needs a Stack around it)."""
+    return Stack(block) if isinstance(block, Fuse) else block
+
+
 class Backbone:
     """What the HTTP side needs of the backbone without running it: tokenizer, sizes, upload validation.
 
-    `Engine` adds the live model; `server.worker.WorkerEngine` keeps the model in a child process and
+    `Engine` adds the live model; `server.execution.worker.WorkerEngine` keeps the model in a child process and
     validates uploads against a meta-device copy of the architecture (shapes only, no weights).
     """
 

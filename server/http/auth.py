@@ -15,20 +15,20 @@ from typing import Literal
 
 from fastapi import Request
 
-from server.problems import ProblemError
+from server.http.problems import ProblemError
+from server.registry.store import SHARED_TENANT
 
 log = logging.getLogger("adapterserve.auth")
 
 Role = Literal["tenant", "admin"]
 OPEN_TENANT = "default"
-SHARED_TENANT = "_shared"
+TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def owner_label(tenant: str) -> str:
     """How responses name an adapter's owner: "shared" for the shared tenant, else "tenant"."""
     return "shared" if tenant == SHARED_TENANT else "tenant"
-TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def hash_key(key: str) -> str:
@@ -47,6 +47,19 @@ class Principal:
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+    @property
+    def uploader(self) -> str:
+        """How meta.json records who stored a version: tenant and key id, never the key."""
+        return f"{self.tenant}:{self.key_id}"
+
+    def write_tenant(self, shared: bool) -> str:
+        """Where a write goes: the caller's tenant, or the shared tenant (admins only; 403 otherwise)."""
+        if not shared:
+            return self.tenant
+        if not self.is_admin:
+            raise ProblemError(403, "forbidden", "only admin keys may manage shared adapters")
+        return SHARED_TENANT
 
 
 @dataclass(frozen=True)

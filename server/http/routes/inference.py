@@ -7,14 +7,15 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, Depends
 
-from server.auth import Principal, authenticate, owner_label
-from server.composition import Resolved
-from server.engine import Classified
-from server.inference import Task
-from server.jsonfmt import FastJSONResponse
-from server.problems import problem_responses
-from server.runtime import Runtime, Tokenized, runtime_of
-from server.schemas import InferRequest, InferResponse
+from server.execution.engine import Classified
+from server.http.auth import Principal, authenticate, owner_label
+from server.http.deps import runtime_of
+from server.http.jsonfmt import FastJSONResponse
+from server.http.problems import problem_responses
+from server.http.schemas import InferRequest, InferResponse
+from server.scheduling.resolve import Resolved
+from server.scheduling.runner import Task
+from server.scheduling.runtime import Runtime, Tokenized
 
 router = APIRouter(tags=["inference"])
 INFER_ERRORS = problem_responses(400, 401, 404, 413, 422, 429, 503, 504)
@@ -44,7 +45,7 @@ def results_json(output: Any, tokens: Tokenized) -> list[dict[str, Any]]:
 @router.post("/v1/infer", response_model=InferResponse, responses=INFER_ERRORS, summary="Run inputs through adapters")
 async def infer(body: InferRequest, principal: Annotated[Principal, Depends(authenticate)], rt: Annotated[Runtime, Depends(runtime_of)]) -> FastJSONResponse:
     rt.check_inputs(body.inputs)
-    resolved = rt.resolve(principal, body.adapters, body.head, body.task)
+    resolved = await rt.resolve(principal.tenant, body.adapters, body.head, body.task)
     tokens = rt.tokenize(body.inputs, body.truncate)
     task = task_of(resolved)
     output = await rt.infer(tokens, resolved, task)

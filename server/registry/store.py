@@ -20,6 +20,7 @@ from typing import Any
 log = logging.getLogger("adapterserve.store")
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+SHARED_TENANT = "_shared"  # the store folder of adapters every tenant sees (managed by admins)
 META_FILE = "meta.json"
 TMP_DIR = ".tmp"
 TRASH_DIR = ".trash"
@@ -207,6 +208,18 @@ class AdapterStore:
             meta = self.meta(tenant, name, version)
             if meta is not None:
                 return meta
+        return None
+
+    def find(self, tenant: str, name: str) -> VersionMeta | None:
+        """What `name` means to `tenant`: its own adapter, else a shared one (for the shared tenant: only shared)."""
+        return self.latest(tenant, name) or self.latest(SHARED_TENANT, name)
+
+    def find_fusion(self, tenant: str, adapters: tuple[str, ...]) -> VersionMeta | None:
+        """The tenant's own AdapterFusion over exactly these adapters (in order), else a shared one."""
+        for owner in (tenant, SHARED_TENANT):
+            for meta in self.fusions(owner):
+                if tuple(f["name"] for f in meta.fused) == adapters:
+                    return meta
         return None
 
     def names(self, tenant: str) -> list[str]:

@@ -1,4 +1,8 @@
-"""The batch runner: residency + engine for one group of jobs, on the inference thread."""
+"""What a queued job asks for, which jobs may share a forward pass, and the batch runner that turns a group of
+jobs into engine segments (residency + engine, on the inference thread).
+
+It lives in scheduling, not execution: it speaks in scheduling's terms (Job, Resolved) and calls down into
+execution (Engine, Residency), which never learns about jobs."""
 
 from __future__ import annotations
 
@@ -7,12 +11,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from server.batcher import Job, Runner
-from server.composition import Resolved
-from server.engine import Engine, Segment
-from server.problems import ProblemError
-from server.residency import AdapterUnavailable, Residency
-from server.worker import WorkerEngine
+from server.errors import AdapterUnavailable, InferenceFailed, InvalidComposition
+from server.execution.engine import Engine, Segment
+from server.execution.residency import Residency
+from server.execution.worker import WorkerEngine
+from server.scheduling.batcher import Job, Runner
+from server.scheduling.resolve import Resolved
 
 log = logging.getLogger("adapterserve.inference")
 
@@ -102,7 +106,7 @@ def make_runner(engine: Engine | WorkerEngine, residency: Residency) -> Runner:
                 residency.prepare(job.payload.resolved.metas)
                 ready.append(i)
             except AdapterUnavailable as exc:
-                results[i] = ProblemError(503, "adapter-unavailable", str(exc))
+                results[i] = exc
         if not ready:
             return results
         batch = [jobs[i] for i in ready]
@@ -117,15 +121,15 @@ def make_runner(engine: Engine | WorkerEngine, residency: Residency) -> Runner:
                     try:
                         outs.append(forward([job])[0])
                     except ValueError as exc:
-                        outs.append(ProblemError(422, "invalid-composition", humanize(str(exc), [job])))
+                        outs.append(InvalidComposition(humanize(str(exc), [job])))
             for i, out in zip(ready, outs, strict=True):
                 results[i] = out
         except ValueError as exc:
-            results[ready[0]] = ProblemError(422, "invalid-composition", humanize(str(exc), batch))
+            results[ready[0]] = InvalidComposition(humanize(str(exc), batch))
         except Exception as exc:
             log.exception("forward pass failed")
             for i in ready:
-                results[i] = ProblemError(500, "inference-failed", f"the forward pass failed: {type(exc).__name__}: {exc}")
+                results[i] = InferenceFailed(f"the forward pass failed: {type(exc).__name__}: {exc}")
         finally:
             for job in batch:
                 residency.unpin_metas(job.payload.resolved.metas)

@@ -18,21 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.errors import DeadlineExceeded, Draining, QueueFull
 from server.metrics import Metrics
 
 log = logging.getLogger("adapterserve.batcher")
-
-
-class QueueFull(Exception):
-    """The queue holds QUEUE_SIZE requests already (answer 429 with Retry-After)."""
-
-
-class DeadlineExceeded(Exception):
-    """The request waited past its deadline and was dropped before it ran."""
-
-
-class Draining(Exception):
-    """The server is shutting down and takes no new work."""
+QUEUE_FULL_RETRY_S = 1  # a slot frees as soon as the running batch ends
+DRAINING_RETRY_S = 5  # another replica (or this one, restarted) takes the retry
 
 
 @dataclass(eq=False)
@@ -91,7 +82,7 @@ class Batcher:
         self._tokens = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._flights: set[asyncio.Task[None]] = set()
+        self._flights: dict[asyncio.Task[None], list[Job]] = {}  # batches launched and not landed
         self._staged: list[_Flight] = []  # handed to the executor, runner not begun yet
         self._running = 0  # batches handed to the executor and not finished
         self._idle = asyncio.Event()
@@ -104,7 +95,9 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
 
     async def stop(self) -> None:
-        """Cancel the loop and fail whatever is still queued."""
+        """Cancel the loop and the batches in flight, and fail every job not answered yet (queued, staged for the
+        executor, or running) with Draining, so no caller waits forever. A forward pass already running ends on
+        the inference thread; nobody waits for its result."""
         self.accepting = False
         if self._task is not None:
             self._task.cancel()
@@ -112,12 +105,16 @@ class Batcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        unanswered = [job for jobs in self._flights.values() for job in jobs]
         for task in list(self._flights):
             task.cancel()
         if self._flights:
             await asyncio.gather(*self._flights, return_exceptions=True)
-        while self._pending:
-            job = self._pending.popleft()
+        unanswered += self._pending
+        self._pending.clear()
+        self._staged.clear()
+        self._rows = self._tokens = 0
+        for job in unanswered:
             if job.future is not None and not job.future.done():
                 job.future.set_exception(Draining("the server stopped before this request ran"))
         self._publish()
@@ -145,9 +142,9 @@ class Batcher:
     def submit(self, job: Job) -> asyncio.Future[Any]:
         """Queue a job; QueueFull when the queue is at capacity, Draining when shutting down."""
         if not self.accepting:
-            raise Draining("the server is draining and accepts no new requests")
+            raise Draining("the server is draining and accepts no new requests", retry_after=DRAINING_RETRY_S)
         if self.depth >= self.queue_size:
-            raise QueueFull(f"the inference queue is full ({self.queue_size} requests)")
+            raise QueueFull(f"the inference queue is full ({self.queue_size} requests); retry shortly", retry_after=QUEUE_FULL_RETRY_S)
         job.future = asyncio.get_running_loop().create_future()
         self._pending.append(job)
         self._rows += len(job.rows)
@@ -205,11 +202,11 @@ class Batcher:
         self._running += 1
         self._idle.clear()
         task = asyncio.get_running_loop().create_task(self._run(batch), name="batch")
-        self._flights.add(task)
+        self._flights[task] = batch
         task.add_done_callback(self._landed)
 
     def _landed(self, task: asyncio.Task[None]) -> None:
-        self._flights.discard(task)
+        self._flights.pop(task, None)
         self._running -= 1
         if not task.cancelled() and task.exception() is not None:
             log.error("batch failed", exc_info=task.exception())

@@ -12,11 +12,10 @@ from adapters_core.composition import (
     Parallel,
     Stack,
     composition_from_json,
-    composition_to_json,
     validate_composition,
 )
-from server.problems import ProblemError
-from server.store import VersionMeta
+from server.errors import InvalidComposition, InvalidHead, StaleFusion, UnknownAdapter
+from server.registry.store import VersionMeta
 
 MAX_ADAPTERS_PER_REQUEST = 16
 
@@ -42,7 +41,7 @@ class Resolved:
 
     @property
     def key(self) -> str:
-        """Identity of the composition, for grouping rows and counting distinct adapters per batch."""
+        """Identity of the composition: jobs with equal keys are made adjacent, so their rows share one segment."""
         return repr(self.block)
 
     @property
@@ -53,22 +52,27 @@ class Resolved:
 FusedUse = tuple[VersionMeta, list[VersionMeta]]  # an AdapterFusion and the adapter versions it fuses
 
 
-def _rename(obj: Any, names: dict[str, str], fused: dict[tuple[tuple[str, ...], str], FusedUse]) -> Any:
-    """The composition's JSON over model-side names; a fuse block becomes the fusion over its pinned versions."""
-    if isinstance(obj, str):
-        return names[obj]
-    if isinstance(obj, list):
-        return [_rename(o, names, fused) for o in obj]
-    if isinstance(obj, dict) and "fuse" in obj:
-        fusion, members = fused[(tuple(obj["fuse"]), obj.get("name") or ",".join(obj["fuse"]))]
-        return {"fuse": [m.internal for m in members], "name": fusion.internal}
-    if isinstance(obj, dict):
-        return {k: (_rename(v, names, fused) if isinstance(v, list | str) and k != "name" else v) for k, v in obj.items()}
-    return obj
+Child = AdapterCompositionBlock | str | None  # None: BatchSplit rows that run the bare backbone
 
 
-def _fuse_blocks(block: AdapterCompositionBlock | str) -> list[Fuse]:
+def rename(block: Child, name: Callable[[str], str], fuse: Callable[[Fuse], Child] | None = None) -> Child:
+    """The same composition over other adapter names: every block is rebuilt from its renamed children with
+    its own parameters (splits, batch_sizes, weights). A Fuse becomes what `fuse` makes of it when given;
+    otherwise it keeps an explicit fusion name, and a default name follows its renamed children."""
+    if block is None:
+        return None
     if isinstance(block, str):
+        return name(block)
+    if isinstance(block, Fuse):
+        if fuse is not None:
+            return fuse(block)
+        explicit = block.name if block.name != Fuse(*block.children).name else None
+        return Fuse(*(rename(c, name, fuse) for c in block.children), name=explicit)
+    return type(block)(*(rename(c, name, fuse) for c in block.children), **block.params())
+
+
+def _fuse_blocks(block: Child) -> list[Fuse]:
+    if block is None or isinstance(block, str):
         return []
     own = [block] if isinstance(block, Fuse) else []
     return own + [f for c in block.children for f in _fuse_blocks(c)]
@@ -76,81 +80,79 @@ def _fuse_blocks(block: AdapterCompositionBlock | str) -> list[Fuse]:
 
 def _find_fusion(fuse: Fuse, lookup: Lookup, fusions: FusionLookup | None) -> FusedUse:
     """The uploaded AdapterFusion a Fuse block means (by its explicit name, else over its adapters) and the
-    adapter versions it was made for; 404/422 naming what is missing."""
+    adapter versions it was made for; UnknownAdapter or InvalidComposition naming what is missing."""
     children = fuse.children
     if not all(isinstance(c, str) for c in children):
-        raise ProblemError(422, "invalid-composition", "a fuse block must list adapter names (fusing nested blocks is not supported)")
+        raise InvalidComposition("a fuse block must list adapter names (fusing nested blocks is not supported)")
     default = ",".join(children)
     if fusions is None:
-        raise ProblemError(422, "invalid-composition", f"no AdapterFusion over {list(children)} can be used here")
+        raise InvalidComposition(f"no AdapterFusion over {list(children)} can be used here")
     if fuse.name != default:
         meta = lookup(fuse.name)
         if meta is None:
-            raise ProblemError(404, "unknown-adapter", f"no AdapterFusion named {fuse.name!r} for this tenant")
+            raise UnknownAdapter(f"no AdapterFusion named {fuse.name!r} for this tenant")
         if meta.method != "fusion":
-            raise ProblemError(422, "invalid-composition", f"{fuse.name!r} is not an AdapterFusion (it is a {meta.method} adapter)")
+            raise InvalidComposition(f"{fuse.name!r} is not an AdapterFusion (it is a {meta.method} adapter)")
     else:
         meta = fusions.over(tuple(children))
         if meta is None:
-            raise ProblemError(
-                422, "invalid-composition",
+            raise InvalidComposition(
                 f"no AdapterFusion over {list(children)} has been uploaded; upload one (adapter_fusion_config.json and "
                 "model_adapter_fusion.safetensors), then use {\"fuse\": [...]} or {\"fuse\": [...], \"name\": ...}",
             )
     fused_names = [f["name"] for f in meta.fused]
     if fused_names != list(children):
-        raise ProblemError(422, "invalid-composition", f"AdapterFusion {meta.name!r} fuses {fused_names}, not {list(children)}")
+        raise InvalidComposition(f"AdapterFusion {meta.name!r} fuses {fused_names}, not {list(children)}")
     members = []
     for f in meta.fused:
         member = fusions.version(f["tenant"], f["name"], int(f["version"]))
         if member is None or member.internal != f["internal"]:
-            raise ProblemError(
-                422, "stale-fusion",
+            raise StaleFusion(
                 f"AdapterFusion {meta.name!r} was made for version {f['version']} of {f['name']!r}, which is gone; upload the fusion again",
             )
         members.append(member)
     return meta, members
 
 
-def _contains_parallel(block: AdapterCompositionBlock | str) -> bool:
-    if isinstance(block, str):
+def _contains_parallel(block: Child) -> bool:
+    if block is None or isinstance(block, str):
         return False
     return isinstance(block, Parallel) or any(_contains_parallel(c) for c in block.children)
 
 
-def batchable(block: AdapterCompositionBlock | str) -> AdapterCompositionBlock | str:
-    """The form of a request's block that can sit inside a BatchSplit (Fuse needs a Stack around it)."""
-    return Stack(block) if isinstance(block, Fuse) else block
-
-
 def resolve(spec: Any, lookup: Lookup, head: str | None, task: str, fusions: FusionLookup | None = None) -> Resolved:
-    """Parse and validate the JSON composition; 404 for unknown adapters, 422 for invalid ones. A fuse block
-    uses the uploaded AdapterFusion over its adapters, with the adapter versions that fusion was made for."""
+    """Parse and validate the JSON composition (UnknownAdapter, InvalidComposition or InvalidHead when it is wrong).
+    A fuse block uses the uploaded AdapterFusion over its adapters, with the adapter versions it was made for."""
     try:
         user_block = composition_from_json(spec)
     except ValueError as exc:
-        raise ProblemError(422, "invalid-composition", str(exc)) from None
+        raise InvalidComposition(str(exc)) from None
     names = list(user_block.flatten())
     if len(names) > MAX_ADAPTERS_PER_REQUEST:
-        raise ProblemError(422, "invalid-composition", f"a composition may use at most {MAX_ADAPTERS_PER_REQUEST} adapters")
+        raise InvalidComposition(f"a composition may use at most {MAX_ADAPTERS_PER_REQUEST} adapters")
     metas: dict[str, VersionMeta] = {}
     for name in names:
         meta = lookup(name)
         if meta is None:
-            raise ProblemError(404, "unknown-adapter", f"no adapter named {name!r} for this tenant")
+            raise UnknownAdapter(f"no adapter named {name!r} for this tenant")
         if meta.method == "fusion":
-            raise ProblemError(
-                422, "invalid-composition",
+            raise InvalidComposition(
                 f"{name!r} is an AdapterFusion; use it as {{\"fuse\": {[f['name'] for f in meta.fused]}, \"name\": \"{name}\"}}",
             )
         metas[name] = meta
     try:
         validate_composition(user_block, {n: m.methods for n, m in metas.items()})
     except ValueError as exc:
-        raise ProblemError(422, "invalid-composition", str(exc)) from None
-    fused = {(tuple(f.children), f.name): _find_fusion(f, lookup, fusions) for f in _fuse_blocks(user_block)}
-    internal = {n: m.internal for n, m in metas.items()}
-    block: AdapterCompositionBlock | str = composition_from_json(_rename(composition_to_json(user_block), internal, fused))
+        raise InvalidComposition(str(exc)) from None
+    fused = {f: _find_fusion(f, lookup, fusions) for f in _fuse_blocks(user_block)}
+
+    def pinned(f: Fuse) -> Fuse:
+        """A request's fuse block as the model holds it: the uploaded fusion over the versions it was made for."""
+        fusion, members = fused[f]
+        return Fuse(*(m.internal for m in members), name=fusion.internal)
+
+    block = rename(user_block, lambda n: metas[n].internal, pinned)
+    assert block is not None
     if isinstance(block, Stack) and len(block.children) == 1 and isinstance(block.children[0], str):
         block = block.children[0]
     head_meta = _pick_head(user_block, metas, head, task)
@@ -168,22 +170,22 @@ def _pick_head(
 ) -> VersionMeta | None:
     if task == "embedding":
         if head is not None:
-            raise ProblemError(422, "invalid-head", "`head` cannot be combined with task 'embedding'")
+            raise InvalidHead("`head` cannot be combined with task 'embedding'")
         return None
     if head is not None:
         meta = metas.get(head)
         if meta is None:
-            raise ProblemError(422, "invalid-head", f"head {head!r} must name an adapter used in the composition")
+            raise InvalidHead(f"head {head!r} must name an adapter used in the composition")
         if not meta.has_head:
-            raise ProblemError(422, "invalid-head", f"adapter {head!r} has no prediction head")
+            raise InvalidHead(f"adapter {head!r} has no prediction head")
         return meta
     if isinstance(block, Parallel):
         if task == "classification":
-            raise ProblemError(422, "invalid-head", "classification with a parallel composition is not supported")
+            raise InvalidHead("classification with a parallel composition is not supported")
         return None
     last = metas[block.last()]
     if last.has_head:
         return last
     if task == "classification":
-        raise ProblemError(422, "invalid-head", f"adapter {block.last()!r} has no prediction head; pass `head` or use task 'embedding'")
+        raise InvalidHead(f"adapter {block.last()!r} has no prediction head; pass `head` or use task 'embedding'")
     return None

@@ -5,7 +5,7 @@ event loop (HTTP, JSON, tokenization): under bench/serve_load.py's load that lef
 the time, in GIL waits (its /proc counters: ~700 voluntary context switches a second). `WorkerEngine`
 keeps HTTP, tokenization and upload validation in the server process and sends each load, unload and
 batch to a child process that owns the model and runs `Engine` there, over a private socket pair. The
-child is a fresh interpreter (`python -m server.worker`, safe with CUDA, and unlike multiprocessing's
+child is a fresh interpreter (`python -m server.execution.worker`, safe with CUDA, and unlike multiprocessing's
 "spawn" it never re-imports the parent's `__main__`), ignores SIGINT/SIGTERM (the parent drains and
 then closes the socket), and exits when the socket closes. If it dies, the call in flight fails and the
 next call starts a new child and loads the same adapters again.
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from server.engine import Backbone, Classified, Engine, Segment
+from server.execution.engine import Backbone, Classified, Engine, Segment
 
 log = logging.getLogger("adapterserve.worker")
 
@@ -72,7 +72,7 @@ class WorkerEngine(Backbone):
         ours, theirs = socket.socketpair()
         env = dict(os.environ)  # the child imports what this process can (bench scripts extend sys.path)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
-        proc = subprocess.Popen([sys.executable, "-m", "server.worker", str(theirs.fileno())],
+        proc = subprocess.Popen([sys.executable, "-m", "server.execution.worker", str(theirs.fileno())],
                                 pass_fds=(theirs.fileno(),), env=env)
         theirs.close()
         conn = Connection(ours.detach())

@@ -12,7 +12,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from adapters_core.formats import FUSION_CONFIG, FUSION_WEIGHTS
-from server.problems import ProblemError
+from server.errors import UploadRejected
 
 ADAPTER_FILES = frozenset(
     {"adapter_config.json", "adapter.safetensors", "head_config.json", "model_head.safetensors", "adapter_model.safetensors",
@@ -34,19 +34,19 @@ class ByteBudget:
     def take(self, n: int) -> None:
         self.used += n
         if self.used > self.limit:
-            raise ProblemError(
+            raise UploadRejected(
                 413, "upload-too-large", f"upload exceeds the limit of {self.limit // (1024 * 1024)} MiB (uncompressed)"
             )
 
 
 def accepted_name(filename: str | None) -> str | None:
-    """The file's name inside the adapter folder, None to skip it; ProblemError for anything not allowed."""
+    """The file's name inside the adapter folder, None to skip it; UploadRejected for anything not allowed."""
     if not filename:
-        raise ProblemError(422, "bad-file", "every `files` part needs a filename (its name in the adapter folder)")
+        raise UploadRejected(422, "bad-file", "every `files` part needs a filename (its name in the adapter folder)")
     base = PurePosixPath(filename.replace("\\", "/")).name
     suffix = PurePosixPath(base).suffix.lower()
     if suffix in PICKLE_SUFFIXES:
-        raise ProblemError(
+        raise UploadRejected(
             415, "pickle-rejected",
             f"{base!r}: pickle-based weight files are never accepted over the network; upload safetensors "
             "(adapter.safetensors / adapter_model.safetensors, or model_adapter_fusion.safetensors for a fusion)",
@@ -54,7 +54,7 @@ def accepted_name(filename: str | None) -> str | None:
     if base in IGNORED_FILES:
         return None
     if base not in ADAPTER_FILES:
-        raise ProblemError(422, "bad-file", f"{base!r} is not an adapter file; allowed: {', '.join(sorted(ADAPTER_FILES))}")
+        raise UploadRejected(422, "bad-file", f"{base!r} is not an adapter file; allowed: {', '.join(sorted(ADAPTER_FILES))}")
     return base
 
 
@@ -72,9 +72,9 @@ def _safe_member_path(name: str) -> PurePosixPath:
     norm = name.replace("\\", "/")
     path = PurePosixPath(norm)
     if norm.startswith("/") or (len(norm) > 1 and norm[1] == ":") or path.is_absolute():
-        raise ProblemError(422, "unsafe-archive", f"archive member {name!r} has an absolute path")
+        raise UploadRejected(422, "unsafe-archive", f"archive member {name!r} has an absolute path")
     if any(part == ".." for part in path.parts):
-        raise ProblemError(422, "unsafe-archive", f"archive member {name!r} points outside the archive ('..')")
+        raise UploadRejected(422, "unsafe-archive", f"archive member {name!r} points outside the archive ('..')")
     return PurePosixPath(*[p for p in path.parts if p not in ("", ".")])
 
 
@@ -82,7 +82,7 @@ def _place(members: list[tuple[PurePosixPath, object]]) -> list[tuple[str, objec
     """Members must sit in one folder (the archive root or a single top folder); map them to file names."""
     parents = {m.parent for m, _ in members}
     if len(parents) > 1:
-        raise ProblemError(
+        raise UploadRejected(
             422, "bad-archive", "the archive must hold one adapter folder; files were found in: "
             + ", ".join(sorted(str(p) or "." for p in parents))
         )
@@ -98,19 +98,19 @@ def _extract_tar(path: Path, dest: Path, budget: ByteBudget) -> None:
     try:
         tf = tarfile.open(path, mode="r:*")
     except tarfile.TarError as exc:
-        raise ProblemError(422, "bad-archive", f"cannot read the archive as tar: {exc}") from exc
+        raise UploadRejected(422, "bad-archive", f"cannot read the archive as tar: {exc}") from exc
     with tf:
         files: list[tuple[PurePosixPath, object]] = []
         for count, info in enumerate(tf, 1):
             if count > MAX_ARCHIVE_MEMBERS:
-                raise ProblemError(422, "bad-archive", f"archive has more than {MAX_ARCHIVE_MEMBERS} members")
+                raise UploadRejected(422, "bad-archive", f"archive has more than {MAX_ARCHIVE_MEMBERS} members")
             member = _safe_member_path(info.name)
             if info.issym() or info.islnk():
-                raise ProblemError(422, "unsafe-archive", f"archive member {info.name!r} is a link; links are refused")
+                raise UploadRejected(422, "unsafe-archive", f"archive member {info.name!r} is a link; links are refused")
             if info.isdir():
                 continue
             if not info.isfile():
-                raise ProblemError(422, "unsafe-archive", f"archive member {info.name!r} is not a regular file")
+                raise UploadRejected(422, "unsafe-archive", f"archive member {info.name!r} is not a regular file")
             files.append((member, info))
         for base, info in _place(files):
             src = tf.extractfile(info)  # type: ignore[arg-type]
@@ -122,16 +122,16 @@ def _extract_zip(path: Path, dest: Path, budget: ByteBudget) -> None:
     try:
         zf = zipfile.ZipFile(path)
     except zipfile.BadZipFile as exc:
-        raise ProblemError(422, "bad-archive", f"cannot read the archive as zip: {exc}") from exc
+        raise UploadRejected(422, "bad-archive", f"cannot read the archive as zip: {exc}") from exc
     with zf:
         infos = zf.infolist()
         if len(infos) > MAX_ARCHIVE_MEMBERS:
-            raise ProblemError(422, "bad-archive", f"archive has more than {MAX_ARCHIVE_MEMBERS} members")
+            raise UploadRejected(422, "bad-archive", f"archive has more than {MAX_ARCHIVE_MEMBERS} members")
         files: list[tuple[PurePosixPath, object]] = []
         for info in infos:
             member = _safe_member_path(info.filename)
             if stat.S_ISLNK(info.external_attr >> 16):
-                raise ProblemError(422, "unsafe-archive", f"archive member {info.filename!r} is a link; links are refused")
+                raise UploadRejected(422, "unsafe-archive", f"archive member {info.filename!r} is a link; links are refused")
             if info.is_dir():
                 continue
             files.append((member, info))
@@ -147,9 +147,9 @@ def extract_archive(path: Path, filename: str, dest: Path, budget: ByteBudget) -
     elif filename.lower().endswith((".tar", ".tar.gz", ".tgz")) or tarfile.is_tarfile(path):
         _extract_tar(path, dest, budget)
     else:
-        raise ProblemError(422, "bad-archive", f"{filename!r} is not a .tar, .tar.gz or .zip archive")
+        raise UploadRejected(422, "bad-archive", f"{filename!r} is not a .tar, .tar.gz or .zip archive")
     if not any(dest.iterdir()):
-        raise ProblemError(422, "bad-archive", "the archive holds no adapter files")
+        raise UploadRejected(422, "bad-archive", "the archive holds no adapter files")
 
 
 def clear(dest: Path) -> None:

@@ -8,11 +8,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 from starlette.concurrency import run_in_threadpool
 
-from server.auth import SHARED_TENANT, Principal, authenticate
-from server.jsonfmt import FastJSONResponse
-from server.problems import ProblemError, problem_responses
-from server.runtime import Runtime, runtime_of
-from server.schemas import EmbeddingsRequest, EmbeddingsResponse, ModelCard, ModelList
+from server.errors import InvalidComposition
+from server.http.auth import Principal, authenticate
+from server.http.deps import runtime_of
+from server.http.jsonfmt import FastJSONResponse
+from server.http.problems import problem_responses
+from server.http.schemas import EmbeddingsRequest, EmbeddingsResponse, ModelCard, ModelList
+from server.registry.store import SHARED_TENANT
+from server.scheduling.runtime import Runtime
 
 router = APIRouter(tags=["openai"])
 Auth = Annotated[Principal, Depends(authenticate)]
@@ -26,9 +29,9 @@ Rt = Annotated[Runtime, Depends(runtime_of)]
 async def embeddings(body: EmbeddingsRequest, principal: Auth, rt: Rt) -> FastJSONResponse:
     texts = [body.input] if isinstance(body.input, str) else body.input
     rt.check_inputs(texts)
-    resolved = rt.resolve(principal, body.model, None, "embedding")
+    resolved = await rt.resolve(principal.tenant, body.model, None, "embedding")
     if resolved.solo:
-        raise ProblemError(422, "invalid-composition", "embeddings need a single adapter or a non-parallel composition")
+        raise InvalidComposition("embeddings need a single adapter or a non-parallel composition")
     tokens = rt.tokenize(texts, truncate=False)
     output = await rt.infer(tokens, resolved, "embedding")
     data = [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(output)]

@@ -11,19 +11,15 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from server.auth import KeyRing
-from server.batcher import Batcher
-from server.engine import Engine
-from server.inference import make_runner
+from server.execution.engine import Engine
+from server.execution.worker import AnyEngine, WorkerEngine
+from server.http.auth import KeyRing
+from server.http.middleware import ServeMiddleware
+from server.http.problems import install_problem_handlers, rewrite_openapi_errors
+from server.http.routes import adapters, health, inference, openai
 from server.metrics import Metrics
-from server.middleware import ServeMiddleware
-from server.problems import install_problem_handlers, rewrite_openapi_errors
-from server.residency import Residency
-from server.routes import adapters, health, inference, openai
-from server.runtime import Runtime
+from server.scheduling.runtime import Runtime, build_runtime
 from server.settings import Settings, env_settings
-from server.store import AdapterStore
-from server.worker import AnyEngine, WorkerEngine
 
 log = logging.getLogger("adapterserve")
 EngineFactory = Callable[[Settings], AnyEngine]
@@ -33,22 +29,6 @@ def default_engine(settings: Settings) -> AnyEngine:
     """The model in a child process (the default) or on a thread of this one (INFERENCE_WORKER=false)."""
     kind = WorkerEngine if settings.inference_worker else Engine
     return kind(settings.model_path, settings.device, settings.dtype, settings.torch_threads, settings.length_buckets)
-
-
-def build_runtime(app: FastAPI, settings: Settings, engine: AnyEngine) -> Runtime:
-    """Wire store, residency and batcher around a loaded engine (call on the event loop)."""
-    metrics: Metrics = app.state.metrics
-    store = AdapterStore(settings.store_dir)
-    residency = Residency(engine, settings.adapter_cache_bytes, metrics, lambda m: store.version_dir(m.tenant, m.name, m.version))
-    batcher = Batcher(
-        make_runner(engine, residency), metrics, max_batch_size=settings.max_batch_size,
-        max_batch_tokens=settings.max_batch_tokens, max_wait_s=settings.max_wait_ms / 1000.0, queue_size=settings.queue_size,
-    )
-    residency.on_doomed = lambda: batcher.executor.submit(residency.unload_pending)
-    if isinstance(engine, WorkerEngine):
-        engine.on_restart = metrics.worker_restarts.inc
-        engine.on_lost = residency.drop
-    return Runtime(settings, store, app.state.keyring, metrics, engine, residency, batcher)
 
 
 def create_app(settings: Settings | None = None, engine_factory: EngineFactory = default_engine) -> FastAPI:
@@ -61,7 +41,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
         if keyring.open_mode:
             log.warning("no API keys file: running OPEN (every caller is tenant 'default' with the admin role), bound to %s", settings.host)
         engine = await asyncio.to_thread(engine_factory, settings)
-        runtime = build_runtime(app, settings, engine)
+        runtime = build_runtime(settings, app.state.metrics, engine)
         runtime.batcher.start()
         app.state.runtime = runtime
         log.info("ready: store %s, %d tenants configured", runtime.store.root, len(keyring.tenants()))

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from server.http.schemas import Health
 from server.metrics import METRICS_MEDIA_TYPE
-from server.schemas import Health
 
 router = APIRouter(tags=["operations"])
 

@@ -8,12 +8,15 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from server.auth import SHARED_TENANT, Principal, authenticate, owner_label
-from server.problems import ProblemError, problem_responses
-from server.runtime import Runtime, runtime_of
-from server.schemas import UPLOAD_SCHEMA, AdapterList, AdapterOut, Deleted, FileOut, FusedOut
-from server.store import VersionMeta
-from server.uploads import check_name, ingest, owner_tenant
+from server.errors import InvalidName, UnknownAdapter
+from server.http.auth import Principal, authenticate, owner_label
+from server.http.deps import runtime_of
+from server.http.multipart import read_form
+from server.http.problems import ProblemError, problem_responses
+from server.http.schemas import UPLOAD_SCHEMA, AdapterList, AdapterOut, Deleted, FileOut, FusedOut
+from server.registry.store import SHARED_TENANT, VersionMeta
+from server.registry.uploads import UploadLimits, check_name, ingest
+from server.scheduling.runtime import Runtime
 
 router = APIRouter(tags=["adapters"])
 Auth = Annotated[Principal, Depends(authenticate)]
@@ -36,6 +39,26 @@ def _created(meta: VersionMeta) -> JSONResponse:
     return JSONResponse(body, status_code=201, headers={"Location": f"/v1/adapters/{meta.name}"})
 
 
+async def _upload(rt: Runtime, request: Request, principal: Principal, name: str | None, shared: bool) -> VersionMeta:
+    """Parse the form here, then store the version on a worker thread (the registry does the blocking work)."""
+    tenant = principal.write_tenant(shared)
+    fields, files, archive = await read_form(request)
+    if name is None:
+        name = check_name(fields.get("name"))
+    elif "name" in fields and fields["name"] != name:
+        raise InvalidName(f"form field name {fields['name']!r} differs from the URL's {name!r}")
+    s = rt.settings
+    limits = UploadLimits(s.max_upload_bytes, s.tenant_max_adapters, s.tenant_max_store_mb)
+    try:
+        return await run_in_threadpool(
+            ingest, rt.store, rt.engine, tenant=tenant, name=name, files=files, archive=archive,
+            uploader=principal.uploader, limits=limits,
+        )
+    finally:
+        for part in (*files, *([archive] if archive else [])):
+            await part.close()
+
+
 UPLOAD_ERRORS = problem_responses(400, 401, 403, 404, 413, 415, 422, 503)
 
 
@@ -44,7 +67,7 @@ UPLOAD_ERRORS = problem_responses(400, 401, 403, 404, 413, 415, 422, 503)
     summary="Upload an adapter (a new name, or a new version of an existing one)",
 )
 async def upload_adapter(request: Request, principal: Auth, rt: Rt, shared: Shared = False) -> JSONResponse:
-    meta = await ingest(rt, request, principal, None, shared)
+    meta = await _upload(rt, request, principal, None, shared)
     return _created(meta)
 
 
@@ -53,10 +76,10 @@ async def upload_adapter(request: Request, principal: Auth, rt: Rt, shared: Shar
     openapi_extra=UPLOAD_SCHEMA, summary="Upload a new version of an existing adapter",
 )
 async def upload_version(name: str, request: Request, principal: Auth, rt: Rt, shared: Shared = False) -> JSONResponse:
-    tenant = owner_tenant(principal, shared)
-    if rt.store.latest(tenant, check_name(name)) is None:
-        raise ProblemError(404, "unknown-adapter", f"no adapter named {name!r} for this tenant; POST /v1/adapters creates one")
-    meta = await ingest(rt, request, principal, name, shared)
+    tenant = principal.write_tenant(shared)
+    if await run_in_threadpool(rt.store.latest, tenant, check_name(name)) is None:
+        raise UnknownAdapter(f"no adapter named {name!r} for this tenant; POST /v1/adapters creates one")
+    meta = await _upload(rt, request, principal, name, shared)
     return _created(meta)
 
 
@@ -69,10 +92,13 @@ async def list_adapters(principal: Auth, rt: Rt) -> AdapterList:
 
 @router.get("/v1/adapters/{name}", response_model=AdapterOut, responses=problem_responses(401, 404, 503), summary="One adapter (latest version)")
 async def get_adapter(name: str, principal: Auth, rt: Rt) -> AdapterOut:
-    meta = rt.find(principal, name)
-    if meta is None:
-        raise ProblemError(404, "unknown-adapter", f"no adapter named {name!r} for this tenant")
-    return adapter_out(meta, rt.store.versions(meta.tenant, meta.name))
+    def lookup() -> AdapterOut:
+        meta = rt.store.find(principal.tenant, name)
+        if meta is None:
+            raise UnknownAdapter(f"no adapter named {name!r} for this tenant")
+        return adapter_out(meta, rt.store.versions(meta.tenant, meta.name))
+
+    return await run_in_threadpool(lookup)
 
 
 @router.delete(
@@ -80,13 +106,17 @@ async def get_adapter(name: str, principal: Auth, rt: Rt) -> AdapterOut:
     summary="Delete an adapter (all versions); requests already queued still finish",
 )
 async def delete_adapter(name: str, principal: Auth, rt: Rt, shared: Shared = False) -> Deleted:
-    tenant = owner_tenant(principal, shared)
-    metas = rt.store.all_versions(tenant, name)
-    if not metas:
-        if not shared and rt.store.latest(SHARED_TENANT, name) is not None:
-            raise ProblemError(403, "forbidden", f"{name!r} is a shared adapter; admins delete it with ?shared=true")
-        raise ProblemError(404, "unknown-adapter", f"no adapter named {name!r} for this tenant")
-    trash = await run_in_threadpool(rt.store.delete, tenant, name)
-    if trash is not None:
-        rt.residency.retire(metas, trash)
-    return Deleted(name=name, versions=[m.version for m in metas])
+    tenant = principal.write_tenant(shared)
+
+    def delete() -> Deleted:
+        metas = rt.store.all_versions(tenant, name)
+        if not metas:
+            if not shared and rt.store.latest(SHARED_TENANT, name) is not None:
+                raise ProblemError(403, "forbidden", f"{name!r} is a shared adapter; admins delete it with ?shared=true")
+            raise UnknownAdapter(f"no adapter named {name!r} for this tenant")
+        trash = rt.store.delete(tenant, name)
+        if trash is not None:
+            rt.residency.retire(metas, trash)
+        return Deleted(name=name, versions=[m.version for m in metas])
+
+    return await run_in_threadpool(delete)

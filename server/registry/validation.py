@@ -9,9 +9,9 @@ from typing import Any, Protocol
 
 from adapters_core.formats import FUSION_CONFIG, FUSION_WEIGHTS
 from adapters_core.fusion import FusionInfo, saved_fusion_names
-from server.problems import ProblemError
-from server.safetensors_check import read_safetensors_shapes
-from server.store import Upload, VersionMeta
+from server.errors import UploadRejected
+from server.registry.safetensors_check import read_safetensors_shapes
+from server.registry.store import Upload, VersionMeta
 
 WEIGHT_FILES = ("adapter.safetensors", "adapter_model.safetensors")
 FUSION_FILES = frozenset({FUSION_CONFIG, FUSION_WEIGHTS})
@@ -21,7 +21,7 @@ MemberLookup = Callable[[str], tuple[VersionMeta, Path] | None]
 
 
 class Inspector(Protocol):
-    """The backbone-side validation (server.engine.Engine provides it)."""
+    """The backbone-side validation (server.execution.engine.Engine provides it)."""
 
     hidden_size: int
 
@@ -34,9 +34,9 @@ def _json_object(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProblemError(422, "invalid-config", f"{path.name} is not valid JSON: {exc}") from None
+        raise UploadRejected(422, "invalid-config", f"{path.name} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise ProblemError(422, "invalid-config", f"{path.name} must hold a JSON object")
+        raise UploadRejected(422, "invalid-config", f"{path.name} must hold a JSON object")
     return data
 
 
@@ -44,25 +44,25 @@ def check_files(folder: Path) -> None:
     """The folder must be one AdapterHub or PEFT adapter (optionally with a head) in safetensors."""
     present = {p.name for p in folder.iterdir()}
     if "adapter_config.json" not in present:
-        raise ProblemError(422, "missing-file", "adapter_config.json is missing")
+        raise UploadRejected(422, "missing-file", "adapter_config.json is missing")
     weights = [w for w in WEIGHT_FILES if w in present]
     if not weights:
-        raise ProblemError(422, "missing-file", "no weights: expected adapter.safetensors (AdapterHub) or adapter_model.safetensors (PEFT)")
+        raise UploadRejected(422, "missing-file", "no weights: expected adapter.safetensors (AdapterHub) or adapter_model.safetensors (PEFT)")
     if len(weights) > 1:
-        raise ProblemError(422, "bad-file", "both adapter.safetensors and adapter_model.safetensors given; send one adapter")
+        raise UploadRejected(422, "bad-file", "both adapter.safetensors and adapter_model.safetensors given; send one adapter")
     if ("head_config.json" in present) != ("model_head.safetensors" in present):
-        raise ProblemError(422, "missing-file", "a head needs both head_config.json and model_head.safetensors")
+        raise UploadRejected(422, "missing-file", "a head needs both head_config.json and model_head.safetensors")
     for name in (*weights, "model_head.safetensors"):
         if name in present:
             try:
                 read_safetensors_shapes(folder / name)
             except ValueError as exc:
-                raise ProblemError(422, "invalid-weights", str(exc)) from None
+                raise UploadRejected(422, "invalid-weights", str(exc)) from None
     config = _json_object(folder / "adapter_config.json")
     if "head_config.json" in present:
         _json_object(folder / "head_config.json")
     if not config.get("peft_type") and "config" not in config:
-        raise ProblemError(422, "invalid-config", "adapter_config.json has neither AdapterHub's `config` nor PEFT's `peft_type`")
+        raise UploadRejected(422, "invalid-config", "adapter_config.json has neither AdapterHub's `config` nor PEFT's `peft_type`")
 
 
 def check_backbone(folder: Path, inspector: Inspector) -> Upload:
@@ -71,13 +71,13 @@ def check_backbone(folder: Path, inspector: Inspector) -> Upload:
     try:
         return inspector.inspect(folder)
     except (ValueError, KeyError, TypeError) as exc:
-        raise ProblemError(422, "incompatible-adapter", f"the adapter does not fit this backbone: {exc}") from None
+        raise UploadRejected(422, "incompatible-adapter", f"the adapter does not fit this backbone: {exc}") from None
 
 
 def _check_hidden(config: dict[str, Any], name: str, inspector: Inspector) -> None:
     hidden = config.get("hidden_size")
     if isinstance(hidden, int) and hidden != inspector.hidden_size:
-        raise ProblemError(
+        raise UploadRejected(
             422, "incompatible-adapter",
             f"{name} says hidden_size {hidden}, but this server's backbone has hidden size {inspector.hidden_size}",
         )
@@ -89,44 +89,44 @@ def validate_fusion(folder: Path, inspector: Inspector, member: MemberLookup) ->
     present = {p.name for p in folder.iterdir()}
     others = sorted(present - FUSION_FILES)
     if others:
-        raise ProblemError(422, "bad-file", f"an AdapterFusion upload holds only {FUSION_CONFIG} and {FUSION_WEIGHTS}; "
+        raise UploadRejected(422, "bad-file", f"an AdapterFusion upload holds only {FUSION_CONFIG} and {FUSION_WEIGHTS}; "
                            f"upload {', '.join(others)} as an adapter of its own")
     if FUSION_WEIGHTS not in present:
-        raise ProblemError(422, "missing-file", f"{FUSION_WEIGHTS} is missing")
+        raise UploadRejected(422, "missing-file", f"{FUSION_WEIGHTS} is missing")
     try:
         read_safetensors_shapes(folder / FUSION_WEIGHTS)
     except ValueError as exc:
-        raise ProblemError(422, "invalid-weights", str(exc)) from None
+        raise UploadRejected(422, "invalid-weights", str(exc)) from None
     config = _json_object(folder / FUSION_CONFIG)
     _check_hidden(config, FUSION_CONFIG, inspector)
     try:
         names = saved_fusion_names(config)
     except ValueError as exc:
-        raise ProblemError(422, "invalid-config", str(exc)) from None
+        raise UploadRejected(422, "invalid-config", str(exc)) from None
     if len(names) < 2 or len(set(names)) != len(names):
-        raise ProblemError(422, "invalid-config", f"{FUSION_CONFIG}: a fusion fuses two or more different adapters, got {list(names)}")
+        raise UploadRejected(422, "invalid-config", f"{FUSION_CONFIG}: a fusion fuses two or more different adapters, got {list(names)}")
     found: list[tuple[VersionMeta, Path]] = []
     for name in names:
         hit = member(name)
         if hit is None:
-            raise ProblemError(422, "invalid-fusion", f"the fusion fuses {name!r}, but there is no adapter of that name here; upload it first")
+            raise UploadRejected(422, "invalid-fusion", f"the fusion fuses {name!r}, but there is no adapter of that name here; upload it first")
         if hit[0].methods != ("bottleneck",):
-            raise ProblemError(422, "invalid-fusion", f"the fusion fuses {name!r}, a {hit[0].method} adapter; AdapterFusion fuses bottleneck adapters only")
+            raise UploadRejected(422, "invalid-fusion", f"the fusion fuses {name!r}, a {hit[0].method} adapter; AdapterFusion fuses bottleneck adapters only")
         found.append(hit)
     try:
         info = inspector.inspect_fusion(folder, [path for _, path in found])
     except (ValueError, KeyError, TypeError) as exc:
-        raise ProblemError(422, "incompatible-adapter", f"the fusion does not fit these adapters on this backbone: {exc}") from None
+        raise UploadRejected(422, "incompatible-adapter", f"the fusion does not fit these adapters on this backbone: {exc}") from None
     fuses = [{"tenant": m.tenant, "name": m.name, "version": m.version, "internal": m.internal} for m, _ in found]
     return Upload(method="fusion", methods=("fusion",), has_head=False, nbytes=int(info.nbytes), extra={"fuses": fuses})
 
 
 def validate_upload(folder: Path, inspector: Inspector, member: MemberLookup | None = None) -> Upload:
-    """All checks, in order; raises ProblemError (4xx) naming the problem. A folder holding a fusion config
+    """All checks, in order; raises UploadRejected (4xx) naming the problem. A folder holding a fusion config
     is an AdapterFusion, checked against the adapters `member` finds."""
     if (folder / FUSION_CONFIG).exists():
         if member is None:
-            raise ProblemError(422, "bad-file", f"{FUSION_CONFIG} cannot be uploaded here")
+            raise UploadRejected(422, "bad-file", f"{FUSION_CONFIG} cannot be uploaded here")
         return validate_fusion(folder, inspector, member)
     check_files(folder)
     return check_backbone(folder, inspector)

@@ -1,7 +1,8 @@
 """Which adapters are loaded into the model now: byte budget, LRU eviction, pins, deferred unloads.
 
 Loading and unloading touch the model, so `prepare`/`unload_pending` run only on the inference
-thread; `hold`/`release`/`retire` are called from the event loop. One lock guards the books.
+thread; `hold`/`release`/`retire` are called from request handlers. One lock guards the books; files are
+removed only after it is released.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from server.errors import AdapterUnavailable
 from server.metrics import Metrics
-from server.store import VersionMeta, file_sha256
+from server.registry.store import VersionMeta, file_sha256
 
 log = logging.getLogger("adapterserve.residency")
 
@@ -28,10 +30,6 @@ class AdapterLoader(Protocol):
     def load(self, path: Path, internal: str, fuses: tuple[str, ...] = ()) -> int: ...  # bytes now held by the model
 
     def unload(self, internal: str) -> None: ...  # an adapter's unload also unloads the fusions over it
-
-
-class AdapterUnavailable(Exception):
-    """An adapter could not be loaded (deleted, corrupt, or rejected by the model)."""
 
 
 @dataclass
@@ -71,6 +69,7 @@ class Residency:
                 self._inflight[m.internal] = self._inflight.get(m.internal, 0) + 1
 
     def release(self, metas: Iterable[VersionMeta]) -> None:
+        gone: list[Path] = []
         with self._lock:
             for m in metas:
                 n = self._inflight.get(m.internal, 0) - 1
@@ -78,7 +77,10 @@ class Residency:
                     self._inflight[m.internal] = n
                     continue
                 self._inflight.pop(m.internal, None)
-                self._settle(m.internal)
+                if (trash := self._settle(m.internal)) is not None:
+                    gone.append(trash)
+        for trash in gone:
+            _remove(trash)
 
     def retire(self, metas: Iterable[VersionMeta], trash: Path) -> None:
         """The adapter was deleted from the store (moved to `trash`): unload and remove its files
@@ -91,27 +93,30 @@ class Residency:
                 self._retired[m.internal] = record
             for internal in list(record.internals):
                 self._settle(internal)
-            if not record.internals:
-                shutil.rmtree(trash, ignore_errors=True)
+            done = not record.internals
+        if done:
+            _remove(trash)
 
-    def _settle(self, internal: str) -> None:
-        """Called under the lock when nothing in flight uses `internal` any more."""
+    def _settle(self, internal: str) -> Path | None:
+        """Called under the lock when nothing in flight may use `internal` any more; returns the trash folder to
+        remove once the lock is released (when this was the last version in it)."""
         if internal not in self._retired or self._inflight.get(internal):
-            return
+            return None
         if internal in self._resident:
             self._doomed.add(internal)  # the inference thread unloads it
             if self.on_doomed is not None:
                 self.on_doomed()
-            return
-        self._forget(internal)
+            return None
+        return self._forget(internal)
 
-    def _forget(self, internal: str) -> None:
+    def _forget(self, internal: str) -> Path | None:
+        """Under the lock: drop a retired version's records; the trash folder to remove if it was the last one."""
         record = self._retired.pop(internal, None)
         self._moved.pop(internal, None)
-        if record is not None:
-            record.internals.discard(internal)
-            if not record.internals:
-                shutil.rmtree(record.trash, ignore_errors=True)
+        if record is None:
+            return None
+        record.internals.discard(internal)
+        return None if record.internals else record.trash
 
     # -- inference-thread side -------------------------------------------------------------------
     def prepare(self, metas: Iterable[VersionMeta]) -> None:
@@ -200,12 +205,15 @@ class Residency:
         """Forget a resident adapter without unloading it: after `_unload`, or when the model lost it on its own
         (a restarted inference worker could not load it again), so the next request that needs it loads it,
         or answers 503."""
+        trash = None
         with self._lock:
             self._resident.pop(internal, None)
             self._doomed.discard(internal)
             if internal in self._retired and not self._inflight.get(internal):
-                self._forget(internal)
+                trash = self._forget(internal)
             self._publish()
+        if trash is not None:
+            _remove(trash)
 
     def unload_pending(self) -> None:
         """Unload deleted adapters that no request uses any more."""
@@ -230,3 +238,8 @@ class Residency:
     def is_resident(self, internal: str) -> bool:
         with self._lock:
             return internal in self._resident
+
+
+def _remove(trash: Path) -> None:
+    """Delete a retired adapter's files; never under the lock (on an RWX/NFS volume this can take long)."""
+    shutil.rmtree(trash, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Request-level work: the runtime, composition resolution and the batcher that groups jobs into forward passes."""
