@@ -8,7 +8,7 @@ flattened this way (Fuse, Split, Average) are kept as a tree and interpreted by 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +66,15 @@ def _group_cache(plan: RowPlan) -> dict[frozenset[str], Any]:
     if ctx is not None and ctx.plan is plan:
         return ctx.group_cache
     return {}
+
+
+def touches(block: AdapterCompositionBlock | str | None, names: Collection[str]) -> bool:
+    """Whether a setup (or one of its children) names any of `names` (the adapters present at a site)."""
+    if block is None:
+        return False
+    if isinstance(block, str):
+        return block in names
+    return any(n in names for n in block.flatten())
 
 
 class FlattenError(Exception):

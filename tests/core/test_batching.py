@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from adapters_core import AdapterSetup, Average, BatchSplit, LoRAConfig, Parallel, Split, Stack
-from adapters_core.methods import bottleneck as bottleneck_method
-from adapters_core.methods import lora as lora_method
+from adapters_core.methods import batching
+from adapters_core.methods.bottleneck import apply as bottleneck_method
+from adapters_core.methods.lora import apply as lora_method
 
 from .tiny_models import (
     ARCHS,
@@ -233,7 +234,7 @@ def _choose_path(path: str, monkeypatch: pytest.MonkeyPatch) -> bool:
     many adapters with a row each take); segmented: inference on each adapter's contiguous rows.
     """
     if path == "gathered":
-        monkeypatch.setattr(bottleneck_method, "SEGMENT_MAX_RUNS", 0)
+        monkeypatch.setattr(batching, "SEGMENT_MAX_RUNS", 0)
     return path == "gathered-grad"
 
 

@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 
-from adapters_core.configuration import (
-    ADAPTER_CONFIG_NAMES,
+from adapters_core import (
     AdapterConfig,
     AdapterConfigBase,
     BnConfig,
@@ -32,6 +31,7 @@ from adapters_core.configuration import (
     method_kinds,
     method_name,
 )
+from adapters_core.configuration import ADAPTER_CONFIG_NAMES
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"  # ../shared beside the checkout (also in CI)
 REFERENCE_FILES = sorted(SHARED.glob("reference/*/adapter_safetensors/adapter_config.json")) + sorted(

@@ -7,14 +7,16 @@ import torch
 from transformers import BertConfig
 
 from adapters_core import AdapterSetup, AutoAdapterModel, BatchSplit
-from adapters_core.methods import bottleneck, lora
+from adapters_core.methods import batching
+from adapters_core.methods.bottleneck import apply as bottleneck_apply
+from adapters_core.methods.lora import apply as lora_apply
 
 
 @pytest.fixture(autouse=True)
 def gathered_inference(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make inference take the gathered (cached) path even for the few rows these tests use."""
-    monkeypatch.setattr(bottleneck, "SEGMENT_MAX_RUNS", 0)
-    assert lora.bottleneck is bottleneck  # LoRA reads the same switch
+    monkeypatch.setattr(batching, "SEGMENT_MAX_RUNS", 0)
+    assert lora_apply.segment_runs is bottleneck_apply.segment_runs is batching.segment_runs  # one switch for both
 
 
 def _model(method: str = "seq_bn") -> torch.nn.Module:
