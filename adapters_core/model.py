@@ -160,6 +160,7 @@ class AdapterModelMixin(*room_apis()):
 
     def _remove_modules(self, name: str) -> None:
         host = self._host
+        host.stack_cache.forget(self.adapter_parameters(name))
         for room in METHODS:
             room.remove(host, name)
 
@@ -171,6 +172,18 @@ class AdapterModelMixin(*room_apis()):
         del reg.configs[name]
         if reg.active is not None and name in reg.active.flatten():
             reg.active = None
+
+    # -- the model-wide cache of stacked adapter weights ---------------------------------------------
+    def stack_cache_nbytes(self) -> int:
+        """Bytes of stacked adapter weights the model holds for mixed batches (beyond the adapters themselves)."""
+        return self._host.stack_cache.nbytes
+
+    def set_stack_cache_limit(self, nbytes: int) -> None:
+        """Bound the stacked-weight cache of all sites together to `nbytes` (default 64 MiB; 0 keeps nothing).
+
+        Least recently used stacks are evicted at once and whenever a new one needs room.
+        """
+        self._host.stack_cache.set_limit(nbytes)
 
     # -- activation and training -------------------------------------------------------------------
     def set_active_adapters(self, setup: Any) -> None:

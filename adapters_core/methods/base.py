@@ -19,6 +19,7 @@ from ..composition import AdapterCompositionBlock
 from ..configuration import AdapterConfigBase
 from ..formats import AdapterFiles, PeftFiles
 from ..routing import RowPlan
+from .stack_cache import StackCache
 
 S = TypeVar("S")
 
@@ -40,11 +41,16 @@ class Architecture(Protocol):
 
 @dataclass
 class Host:
-    """One wired base model as the rooms see it; `rooms` holds each room's per-model state by room name."""
+    """One wired base model as the rooms see it.
+
+    `rooms` holds each room's per-model state by room name; `stack_cache` is the one cache of stacked
+    adapter weights every site of the model shares (bounded by bytes, see methods.stack_cache).
+    """
 
     base: nn.Module
     arch: Architecture
     layers: tuple[nn.Module, ...]
+    stack_cache: StackCache = field(default_factory=StackCache)
     rooms: dict[str, Any] = field(default_factory=dict)
 
     @property

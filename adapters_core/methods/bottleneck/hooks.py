@@ -9,7 +9,7 @@ ForwardContext; with no active setup it returns at once, so the bare backbone ru
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ class BottleneckLocation:
     adapters: nn.ModuleDict
     layer_norm: nn.Module | None
     fusions: nn.ModuleDict
-    stack_cache: StackCache = field(default_factory=StackCache)
+    stack_cache: StackCache
 
     @property
     def key(self) -> tuple[int, str]:
@@ -42,14 +42,14 @@ class BottleneckLocation:
         return self.layer_norm.forward if self.layer_norm is not None else None  # no hook re-entry
 
 
-def wire_location(i: int, layer: nn.Module, site: BottleneckSite) -> BottleneckLocation:
-    """Create the containers of one site in layer `i` and install its hooks."""
+def wire_location(i: int, layer: nn.Module, site: BottleneckSite, stack_cache: StackCache) -> BottleneckLocation:
+    """Create the containers of one site in layer `i` and install its hooks (`stack_cache`: the model's)."""
     sublayer = get_path(layer, site.sublayer)
     container = child_module(layer, site.container, Holder) if site.container != site.sublayer else sublayer
     adapters = child_module(container, "adapters", nn.ModuleDict)
     fusions = child_module(container, "adapter_fusion_layer", nn.ModuleDict)
     ln = get_path(sublayer, site.layer_norm) if site.post_ln else None
-    loc = BottleneckLocation(i, site, adapters, ln, fusions)
+    loc = BottleneckLocation(i, site, adapters, ln, fusions, stack_cache)
     if site.post_ln:
         def residual(args: tuple, kwargs: dict) -> Any:
             n = site.residual_arg

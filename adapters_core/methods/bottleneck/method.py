@@ -90,7 +90,7 @@ class BottleneckMethod(Method):
         state = BottleneckState()
         for i, layer in enumerate(host.layers):
             for site in host.arch.sites_of(BottleneckSite):
-                loc = wire_location(i, layer, site)
+                loc = wire_location(i, layer, site, host.stack_cache)
                 state.locations[loc.key] = loc
         host.rooms[self.name] = state
 

@@ -39,10 +39,10 @@ class LoRATarget:
     site: LoRASite
     module: nn.Module
     loras: nn.ModuleDict
+    stack_cache: StackCache
     out_index: dict[str, torch.Tensor | None] = field(default_factory=dict)
     cover: dict[str, tuple[int, ...] | None] = field(default_factory=dict)  # out_index as a hashable key
     merged: str | None = None
-    stack_cache: StackCache = field(default_factory=StackCache)
     saved: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     @property
@@ -79,7 +79,7 @@ def wire_targets(host: Host) -> LoRAState:
     for i, layer in enumerate(host.layers):
         for site in host.arch.sites_of(LoRASite):
             module = get_path(layer, site.module)
-            target = LoRATarget(i, site, module, child_module(module, "loras", nn.ModuleDict))
+            target = LoRATarget(i, site, module, child_module(module, "loras", nn.ModuleDict), host.stack_cache)
             module.register_forward_hook(_hook(target))
             state.targets.append(target)
     return state
