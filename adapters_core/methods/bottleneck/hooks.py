@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...routing import ForwardContext
+from ...routing import ForwardContext, TreeRows
 from ..base import Holder, child_module, get_path
 from ..stack_cache import StackCache
 from .apply import BottleneckResult, add_rows, apply_bottlenecks, merge_rows
@@ -85,21 +85,31 @@ def _capture(loc: BottleneckLocation, slot: str, pick: Callable[..., Any]) -> Ca
 
 def _routed(loc: BottleneckLocation, h: torch.Tensor, x: torch.Tensor,
             hx: torch.Tensor | None = None) -> list[BottleneckResult] | None:
-    """The bottleneck results for this location under the current context (None: nothing to do)."""
+    """The bottleneck results for this location under the current context (None: nothing to do).
+
+    Flat rows share the batched kernels; each tree part of the plan is interpreted on its own rows.
+    """
     ctx = ForwardContext.current()
     if ctx is None or ctx.plan is None or not len(loc.adapters):
         return None
-    if ctx.tree is not None:
-        tree = BottleneckTree(loc.adapters, loc.fusions, loc.ln_fn())
-        n = h.shape[0]
-        return [
-            BottleneckResult(value, None if len(idx) == n else idx, last.config.original_ln_after)
-            for idx, value, last in tree.run(ctx.tree, h, x)
-        ] or None
-    groups = ctx.plan.groups(frozenset(loc.adapters.keys()))
-    if not groups:
-        return None
-    return apply_bottlenecks(loc.adapters, groups, h, x, loc.ln_fn(), hx, loc.stack_cache)
+    plan = ctx.plan
+    groups = plan.groups(frozenset(loc.adapters.keys()))
+    results = apply_bottlenecks(loc.adapters, groups, h, x, loc.ln_fn(), hx, loc.stack_cache) if groups else []
+    for part in plan.trees:
+        results.extend(_tree_results(loc, part, h, x))
+    return results or None
+
+
+def _tree_results(loc: BottleneckLocation, part: TreeRows, h: torch.Tensor, x: torch.Tensor) -> list[BottleneckResult]:
+    """The tree interpreter's results for one tree part, with row indices into the whole batch."""
+    tree = BottleneckTree(loc.adapters, loc.fusions, loc.ln_fn())
+    n = h.shape[0]
+    whole = part.start == 0 and part.stop == n
+    hs, xs = (h, x) if whole else (h[part.rows], x[part.rows])
+    return [
+        BottleneckResult(value, None if len(idx) == n else idx + part.start, last.config.original_ln_after)
+        for idx, value, last in tree.run(part.block, hs, xs)
+    ]
 
 
 def _post_ln_pre_hook(loc: BottleneckLocation) -> Callable:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ...routing import ForwardContext
+from ...routing import ForwardContext, TreeRows
 from ..base import Host, child_module, get_path
 from ..stack_cache import StackCache
 from .apply import apply_loras, combine_rows
@@ -150,21 +149,27 @@ def _hook(target: LoRATarget) -> Callable:
         ctx = ForwardContext.current()
         if ctx is None or ctx.plan is None or not len(target.loras):
             return None
-        if ctx.tree is not None:
-            return _tree(target, ctx.tree, args[0], output)
-        groups = ctx.plan.groups(frozenset(target.loras.keys()))
-        if not groups:
+        plan = ctx.plan
+        groups = plan.groups(frozenset(target.loras.keys()))
+        if not groups and not plan.trees:
             return None
-        if target.merged is not None:
-            others = {n for stack, _ in groups for n in stack} - {target.merged}
-            if others:
-                raise ValueError(
-                    f"LoRA {target.merged!r} is merged into {target.site.module} of layer {target.layer}; "
-                    f"unmerge it before running {sorted(others)}"
-                )
-        if not target.fused:
-            return apply_loras(target.loras, groups, args[0], output, None, skip=target.merged, cache=target.stack_cache)
-        return _fused(target, groups, args[0], output)
+        result = output
+        if groups:
+            if target.merged is not None:
+                others = {n for stack, _ in groups for n in stack} - {target.merged}
+                if others:
+                    raise ValueError(
+                        f"LoRA {target.merged!r} is merged into {target.site.module} of layer {target.layer}; "
+                        f"unmerge it before running {sorted(others)}"
+                    )
+            if target.fused:
+                result = _fused(target, groups, args[0], result)
+            else:
+                result = apply_loras(target.loras, groups, args[0], result, None, skip=target.merged,
+                                     cache=target.stack_cache)
+        for part in plan.trees:
+            result = _tree(target, part, args[0], result)
+        return result
     return hook
 
 
@@ -188,12 +193,19 @@ def _fused(target: LoRATarget, groups: tuple, x: torch.Tensor, output: torch.Ten
     return result
 
 
-def _tree(target: LoRATarget, tree: Any, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
+def _tree(target: LoRATarget, part: TreeRows, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """`output` with the tree interpreter's updates on one tree part's rows."""
     if target.merged is not None:
-        raise ValueError(f"LoRA {target.merged!r} is merged; unmerge it before running {tree!r}")
+        raise ValueError(f"LoRA {target.merged!r} is merged; unmerge it before running {part.block!r}")
     names = {id(m): n for n, m in target.loras.items()}
 
     def combine(out: torch.Tensor, hidden: torch.Tensor, last: LinearAdapter) -> torch.Tensor:
         return combine_rows(out, None, hidden, last.kind, target.out_index.get(names[id(last)]))
 
-    return lora_tree(target.loras, tree, x, output, combine)
+    if part.start == 0 and part.stop == output.shape[0]:
+        got = lora_tree(target.loras, part.block, x, output, combine)
+        return output if got is None else got
+    got = lora_tree(target.loras, part.block, x[part.rows], output[part.rows], combine)
+    if got is None:
+        return output
+    return torch.cat([output[:part.start], got, output[part.stop:]])
