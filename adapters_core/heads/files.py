@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..formats import FORMAT_VERSION
+from ..formats import FORMAT_VERSION, public_model_name
 from .types import CausalLMHead, PredictionHead, build_head
 
 
@@ -38,7 +38,7 @@ def head_files(model: nn.Module, name: str, model_class: str) -> tuple[dict[str,
         "config": copy.deepcopy(head.config),
         "hidden_size": int(conf.hidden_size),
         "model_type": conf.model_type,
-        "model_name": getattr(conf, "_name_or_path", "") or conf.model_type,
+        "model_name": public_model_name(conf),
         "model_class": model_class,
         "name": name,
         "version": FORMAT_VERSION,
