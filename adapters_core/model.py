@@ -420,7 +420,7 @@ class AdapterModelMixin(*room_apis()):
             host = self._host
             for room in METHODS:
                 room.check_setup(host, setup, compiled.plan)
-        return ForwardContext(setup, compiled.plan, batch_size, head_setup, compiled.replicate)
+        return ForwardContext(setup, compiled.plan, head_setup, compiled.replicate)
 
 
 def _enter_hook(model: AdapterModelMixin) -> Any:

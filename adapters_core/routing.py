@@ -55,14 +55,6 @@ class RowPlan:
     replicate: int = 1
     trees: tuple[TreeRows, ...] = ()
 
-    @property
-    def names(self) -> tuple[str, ...]:
-        seen: dict[str, None] = {}
-        for stack in self.rows:
-            for name in stack:
-                seen.setdefault(name)
-        return tuple(seen)
-
     def groups(self, present: frozenset[str]) -> tuple[tuple[tuple[str, ...], tuple[int, ...]], ...]:
         """Rows grouped by the sub-stack of adapters that exist at one location (`present`).
 
@@ -195,12 +187,6 @@ def _compile(block: AdapterCompositionBlock | str | None, start: int, n: int) ->
     return _flatten(block, n, lenient=True), [TreeRows(start, start + n, block)]
 
 
-def compile_plan(setup: AdapterCompositionBlock | str | None, batch_size: int) -> RowPlan | None:
-    """The flat plan for `setup`, or None when it needs the tree interpreter."""
-    compiled = compile_setup(setup, batch_size)
-    return compiled.plan if not compiled.plan.trees else None
-
-
 def _replace(block: Any, target: Parallel, new: BatchSplit) -> Any:
     if block is target:
         return new
@@ -215,13 +201,11 @@ class ForwardContext:
 
     setup: AdapterCompositionBlock | None
     plan: RowPlan | None
-    batch_size: int
     head_setup: Any = None
     replicate: int = 1
     stash: dict[Any, Any] = field(default_factory=dict)
     prefix_states: dict[str, Any] = field(default_factory=dict)
     group_cache: dict[frozenset[str], Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     _local = threading.local()
 
@@ -236,10 +220,6 @@ class ForwardContext:
     def current(cls) -> ForwardContext | None:
         stack = cls._stack()
         return stack[-1] if stack else None
-
-    @property
-    def active(self) -> bool:
-        return self.setup is not None
 
 
 @contextmanager
