@@ -32,6 +32,7 @@ from adapters_core import (
     method_name,
 )
 from adapters_core.configuration import ADAPTER_CONFIG_NAMES
+from adapters_core.methods.bottleneck import config as bn_config
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"  # ../shared beside the checkout (also in CI)
 REFERENCE_FILES = sorted(SHARED.glob("reference/*/adapter_safetensors/adapter_config.json")) + sorted(
@@ -557,3 +558,16 @@ def test_reference_files_match_their_config_strings() -> None:
         if not path.exists():
             pytest.skip(f"{path} missing")
         assert AdapterConfigBase.load(spec).to_dict() == json.loads(path.read_text())["config"], folder
+
+
+def test_an_inv_adapter_kind_is_accepted_once_a_room_registers_it() -> None:
+    """The hook a room that builds invertible adapters uses; unregistered kinds stay refused."""
+    with pytest.raises(ValueError, match="invertible adapters is not supported"):
+        SeqBnConfig(inv_adapter="test_kind")
+    bn_config.register_inv_adapters("test_kind")
+    try:
+        assert SeqBnConfig(inv_adapter="test_kind").inv_adapter == "test_kind"
+        with pytest.raises(ValueError, match="inv_adapter='nice'"):
+            SeqBnConfig(inv_adapter="nice")
+    finally:
+        bn_config._INV_ADAPTERS.discard("test_kind")

@@ -2,7 +2,8 @@
 
 ``BnConfig`` holds every field AdapterHub writes for a bottleneck (the PHM fields of Compacter included,
 so our JSON equals theirs). A layout is named by its values (`bottleneck_label`); other rooms that refine
-a bottleneck (Compacter) add a naming rule and their named classes with `register_layout`.
+a bottleneck (Compacter) add a naming rule and their named classes with `register_layout`; a room that
+builds invertible adapters makes ``inv_adapter`` values acceptable with `register_inv_adapters`.
 """
 
 from __future__ import annotations
@@ -22,11 +23,19 @@ from ...configuration import (
 
 __all__ = [
     "AdapterConfig", "BnConfig", "DoubleSeqBnConfig", "HoulsbyConfig", "ParBnConfig", "ParallelConfig",
-    "PfeifferConfig", "SeqBnConfig", "bottleneck_label", "register_layout",
+    "PfeifferConfig", "SeqBnConfig", "bottleneck_label", "register_inv_adapters", "register_layout",
 ]
 
 #: The layer locations a bottleneck can sit at (BnConfig's boolean fields of the same names).
 LOCATIONS = ("mh_adapter", "output_adapter", "cross_adapter")
+
+#: The ``inv_adapter`` kinds a room builds; any other value is refused (none are built today).
+_INV_ADAPTERS: set[str] = set()
+
+
+def register_inv_adapters(*kinds: str) -> None:
+    """Accept these ``inv_adapter`` values ("nice", "glow"): called by the room that builds them."""
+    _INV_ADAPTERS.update(kinds)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -94,7 +103,7 @@ class BnConfig(AdapterConfigBase):
             )
         if self.use_gating:
             self._fail("use_gating", f"adapter gating {UNSUPPORTED}")
-        if self.inv_adapter is not None:
+        if self.inv_adapter is not None and self.inv_adapter not in _INV_ADAPTERS:
             self._fail("inv_adapter", f"invertible adapters {UNSUPPORTED}")
         if not (self.mh_adapter or self.output_adapter or self.cross_adapter):
             self._fail("mh_adapter", "at least one of mh_adapter, output_adapter, cross_adapter must be True")
