@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -571,3 +573,11 @@ def test_an_inv_adapter_kind_is_accepted_once_a_room_registers_it() -> None:
             SeqBnConfig(inv_adapter="nice")
     finally:
         bn_config._INV_ADAPTERS.discard("test_kind")
+
+
+def test_configs_survive_copy_deepcopy_and_pickle() -> None:
+    """A config holds FrozenMaps (its extras, a per-layer reduction factor); it copies and pickles like any
+    value (FrozenMap's slots and raising __setattr__ made copy.deepcopy and pickle fail)."""
+    config = SeqBnConfig(reduction_factor={"default": 16, "1": 8})
+    for clone in (copy.copy(config), copy.deepcopy(config), pickle.loads(pickle.dumps(config))):
+        assert clone == config and clone.reduction_factor_for(1) == 8 and clone.extra == {}
