@@ -13,31 +13,8 @@ from .composition import (
     parse_composition,
     validate_composition,
 )
-from .configuration import (
-    AdapterConfig,
-    AdapterConfigBase,
-    AdapterFusionConfig,
-    BnConfig,
-    CompacterConfig,
-    CompacterPlusPlusConfig,
-    ConfigUnion,
-    DoubleSeqBnConfig,
-    DynamicAdapterFusionConfig,
-    HoulsbyConfig,
-    IA3Config,
-    LoRAConfig,
-    MAMConfig,
-    ParallelConfig,
-    ParBnConfig,
-    PfeifferConfig,
-    PrefixTuningConfig,
-    SeqBnConfig,
-    StaticAdapterFusionConfig,
-    method_kinds,
-    method_name,
-)
+from .configuration import AdapterConfigBase, ConfigUnion, method_kinds, method_name
 from .context import AdapterSetup
-from .head_types import MultiHeadOutput, mean_pool
 from .heads import (
     AdapterModel,
     AutoAdapterModel,
@@ -45,10 +22,29 @@ from .heads import (
     GPT2AdapterModel,
     LlamaAdapterModel,
     MistralAdapterModel,
+    MultiHeadOutput,
     Qwen2AdapterModel,
     RobertaAdapterModel,
     XLMRobertaAdapterModel,
+    mean_pool,
 )
+from .methods.bottleneck.config import (
+    AdapterConfig,
+    BnConfig,
+    DoubleSeqBnConfig,
+    HoulsbyConfig,
+    ParallelConfig,
+    ParBnConfig,
+    PfeifferConfig,
+    SeqBnConfig,
+)
+from .methods.fusion.api import FusionInfo, saved_fusion_names
+from .methods.fusion.config import AdapterFusionConfig, DynamicAdapterFusionConfig, StaticAdapterFusionConfig
+from .methods.ia3.config import IA3Config
+from .methods.lora.config import LoRAConfig
+from .methods.mam import MAMConfig
+from .methods.phm.config import CompacterConfig, CompacterPlusPlusConfig
+from .methods.prefix_tuning.config import PrefixTuningConfig
 from .model import AdapterInfo, AdapterModelMixin, init
 
 __all__ = [
@@ -61,5 +57,5 @@ __all__ = [
     "method_kinds", "method_name", "AdapterSetup", "AdapterModel", "AutoAdapterModel",
     "BertAdapterModel", "GPT2AdapterModel", "LlamaAdapterModel", "MistralAdapterModel", "Qwen2AdapterModel",
     "RobertaAdapterModel", "XLMRobertaAdapterModel", "MultiHeadOutput", "mean_pool",
-    "AdapterInfo", "AdapterModelMixin", "init",
+    "AdapterInfo", "AdapterModelMixin", "FusionInfo", "init", "saved_fusion_names",
 ]

@@ -453,14 +453,25 @@ def validate_composition(
     ``adapter_methods`` maps each known adapter to its method kinds ("bottleneck",
     "prefix_tuning", "lora"). Checked: nesting, unknown names, ``batch_sizes`` against
     ``batch_size`` and ``splits`` against ``seq_len`` (when given; nested blocks are checked
-    against the slice they receive), and that every adapter's methods support every block
-    around it (``SUPPORTED_BLOCKS``; Fuse children must be bottleneck-only).
+    against the slice they receive), that a Parallel block (at most one) sits only at the top of the
+    setup or in Stacks there, and that every adapter's methods support every block around it
+    (``SUPPORTED_BLOCKS``; Fuse children must be bottleneck-only).
     """
     block = parse_composition(setup)
     if block is None:
         return
     check_nesting(block)
+    parallels = _parallel_blocks(block)
+    if len(parallels) > 1:
+        raise ValueError(f"{block!r}: at most one Parallel block per setup is supported, found {len(parallels)}")
     _validate(block, (), adapter_methods, batch_size, seq_len)
+
+
+def _parallel_blocks(block: AdapterCompositionBlock | str | None) -> list[Parallel]:
+    if not isinstance(block, AdapterCompositionBlock):
+        return []
+    found = [b for c in block.children for b in _parallel_blocks(c)]
+    return [block, *found] if isinstance(block, Parallel) else found
 
 
 def _validate(
@@ -471,6 +482,13 @@ def _validate(
     seq_len: int | None,
 ) -> None:
     chain = (*ancestors, block)
+    if isinstance(block, Parallel):
+        outer = next((a for a in reversed(ancestors) if not isinstance(a, Stack)), None)
+        if outer is not None:
+            raise ValueError(
+                f"{block!r} inside {outer!r}: a Parallel block replicates the whole batch, so it may only sit at "
+                f"the top of the setup (alone or in a Stack there), not inside a {type(outer).__name__}"
+            )
     if isinstance(block, BatchSplit) and batch_size is not None and sum(block.batch_sizes) != batch_size:
         raise ValueError(
             f"{block!r}: batch_sizes sum to {sum(block.batch_sizes)} but the batch it receives has "

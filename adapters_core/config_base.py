@@ -52,6 +52,10 @@ class FrozenMap(Mapping[str, Any]):
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("FrozenMap is immutable")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Slots plus a raising __setattr__ defeat the default copying and pickling; rebuild via the constructor.
+        return (FrozenMap, (self._data,))
+
 
 def _freeze(value: Any) -> Any:
     """Deep-freezes JSON-like data: dicts become FrozenMap, lists become tuples."""

@@ -1,22 +1,19 @@
-"""The adapter config-string grammar (split out of ``adapters_core.configuration``).
+"""The adapter config-string grammar: text in, (name, overrides) parts out.
 
 A config string is a name such as ``"seq_bn"`` with optional overrides in brackets
 (``"lora[r=4,alpha=16]"``, ``"seq_bn[leave_out=[0,1]]"``), several joined into a union with ``"|"``
-(``"prefix_tuning[bottleneck_size=800]|par_bn"``). ``_parse_config_string`` turns one into a
-config object and is what ``AdapterConfigBase.load`` calls for strings. The name table
-(``ADAPTER_CONFIG_NAMES``) and ``ConfigUnion`` are imported lazily inside the functions, because
-``adapters_core.configuration`` imports this module.
+(``"prefix_tuning[bottleneck_size=800]|par_bn"``). ``parse_config_string`` splits one into
+``ConfigPart`` values; turning names into configs is ``adapters_core.configuration``'s job, so this
+module knows no config and depends on the standard library only.
 """
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
-if TYPE_CHECKING:
-    from .configuration import AdapterConfigBase
-
-__all__: list[str] = []
+__all__ = ["ConfigPart", "parse_config_string"]
 
 _NAME_RE = re.compile(r"([A-Za-z0-9_+\-]+)\s*(?:\[(.*)\])?", re.DOTALL)
 _KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -78,23 +75,23 @@ def _parse_value(text: str, whole: str) -> Any:
     return text
 
 
-def _parse_item(item: str, whole: str) -> AdapterConfigBase:
-    """One ``name[overrides]`` part of a config string."""
+@dataclass(frozen=True)
+class ConfigPart:
+    """One ``name[overrides]`` part of a config string: its text, its lower-cased name and its overrides."""
+
+    text: str
+    name: str
+    overrides: dict[str, Any]
+
+
+def _parse_item(item: str, whole: str) -> ConfigPart:
     item = item.strip()
     match = _NAME_RE.fullmatch(item)
     if not item or match is None:
         raise ValueError(
             f"adapter config string {whole!r}: cannot parse {item!r} (expected name[key=value,...])"
         )
-    from .configuration import ADAPTER_CONFIG_NAMES
-
     name, body = match.group(1).lower(), match.group(2)
-    factory = ADAPTER_CONFIG_NAMES.get(name)
-    if factory is None:
-        raise ValueError(
-            f"adapter config string {whole!r}: unknown config name {name!r}; "
-            f"known: {', '.join(sorted(ADAPTER_CONFIG_NAMES))}"
-        )
     overrides: dict[str, Any] = {}
     if body is not None and body.strip():
         for pair in _split_top(body, ",", whole):
@@ -107,22 +104,11 @@ def _parse_item(item: str, whole: str) -> AdapterConfigBase:
             if key in overrides:
                 raise ValueError(f"adapter config string {whole!r}: {key!r} given twice in {item!r}")
             overrides[key] = _parse_value(value, whole)
-    try:
-        config = factory()
-        return config.replace(**overrides) if overrides else config
-    except ValueError as err:
-        raise ValueError(f"adapter config string {whole!r}, part {item!r}: {err}") from None
+    return ConfigPart(item, name, overrides)
 
 
-def _parse_config_string(spec: str) -> AdapterConfigBase:
-    from .configuration import ConfigUnion
-
+def parse_config_string(spec: str) -> list[ConfigPart]:
+    """The ``|``-separated parts of a config string; a malformed string is a ValueError naming the spot."""
     if not spec.strip():
         raise ValueError("empty adapter config string")
-    parts = [_parse_item(p, spec) for p in _split_top(spec, "|", spec)]
-    if len(parts) == 1:
-        return parts[0]
-    try:
-        return ConfigUnion(*parts)
-    except ValueError as err:
-        raise ValueError(f"adapter config string {spec!r}: {err}") from None
+    return [_parse_item(p, spec) for p in _split_top(spec, "|", spec)]

@@ -137,5 +137,3 @@ class AdapterSetup:
         context = cls.get_context()
         return context.head_setup if context is not None else None
 
-
-# ForwardContext (per-forward-pass state: the routing plan, ...) is added here by the lead.

@@ -1,56 +1,50 @@
-"""The adapter mixin: add/delete/activate/train/save/load/eject/merge on any supported HF model.
+"""The adapter mixin: add/delete/activate/train/save/load/inspect on any supported HF model, for every method.
 
-`init(model)` wires the model's base once (models/wiring.py) and mixes `AdapterModelMixin` into its
-class, like AdapterHub's `adapters.init`. The base model's forward is entered through a pre-hook that
-validates and compiles the active setup into a routing plan before any tensor is touched.
+`init(model)` wires the model's base once and mixes `AdapterModelMixin` into its class, like AdapterHub's
+`adapters.init`. Wiring builds a `Host` from the architecture declaration and lets every method room
+(`methods.registry.METHODS`) attach its hooks; the mixin names no method, it asks the rooms. The base
+model's forward is entered through a pre-hook that validates and compiles the active setup into a
+routing plan before any tensor is touched. Method-specific model methods (merge_adapter,
+eject_prefix_tuning, add_adapter_fusion, ...) come from the rooms' `api` mixins.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import threading
+import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import models as _models  # noqa: F401  (registers the architectures)
-from .composition import AdapterCompositionBlock, Fuse, parse_composition, validate_composition
-from .configuration import (
-    AdapterConfigBase,
-    BnConfig,
-    LoRAConfig,
-    PrefixTuningConfig,
-    method_kinds,
-    method_name,
-)
+from .composition import AdapterCompositionBlock, parse_composition, validate_composition
+from .configuration import AdapterConfigBase, method_kinds, method_name
 from .context import AdapterSetup
 from .formats import (
     FORMAT_VERSION,
     AdapterFiles,
     PeftFiles,
     is_peft_dir,
+    public_model_name,
     read_adapter_dir,
     read_peft_dir,
     write_adapter_dir,
 )
-from .fusion import FusionMixin
-from .merging import MergeMixin
-from .methods.bottleneck import BottleneckAdapter
-from .methods.lora import IA3, LoRA
-from .methods.phm import make_shared_phm_parameters
-from .methods.prefix_tuning import PrefixTuningModule
-from .models.base import ArchSpec, spec_for
-from .models.wiring import Wiring
+from .methods.base import Host, get_path
+from .methods.registry import METHODS, key_slots, methods_for, room_apis
+from .models import ArchSpec, spec_for
 from .routing import ForwardContext, compile_setup, forward_context
 
 _INSPECT_LOCK = threading.Lock()
 _NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 # Segments after which AdapterHub puts the adapter name in a state-dict key.
-_NAME_SLOTS = ("adapters", "loras", "prefix_tunings", "shared_parameters")
+_NAME_SLOTS = key_slots()
 
 
 @dataclass(frozen=True)
@@ -68,10 +62,10 @@ class AdapterInfo:
 
 @dataclass
 class Registry:
-    """Per base model: the adapters it holds and the statically active setup."""
+    """Per base model: the rooms' view of it, the adapters it holds and the statically active setup."""
 
     spec: ArchSpec
-    wiring: Wiring
+    host: Host
     configs: dict[str, AdapterConfigBase] = field(default_factory=dict)
     active: AdapterCompositionBlock | None = None
     hook_state: threading.local = field(default_factory=threading.local)
@@ -108,7 +102,7 @@ def _seq_len(args: tuple, kwargs: dict) -> int | None:
     return None
 
 
-class AdapterModelMixin(FusionMixin, MergeMixin):
+class AdapterModelMixin(*room_apis()):
     """Adapter management mixed into a transformers model by `init`."""
 
     # -- plumbing ----------------------------------------------------------------------------------
@@ -121,8 +115,8 @@ class AdapterModelMixin(FusionMixin, MergeMixin):
         return self.adapter_base._adapterserve_registry
 
     @property
-    def _wiring(self) -> Wiring:
-        return self.adapters_registry.wiring
+    def _host(self) -> Host:
+        return self.adapters_registry.host
 
     def adapter_methods(self) -> dict[str, frozenset[str]]:
         return {name: method_kinds(cfg) for name, cfg in self.adapters_registry.configs.items()}
@@ -145,121 +139,51 @@ class AdapterModelMixin(FusionMixin, MergeMixin):
             if not overwrite_ok:
                 raise ValueError(f"an adapter named {name!r} already exists")
             self.delete_adapter(name)
+        host = self._host
         try:
             for member in cfg.methods():
-                if isinstance(member, BnConfig):
-                    self._add_bottleneck(name, member)
-                elif isinstance(member, LoRAConfig):
-                    self._add_lora(name, member)
-                elif isinstance(member, PrefixTuningConfig):
-                    self._add_prefix(name, member)
-                else:
+                rooms = methods_for(member)
+                if not rooms:
                     raise ValueError(f"unsupported adapter config {member!r}")
+                for room in rooms:
+                    room.add(host, name, member)
         except Exception:
             self._remove_modules(name)
             raise
         self.adapters_registry.configs[name] = cfg
         self.train(self.training)  # new modules follow the model's train/eval mode
-        ref = next(self.adapter_base.parameters())
+        ref = host.reference()
         for p in self.adapter_parameters(name):
             p.data = p.data.to(device=ref.device, dtype=ref.dtype)
         if set_active:
             self.set_active_adapters(name)
 
-    def _hidden(self) -> int:
-        return int(self.adapter_base.config.hidden_size)
-
-    def _add_bottleneck(self, name: str, cfg: BnConfig) -> None:
-        wiring = self._wiring
-        shared = make_shared_phm_parameters(cfg) if cfg.phm_layer else None
-        if shared is not None and len(shared):
-            wiring.shared_parameters[name] = shared
-        hidden = self._hidden()
-        added = 0
-        for (layer, location), loc in wiring.bottlenecks.items():
-            if layer in cfg.leave_out or not getattr(cfg, location):
-                continue
-            down = int(hidden // cfg.reduction_factor_for(layer))
-            loc.adapters[name] = BottleneckAdapter(hidden, down, cfg, shared)
-            added += 1
-        if not added:
-            raise ValueError(f"bottleneck config for {name!r} places no adapter (check leave_out and locations)")
-
-    def _add_lora(self, name: str, cfg: LoRAConfig) -> None:
-        added = 0
-        for target in self._wiring.lora_targets:
-            if target.layer in cfg.leave_out:
-                continue
-            site = target.site
-            if site.location == "selfattn":
-                if not cfg.selfattn_lora:
-                    continue
-                enabled = [k in cfg.attn_matrices for k in site.attn_keys]
-                if not any(enabled):
-                    continue
-            elif not getattr(cfg, f"{site.location}_lora"):
-                continue
-            else:
-                enabled = [True]
-            fused = len(site.attn_keys) > 1
-            out_all = target.out_features
-            if fused:
-                third = out_all // len(site.attn_keys)
-                idx = [j for j, on in enumerate(enabled) for j in range(j * third, (j + 1) * third) if on]
-                out_enabled = len(idx)
-                target.out_index[name] = None if all(enabled) else torch.tensor(idx)
-                target.cover[name] = None if all(enabled) else tuple(idx)
-            else:
-                out_enabled = out_all
-                target.out_index[name] = None
-                target.cover[name] = None
-            groups = sum(enabled) if fused else 1
-            if cfg.composition_mode == "scale":
-                target.loras[name] = IA3(out_enabled, cfg)
-            else:
-                target.loras[name] = LoRA(target.in_features, out_enabled, groups, cfg)
-            added += 1
-        if not added:
-            raise ValueError(f"LoRA config for {name!r} matches no layer of this model")
-
-    def _add_prefix(self, name: str, cfg: PrefixTuningConfig) -> None:
-        wiring = self._wiring
-        layers = [i for i in range(wiring.n_layers) if i not in cfg.leave_out]
-        if not layers:
-            raise ValueError(f"prefix tuning config for {name!r} leaves out every layer")
-        conf = self.adapter_base.config
-        spec = wiring.spec
-        module = PrefixTuningModule(len(layers), spec.n_kv_heads(conf), spec.head_dim(conf), self._hidden(), cfg)
-        wiring.prefix_tunings[name] = nn.ModuleDict({"self_prefix": module})
-        wiring.prefix_layer_index[name] = {layer: j for j, layer in enumerate(layers)}
-
     def _remove_modules(self, name: str) -> None:
-        wiring = self._wiring
-        for loc in wiring.bottlenecks.values():
-            if name in loc.adapters:
-                del loc.adapters[name]
-        for target in wiring.lora_targets:
-            if name in target.loras:
-                if target.merged == name:
-                    self._unmerge_target(target)
-                del target.loras[name]
-            target.out_index.pop(name, None)
-            target.cover.pop(name, None)
-        for container in (wiring.prefix_tunings, wiring.shared_parameters):
-            if name in container:
-                del container[name]
-        wiring.prefix_layer_index.pop(name, None)
+        host = self._host
+        host.stack_cache.forget(self.adapter_parameters(name))
+        for room in METHODS:
+            room.remove(host, name)
 
     def delete_adapter(self, name: str) -> None:
         if not self.has_adapter(name):
             raise ValueError(f"no adapter named {name!r}")
-        for fusion_name in [f for f, members in self._wiring.fusion_members.items() if name in members]:
-            self.delete_adapter_fusion(fusion_name)
         self._remove_modules(name)
         reg = self.adapters_registry
         del reg.configs[name]
         if reg.active is not None and name in reg.active.flatten():
             reg.active = None
+
+    # -- the model-wide cache of stacked adapter weights ---------------------------------------------
+    def stack_cache_nbytes(self) -> int:
+        """Bytes of stacked adapter weights the model holds for mixed batches (beyond the adapters themselves)."""
+        return self._host.stack_cache.nbytes
+
+    def set_stack_cache_limit(self, nbytes: int) -> None:
+        """Bound the stacked-weight cache of all sites together to `nbytes` (default 64 MiB; 0 keeps nothing).
+
+        Least recently used stacks are evicted at once and whenever a new one needs room.
+        """
+        self._host.stack_cache.set_limit(nbytes)
 
     # -- activation and training -------------------------------------------------------------------
     def set_active_adapters(self, setup: Any) -> None:
@@ -301,20 +225,26 @@ class AdapterModelMixin(FusionMixin, MergeMixin):
         for name in block.flatten():
             if not self.has_adapter(name):
                 raise ValueError(f"no adapter named {name!r}")
-            frozen_rules = any(isinstance(m, BnConfig) and not m.learn_phm for m in self.adapters_registry.configs[name].methods())
+            members = self.adapters_registry.configs[name].methods()
             for key, p in self.adapter_named_parameters(name):
-                if frozen_rules and key.rsplit(".", 1)[-1].startswith("phm_rule"):
-                    continue  # learn_phm=False: the PHM rule stays fixed
-                p.requires_grad_(True)
+                if not any(room.fixed_parameter(m, key) for m in members for room in methods_for(m)):
+                    p.requires_grad_(True)
             self._unfreeze_head(name)
         self.set_active_adapters(block)
         self.train()
 
+    # -- heads: a model without prediction heads has none (AdapterModel overrides these) ------------
     def _unfreeze_head(self, name: str) -> None:
-        """Make head `name` trainable (not parameters tied to the backbone); see heads.unfreeze_head."""
-        from .heads import unfreeze_head
+        """Make head `name` trainable (not parameters tied to the backbone)."""
 
-        unfreeze_head(self, name)
+    def _head_files(self, name: str) -> tuple[dict, dict] | None:
+        """(head_config dict, head tensors) of head `name`, or None."""
+        return None
+
+    def _load_head_files(self, name: str, files: AdapterFiles) -> None:
+        """Add head `name` from a folder's head files."""
+        warnings.warn(f"{type(self).__name__} has no prediction heads; the head of {name!r} is not loaded",
+                      stacklevel=3)
 
     # -- state dicts and files ---------------------------------------------------------------------
     def _key_prefix(self) -> str:
@@ -331,7 +261,7 @@ class AdapterModelMixin(FusionMixin, MergeMixin):
             "config": self.adapters_registry.configs[name].to_dict(),
             "hidden_size": int(conf.hidden_size),
             "model_type": conf.model_type,
-            "model_name": _public_model_name(conf),
+            "model_name": public_model_name(conf),
             "model_class": self.adapters_registry.spec.adapter_model_class,
             "name": name,
             "version": FORMAT_VERSION,
@@ -341,18 +271,6 @@ class AdapterModelMixin(FusionMixin, MergeMixin):
         head = self._head_files(name) if with_head else None
         write_adapter_dir(save_directory, self._adapter_meta(name), self.adapter_state_dict(name),
                           *(head if head else (None, None)))
-
-    def _head_files(self, name: str) -> tuple[dict, dict] | None:
-        """(head_config dict, head tensors) of head `name`, or None; see heads.head_files."""
-        from .heads import head_files
-
-        return head_files(self, name)
-
-    def _load_head_files(self, name: str, files: AdapterFiles) -> None:
-        """Add head `name` from a folder's head files; see heads.load_head_files."""
-        from .heads import load_head_files
-
-        load_head_files(self, name, files.head_config or {}, files.head_state)
 
     def _rename_key(self, key: str, old: str, new: str) -> str:
         parts = key.split(".")
@@ -382,7 +300,19 @@ class AdapterModelMixin(FusionMixin, MergeMixin):
     def _read(self, path: str | os.PathLike[str], allow_pickle: bool) -> AdapterFiles:
         if is_peft_dir(path):
             return self._from_peft(read_peft_dir(path))
-        return read_adapter_dir(path, allow_pickle=allow_pickle)
+        files = read_adapter_dir(path, allow_pickle=allow_pickle)
+        state = files.state
+        for room in METHODS:
+            state = room.translate_state(state)
+        return dataclasses.replace(files, state=state)
+
+    def _from_peft(self, peft: PeftFiles) -> AdapterFiles:
+        peft_type = str(peft.config.get("peft_type", "")).upper()
+        for room in METHODS:
+            if room.peft_type is not None and room.peft_type == peft_type:
+                return room.from_peft(self._host, peft)
+        known = " and ".join(room.peft_type for room in METHODS if room.peft_type is not None)
+        raise ValueError(f"PEFT adapter type {peft_type or '(missing)'} is not supported ({known} are)")
 
     def load_adapter(
         self, adapter_name_or_path: str | os.PathLike[str], load_as: str | None = None, with_head: bool = True,
@@ -429,6 +359,7 @@ class AdapterModelMixin(FusionMixin, MergeMixin):
             for key, value in state.items():
                 params[key].copy_(value)
 
+    # -- inspection on a meta-device copy ----------------------------------------------------------
     def inspect_adapter_dir(self, path: str | os.PathLike[str], allow_pickle: bool = False) -> AdapterInfo:
         """Validate a folder against this model's architecture without touching this model.
 
@@ -436,8 +367,14 @@ class AdapterModelMixin(FusionMixin, MergeMixin):
         it checks every key and shape like load_adapter does, and any thread may call it while this model
         serves forward passes.
         """
+        with self._inspection() as skeleton:
+            return skeleton._probe(path, allow_pickle)
+
+    @contextmanager
+    def _inspection(self) -> Iterator[AdapterModelMixin]:
+        """This model's meta-device copy, held under the inspection lock while the caller probes it."""
         with _INSPECT_LOCK, torch.device("meta"):
-            return self._inspection_skeleton()._probe(path, allow_pickle)
+            yield self._inspection_skeleton()
 
     def _inspection_skeleton(self) -> AdapterModelMixin:
         skeleton = self.__dict__.get("_skeleton")  # kept out of _modules: not part of this model's state
@@ -466,11 +403,6 @@ class AdapterModelMixin(FusionMixin, MergeMixin):
         return AdapterInfo(files.name, method_name(files.config), files.config, nbytes, n_params,
                            files.head_config is not None, "peft" if "peft_type" in files.meta else "adapterhub")
 
-    def _from_peft(self, peft: PeftFiles) -> AdapterFiles:
-        from .peft_format import peft_to_adapterhub
-
-        return peft_to_adapterhub(self, peft)
-
     # -- forward entry ------------------------------------------------------------------------------
     def resolve_setup(self) -> tuple[AdapterCompositionBlock | None, Any]:
         """The setup this thread's next forward uses: the innermost AdapterSetup, else the static one."""
@@ -479,51 +411,16 @@ class AdapterModelMixin(FusionMixin, MergeMixin):
             return ctx.adapter_setup, ctx.head_setup
         return self.adapters_registry.active, None
 
-    def _check_honoured(self, setup: AdapterCompositionBlock, plan: Any) -> None:
-        """Refuse, before any tensor is touched, what validate_composition cannot see from names alone."""
-        wiring = self._wiring
-        for fuse in _fuse_blocks(setup):
-            if fuse.name not in wiring.fusion_configs:
-                raise ValueError(f"{fuse!r}: no AdapterFusion layer named {fuse.name!r}; call add_adapter_fusion first")
-        if plan is None:
-            return
-        stacks = {stack for stack in plan.rows if len(stack) > 1}
-        for target in wiring.lora_targets:
-            if len(target.site.attn_keys) > 1:
-                for stack in stacks:
-                    live = [n for n in stack if n in target.loras and n != target.merged]
-                    if len(live) > 1:
-                        raise ValueError(
-                            f"Stack{tuple(live)!r}: stacking LoRA/IA3 adapters on the fused projection "
-                            f"{target.site.module} is not supported (AdapterHub refuses it as well)"
-                        )
-
     def build_forward_context(self, batch_size: int, seq_len: int | None) -> ForwardContext:
         setup, head_setup = self.resolve_setup()
         if setup is not None:
             validate_composition(setup, self.adapter_methods(), batch_size=batch_size, seq_len=seq_len)
         compiled = compile_setup(setup, batch_size)
         if setup is not None:
-            self._check_honoured(setup, compiled.plan)
-        return ForwardContext(setup, compiled.plan, batch_size, head_setup, compiled.tree, compiled.replicate)
-
-
-def _fuse_blocks(block: Any) -> list[Fuse]:
-    if isinstance(block, Fuse):
-        return [block, *(f for c in block.children for f in _fuse_blocks(c))]
-    if isinstance(block, AdapterCompositionBlock):
-        return [f for c in block.children for f in _fuse_blocks(c)]
-    return []
-
-
-def _public_model_name(conf: Any) -> str:
-    """The backbone's hub-style name; a local folder is reduced to its name (no machine paths in files)."""
-    name = str(getattr(conf, "_name_or_path", "") or conf.model_type)
-    if os.path.isabs(name):
-        path = os.path.normpath(name)
-        base = os.path.basename(path)
-        return os.path.basename(os.path.dirname(path)) if base == "model" else base
-    return name
+            host = self._host
+            for room in METHODS:
+                room.check_setup(host, setup, compiled.plan)
+        return ForwardContext(setup, compiled.plan, head_setup, compiled.replicate)
 
 
 def _enter_hook(model: AdapterModelMixin) -> Any:
@@ -558,12 +455,15 @@ def _exit_hook(model: AdapterModelMixin) -> Any:
 
 
 def wire(model: AdapterModelMixin) -> None:
-    """Install the adapter sites and the forward entry hooks on `model`'s base model (once)."""
+    """Let every method room attach to `model`'s base model, and install the forward entry hooks (once)."""
     base = model.base_model
     if hasattr(base, "_adapterserve_registry"):
         return
     spec = spec_for(base.config.model_type)
-    base._adapterserve_registry = Registry(spec, Wiring(base, spec))
+    host = Host(base, spec, tuple(get_path(base, spec.layers)))
+    for room in METHODS:
+        room.wire(host)
+    base._adapterserve_registry = Registry(spec, host)
     base.register_forward_pre_hook(_enter_hook(model), with_kwargs=True)
     base.register_forward_hook(_exit_hook(model), always_call=True)
 

@@ -1,14 +1,16 @@
 """Per-forward routing: the active composition compiled once into row -> adapters, kept in a ForwardContext.
 
 Method layers never walk the composition themselves on the fast path: they read `RowPlan.rows`, where
-row i runs the stack of adapter names `rows[i]` (empty = the bare backbone). Compositions that cannot be
-flattened this way (Fuse, Split, Average) are kept as a tree and interpreted by the methods' fallback.
+row i runs the stack of adapter names `rows[i]` (empty = the bare backbone). A part of the batch whose
+composition cannot be flattened this way (it holds Fuse, Split or Average) is kept as a tree over its
+own rows (`RowPlan.trees`) and interpreted by the methods' fallback; the other rows of a BatchSplit stay
+on the fast path.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,31 +30,46 @@ Rows = tuple[tuple[str, ...], ...]
 
 
 @dataclass(frozen=True)
+class TreeRows:
+    """Rows [start, stop) whose composition `block` does not flatten: the methods' tree interpreters run it
+    on those rows alone (a BatchSplit child behaves exactly as it would alone on its rows)."""
+
+    start: int
+    stop: int
+    block: AdapterCompositionBlock | str
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.start, self.stop)
+
+
+@dataclass(frozen=True)
 class RowPlan:
-    """Flat routing for one forward pass: `rows[i]` is the adapter stack of (replicated) row i."""
+    """Routing for one forward pass: `rows[i]` is the adapter stack of (replicated) row i.
+
+    Rows inside a `trees` entry belong to the tree interpreters; their `rows` entries keep only what
+    flattens around the tree (prefix tuning, which never sits under Fuse, Split or Average, reads them).
+    """
 
     rows: Rows
     replicate: int = 1
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        seen: dict[str, None] = {}
-        for stack in self.rows:
-            for name in stack:
-                seen.setdefault(name)
-        return tuple(seen)
+    trees: tuple[TreeRows, ...] = ()
 
     def groups(self, present: frozenset[str]) -> tuple[tuple[tuple[str, ...], tuple[int, ...]], ...]:
         """Rows grouped by the sub-stack of adapters that exist at one location (`present`).
 
-        Returns ((stack, row_indices), ...) for non-empty stacks only; cached per `present` set.
+        Returns ((stack, row_indices), ...) for non-empty stacks only, tree rows left out; cached per
+        `present` set.
         """
         cache = _group_cache(self)
         hit = cache.get(present)
         if hit is not None:
             return hit
         by_stack: dict[tuple[str, ...], list[int]] = {}
+        in_trees = {i for t in self.trees for i in range(t.start, t.stop)}
         for i, stack in enumerate(self.rows):
+            if i in in_trees:
+                continue
             sub = tuple(n for n in stack if n in present)
             if sub:
                 by_stack.setdefault(sub, []).append(i)
@@ -66,6 +83,15 @@ def _group_cache(plan: RowPlan) -> dict[frozenset[str], Any]:
     if ctx is not None and ctx.plan is plan:
         return ctx.group_cache
     return {}
+
+
+def touches(block: AdapterCompositionBlock | str | None, names: Collection[str]) -> bool:
+    """Whether a setup (or one of its children) names any of `names` (the adapters present at a site)."""
+    if block is None:
+        return False
+    if isinstance(block, str):
+        return block in names
+    return any(n in names for n in block.flatten())
 
 
 class FlattenError(Exception):
@@ -112,10 +138,9 @@ def _find_parallel(block: AdapterCompositionBlock | str | None) -> Parallel | No
 
 @dataclass(frozen=True)
 class Compiled:
-    """A setup compiled for one batch: a flat plan, or a tree (with a lenient plan for prefix routing)."""
+    """A setup compiled for one batch: its plan (None without a setup) and how often the batch is replicated."""
 
     plan: RowPlan | None
-    tree: AdapterCompositionBlock | None
     replicate: int
 
 
@@ -123,28 +148,43 @@ def compile_setup(setup: AdapterCompositionBlock | str | None, batch_size: int) 
     """Compile `setup` for a batch of `batch_size` rows.
 
     Parallel(a, b, ...) replicates the input batch once per child (done at the model input), after which
-    it is exactly BatchSplit(a, b, ...) over the copies. Setups holding Fuse, Split or Average keep their
-    tree; their plan then routes only what flattens (prefix tuning never sits under those blocks).
+    it is exactly BatchSplit(a, b, ...) over the copies. A part that holds Fuse, Split or Average becomes a
+    `TreeRows` over its rows: the whole batch, or one child of a top-level BatchSplit.
     """
     setup = parse_composition(setup) if setup is not None else None
     if setup is None:
-        return Compiled(None, None, 1)
+        return Compiled(None, 1)
     parallel = _find_parallel(setup)
     k = 1
     if parallel is not None:
         k = len(parallel.children)
         setup = _replace(setup, parallel, BatchSplit(*parallel.children, batch_sizes=[batch_size] * k))
-    n = batch_size * k
+    rows, trees = _compile(setup, 0, batch_size * k)
+    return Compiled(RowPlan(tuple(rows), replicate=k, trees=tuple(trees)), k)
+
+
+def _compile(block: AdapterCompositionBlock | str | None, start: int, n: int) -> tuple[list[tuple[str, ...]], list[TreeRows]]:
+    """Rows start..start+n of `block`: flat stacks, and the tree parts among them (BatchSplit children apart)."""
+    if n == 0:
+        return [], []
     try:
-        return Compiled(RowPlan(tuple(_flatten(setup, n)), replicate=k), None, k)
+        return _flatten(block, n), []
     except FlattenError:
-        return Compiled(RowPlan(tuple(_flatten(setup, n, lenient=True)), replicate=k), setup, k)
-
-
-def compile_plan(setup: AdapterCompositionBlock | str | None, batch_size: int) -> RowPlan | None:
-    """The flat plan for `setup`, or None when it needs the tree interpreter."""
-    compiled = compile_setup(setup, batch_size)
-    return compiled.plan if compiled.tree is None else None
+        pass
+    inner = block
+    while isinstance(inner, Stack) and len(inner.children) == 1:
+        inner = inner.children[0]
+    if isinstance(inner, BatchSplit):
+        rows: list[tuple[str, ...]] = []
+        trees: list[TreeRows] = []
+        at = start
+        for child, size in zip(inner.children, inner.batch_sizes, strict=True):
+            child_rows, child_trees = _compile(child, at, size)
+            rows.extend(child_rows)
+            trees.extend(child_trees)
+            at += size
+        return rows, trees
+    return _flatten(block, n, lenient=True), [TreeRows(start, start + n, block)]
 
 
 def _replace(block: Any, target: Parallel, new: BatchSplit) -> Any:
@@ -161,14 +201,11 @@ class ForwardContext:
 
     setup: AdapterCompositionBlock | None
     plan: RowPlan | None
-    batch_size: int
     head_setup: Any = None
-    tree: AdapterCompositionBlock | None = None
     replicate: int = 1
     stash: dict[Any, Any] = field(default_factory=dict)
     prefix_states: dict[str, Any] = field(default_factory=dict)
     group_cache: dict[frozenset[str], Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
 
     _local = threading.local()
 
@@ -183,10 +220,6 @@ class ForwardContext:
     def current(cls) -> ForwardContext | None:
         stack = cls._stack()
         return stack[-1] if stack else None
-
-    @property
-    def active(self) -> bool:
-        return self.setup is not None
 
 
 @contextmanager

@@ -218,7 +218,7 @@ def test_imports_inside_functions_and_relative_ones_count(tmp_path: Path) -> Non
 # -- the rules -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("package", [
     "server",
-    pytest.param("adapters_core", marks=pytest.mark.xfail(strict=True, reason="adapters_core cycles are removed on branch house-core")),
+    "adapters_core",
 ])
 def test_no_import_cycles(graph: Graph, package: str) -> None:
     found = cycles(graph, package)
@@ -256,4 +256,27 @@ def test_server_rooms_import_only_downwards(graph: Graph) -> None:
             there = room_of(target)
             if ROOM_RANK[there] > ROOM_RANK[here]:
                 bad.append(f"{module} ({here}) imports {target} ({there})")
+    assert not bad, "\n".join(bad)
+
+
+CORE_ABOVE = {
+    "adapters_core.methods": ("adapters_core.models", "adapters_core.model", "adapters_core.heads"),
+    "adapters_core.models": ("adapters_core.model", "adapters_core.heads"),
+    "adapters_core.model": ("adapters_core.heads",),
+    "adapters_core.formats": ("adapters_core.methods", "adapters_core.models", "adapters_core.model", "adapters_core.heads"),
+}
+
+
+def test_adapters_core_layers_import_only_downwards(graph: Graph) -> None:
+    """heads -> model -> models/ -> methods/: a method room never imports an architecture file, the mixin or
+    the heads; architecture declarations never import the mixin or the heads."""
+    def within(module: str, package: str) -> bool:
+        return module == package or module.startswith(package + ".")
+
+    bad = [
+        f"{module} imports {target}"
+        for module in sorted(graph.modules)
+        for layer, above in CORE_ABOVE.items() if within(module, layer)
+        for target in sorted(graph.edges[module]) if any(within(target, a) for a in above)
+    ]
     assert not bad, "\n".join(bad)

@@ -7,11 +7,9 @@ BERT = register(
         model_types=("bert", "roberta", "xlm-roberta"),
         layers="encoder.layer",
         attention="attention.self",
-        bottleneck_sites=(
+        sites=(
             BottleneckSite("mh_adapter", sublayer="attention.output", container="attention.output", post_ln=True),
             BottleneckSite("output_adapter", sublayer="output", container="output", post_ln=True),
-        ),
-        lora_sites=(
             LoRASite("attention.self.query", "selfattn", ("q",)),
             LoRASite("attention.self.key", "selfattn", ("k",)),
             LoRASite("attention.self.value", "selfattn", ("v",)),

@@ -7,13 +7,11 @@ GPT2 = register(
         model_types=("gpt2",),
         layers="h",
         attention="attn",
-        bottleneck_sites=(
+        sites=(
             BottleneckSite("mh_adapter", sublayer="attn", container="attention_adapters", post_ln=False,
                            residual_ln="ln_1"),
             BottleneckSite("output_adapter", sublayer="mlp", container="output_adapters", post_ln=False,
                            residual_ln="ln_2"),
-        ),
-        lora_sites=(
             LoRASite("attn.c_attn", "selfattn", ("q", "k", "v")),
             LoRASite("mlp.c_fc", "intermediate"),
             LoRASite("mlp.c_proj", "output"),

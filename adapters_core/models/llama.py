@@ -11,13 +11,11 @@ LLAMA = register(
         model_types=("llama", "mistral", "qwen2"),
         layers="layers",
         attention="self_attn",
-        bottleneck_sites=(
+        sites=(
             BottleneckSite("mh_adapter", sublayer="self_attn", container="attention_adapters", post_ln=False,
                            residual_ln="input_layernorm"),
             BottleneckSite("output_adapter", sublayer="mlp", container="output_adapters", post_ln=False,
                            residual_ln="post_attention_layernorm"),
-        ),
-        lora_sites=(
             LoRASite("self_attn.q_proj", "selfattn", ("q",)),
             LoRASite("self_attn.k_proj", "selfattn", ("k",)),
             LoRASite("self_attn.v_proj", "selfattn", ("v",)),

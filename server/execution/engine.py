@@ -18,9 +18,8 @@ import torch
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from adapters_core import FusionInfo, mean_pool
 from adapters_core.composition import AdapterCompositionBlock, BatchSplit, Fuse, Stack
-from adapters_core.fusion import FusionInfo
-from adapters_core.head_types import mean_pool
 from server.registry.store import Upload
 
 log = logging.getLogger("adapterserve.engine")

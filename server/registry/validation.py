@@ -7,8 +7,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from adapters_core import FusionInfo, saved_fusion_names
 from adapters_core.formats import FUSION_CONFIG, FUSION_WEIGHTS
-from adapters_core.fusion import FusionInfo, saved_fusion_names
 from server.errors import UploadRejected
 from server.registry.safetensors_check import read_safetensors_shapes
 from server.registry.store import Upload, VersionMeta

@@ -14,9 +14,11 @@ from unittest import mock
 import pytest
 import torch
 
-from adapters_core import AdapterSetup, Average, BatchSplit, LoRAConfig, Parallel, Split, Stack
-from adapters_core.methods import bottleneck as bottleneck_method
-from adapters_core.methods import lora as lora_method
+from adapters_core import AdapterSetup, Average, BatchSplit, Fuse, LoRAConfig, Parallel, Split, Stack
+from adapters_core.methods import batching
+from adapters_core.methods.bottleneck import apply as bottleneck_method
+from adapters_core.methods.bottleneck.tree import BottleneckTree
+from adapters_core.methods.lora import apply as lora_method
 
 from .tiny_models import (
     ARCHS,
@@ -233,7 +235,7 @@ def _choose_path(path: str, monkeypatch: pytest.MonkeyPatch) -> bool:
     many adapters with a row each take); segmented: inference on each adapter's contiguous rows.
     """
     if path == "gathered":
-        monkeypatch.setattr(bottleneck_method, "SEGMENT_MAX_RUNS", 0)
+        monkeypatch.setattr(batching, "SEGMENT_MAX_RUNS", 0)
     return path == "gathered-grad"
 
 
@@ -331,6 +333,35 @@ def test_parallel_with_average_child_equals_children_alone(arch: str) -> None:
         alone = run(model, inputs, child)
         diff = max_abs(out[2 * k:2 * k + 2][valid], alone[valid])
         assert diff < TOL, f"{arch}: Parallel copy {k} ({child!r}) differs from the child alone by {diff:.3g}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fuse_rows_alone_take_the_interpreter_and_plain_rows_keep_the_gathered_path(
+        arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A BatchSplit with a Fuse child among plain children: only the Fuse rows run through the tree
+    interpreter; the plain bottleneck and LoRA rows share their gathered kernels; every row equals its
+    setup alone."""
+    monkeypatch.setattr(batching, "SEGMENT_MAX_RUNS", 0)
+    model = build(arch, "eager")
+    for seed, (name, config) in enumerate((("f0", "seq_bn"), ("f1", "seq_bn"), ("s0", "seq_bn"), ("s1", "seq_bn"),
+                                           ("l0", "lora"), ("l1", "lora"))):
+        add_adapter(model, name, config, seed=700 + seed)
+    fuse = Fuse("f0", "f1")
+    model.add_adapter_fusion(fuse)
+    add_noise(model, [p for _, p in model.fusion_named_parameters(fuse)], seed=710)
+    setup = BatchSplit("s0", Stack(fuse), "l0", "s1", "l1", batch_sizes=[2, 1, 1, 1, 2])
+    row_setups = ["s0", "s0", fuse, "l0", "s1", "l1", "l1"]
+    inputs = padded_inputs(arch, [5, 3, 6, 4, 6, 2, 5], "right", seed=53)
+    with (_spy(bottleneck_method, "_delta_gathered") as bn_spy, _spy(lora_method, "_gathered") as lora_spy,
+          mock.patch.object(BottleneckTree, "run", autospec=True, side_effect=BottleneckTree.run) as tree_spy):
+        run(model, inputs, setup)
+    assert tree_spy.called and all(c.args[2].shape[0] == 1 for c in tree_spy.call_args_list), \
+        f"the tree interpreter ran on rows {sorted({c.args[2].shape[0] for c in tree_spy.call_args_list})}, not the Fuse row alone"
+    assert any(len(c.args[0]) == 2 and c.args[2].shape[0] == 3 for c in bn_spy.call_args_list), \
+        "the plain seq_bn rows (s0, s0, s1) did not share one gathered matmul"
+    assert any(len(c.args[0]) == 2 and c.args[2].shape[0] == 3 for c in lora_spy.call_args_list), \
+        "the plain LoRA rows (l0, l1, l1) did not share one gathered matmul"
+    _check_rows(model, inputs, setup, row_setups, arch)
 
 
 # Regression (fixed in d307b96): composition_tree.lora_tree's BatchSplit branch raised "LoRA rows inside a

@@ -322,6 +322,30 @@ def test_invalid_setups_name_block_and_reason(setup: Any, block: str, reason: st
     assert reason in message
 
 
+# Regression: these passed validation and then failed inside the forward pass (routing's internal
+# FlattenError, or a RecursionError in the tree interpreter): an HTTP 500 on the server.
+@pytest.mark.parametrize(
+    ("setup", "block", "reason"),
+    [
+        (Stack(BatchSplit(Stack(Parallel("a", "b")), "c", batch_sizes=[2, 2])),
+         "inside BatchSplit(Stack(Parallel('a', 'b')), 'c', batch_sizes=[2, 2])", "not inside a BatchSplit"),
+        (Average(Stack(Parallel("a", "b")), "c"), "inside Average(", "not inside a Average"),
+        (Split(Stack(Parallel("a", "b")), "c", splits=[2, 3]), "inside Split(", "not inside a Split"),
+        (Fuse(Stack(Parallel("a", "b")), "c"), "inside Fuse(", "not inside a Fuse"),
+        (Parallel(Stack(Parallel("a", "b")), "c"), "Parallel(Stack(Parallel('a', 'b')), 'c')",
+         "at most one Parallel block per setup is supported, found 2"),
+        (Stack(Parallel("a", "b"), Parallel("c", "a")), "Stack(Parallel('a', 'b'), Parallel('c', 'a'))",
+         "at most one Parallel block"),
+    ],
+    ids=["stack-batchsplit-stack-parallel", "average", "split", "fuse", "parallel-in-parallel", "two-parallels"],
+)
+def test_parallel_only_at_the_top_of_a_setup(setup: Any, block: str, reason: str) -> None:
+    with pytest.raises(ValueError) as info:
+        validate_composition(setup, METHODS, batch_size=4, seq_len=5)
+    assert block in str(info.value)
+    assert reason in str(info.value)
+
+
 def test_sizes_only_checked_when_given() -> None:
     validate_composition(BatchSplit("a", "b", batch_sizes=[1, 2]), METHODS)
     validate_composition(Split("a", "b", splits=[1, 1]), METHODS, batch_size=7)

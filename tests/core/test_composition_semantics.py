@@ -470,3 +470,21 @@ def test_static_setup_with_bad_batch_size_raises_before_the_forward() -> None:
             model(**padded_inputs("bert", [SEQ] * 3))
     assert not calls
 
+
+
+@pytest.mark.parametrize("setup", [
+    Stack(BatchSplit(Stack(Parallel("a", "l1")), "par", batch_sizes=[1, 1])),
+    Average(Stack(Parallel("a", "b")), "par"),
+], ids=repr)
+def test_misplaced_parallel_is_a_value_error_before_the_forward(setup: object) -> None:
+    """A Parallel below the top of the setup is refused by validation (it used to raise routing's internal
+    FlattenError, or recurse without end in the tree interpreter)."""
+    model = model_for("bert")
+    calls: list[int] = []
+    handle = model.base_model.get_input_embeddings().register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match="a Parallel block replicates the whole batch"):
+            run(model, padded_inputs("bert", [4, 4], "right", seed=3), setup)
+    finally:
+        handle.remove()
+    assert not calls

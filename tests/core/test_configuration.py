@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from adapters_core.configuration import (
-    ADAPTER_CONFIG_NAMES,
+from adapters_core import (
     AdapterConfig,
     AdapterConfigBase,
     BnConfig,
@@ -32,6 +33,8 @@ from adapters_core.configuration import (
     method_kinds,
     method_name,
 )
+from adapters_core.configuration import ADAPTER_CONFIG_NAMES
+from adapters_core.methods.bottleneck import config as bn_config
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"  # ../shared beside the checkout (also in CI)
 REFERENCE_FILES = sorted(SHARED.glob("reference/*/adapter_safetensors/adapter_config.json")) + sorted(
@@ -557,3 +560,24 @@ def test_reference_files_match_their_config_strings() -> None:
         if not path.exists():
             pytest.skip(f"{path} missing")
         assert AdapterConfigBase.load(spec).to_dict() == json.loads(path.read_text())["config"], folder
+
+
+def test_an_inv_adapter_kind_is_accepted_once_a_room_registers_it() -> None:
+    """The hook a room that builds invertible adapters uses; unregistered kinds stay refused."""
+    with pytest.raises(ValueError, match="invertible adapters is not supported"):
+        SeqBnConfig(inv_adapter="test_kind")
+    bn_config.register_inv_adapters("test_kind")
+    try:
+        assert SeqBnConfig(inv_adapter="test_kind").inv_adapter == "test_kind"
+        with pytest.raises(ValueError, match="inv_adapter='nice'"):
+            SeqBnConfig(inv_adapter="nice")
+    finally:
+        bn_config._INV_ADAPTERS.discard("test_kind")
+
+
+def test_configs_survive_copy_deepcopy_and_pickle() -> None:
+    """A config holds FrozenMaps (its extras, a per-layer reduction factor); it copies and pickles like any
+    value (FrozenMap's slots and raising __setattr__ made copy.deepcopy and pickle fail)."""
+    config = SeqBnConfig(reduction_factor={"default": 16, "1": 8})
+    for clone in (copy.copy(config), copy.deepcopy(config), pickle.loads(pickle.dumps(config))):
+        assert clone == config and clone.reduction_factor_for(1) == 8 and clone.extra == {}

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from adapters_core.configuration import (
+from adapters_core import (
     AdapterFusionConfig,
     DynamicAdapterFusionConfig,
     StaticAdapterFusionConfig,

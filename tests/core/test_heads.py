@@ -279,6 +279,23 @@ def test_head_config_json_contents(tmp_path: Path) -> None:
                                   "id2label": {0: "negative", 1: "positive"}}
 
 
+def test_head_and_adapter_files_name_the_backbone_without_a_path_of_the_saving_machine(tmp_path: Path) -> None:
+    """A backbone loaded from a local folder has an absolute _name_or_path; head_config.json, like
+    adapter_config.json, names only the folder."""
+    folder = tmp_path / "home" / "alice" / "tiny-bert"
+    torch.manual_seed(0)
+    BertModel(bert_config()).save_pretrained(folder)
+    model = AutoAdapterModel.from_pretrained(folder)
+    assert model.config._name_or_path == str(folder)
+    model.add_adapter("sst", "seq_bn")
+    model.add_classification_head("sst", num_labels=2)
+    model.save_adapter(tmp_path / "saved", "sst")
+    for name in ("adapter_config.json", "head_config.json"):
+        text = (tmp_path / "saved" / name).read_text()
+        assert json.loads(text)["model_name"] == "tiny-bert", name
+        assert str(tmp_path) not in text, name
+
+
 @pytest.mark.parametrize(("kind", "method"), [("bert", "seq_bn"), ("gpt2", "lora"), ("llama", "seq_bn")])
 def test_save_load_roundtrip_identical_logits(tmp_path: Path, kind: str, method: str) -> None:
     model = make(kind)

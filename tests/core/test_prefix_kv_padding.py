@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from adapters_core.methods.prefix_tuning import make_prefix_attention
+from adapters_core.methods.prefix_tuning.attention import make_prefix_attention
 
 
 @pytest.mark.parametrize("with_mask", [False, True])

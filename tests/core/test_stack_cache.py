@@ -7,14 +7,16 @@ import torch
 from transformers import BertConfig
 
 from adapters_core import AdapterSetup, AutoAdapterModel, BatchSplit
-from adapters_core.methods import bottleneck, lora
+from adapters_core.methods import batching
+from adapters_core.methods.bottleneck import apply as bottleneck_apply
+from adapters_core.methods.lora import apply as lora_apply
 
 
 @pytest.fixture(autouse=True)
 def gathered_inference(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make inference take the gathered (cached) path even for the few rows these tests use."""
-    monkeypatch.setattr(bottleneck, "SEGMENT_MAX_RUNS", 0)
-    assert lora.bottleneck is bottleneck  # LoRA reads the same switch
+    monkeypatch.setattr(batching, "SEGMENT_MAX_RUNS", 0)
+    assert lora_apply.segment_runs is bottleneck_apply.segment_runs is batching.segment_runs  # one switch for both
 
 
 def _model(method: str = "seq_bn") -> torch.nn.Module:
@@ -82,3 +84,41 @@ def test_phm_matrix_cache_sees_rule_and_factor_edits() -> None:
         rule = next(p for k, p in model.adapter_named_parameters("c") if k.endswith("phm_rule"))
         rule.mul_(3.0)
     assert not torch.allclose(_run(model, "c", ids), before)
+
+
+@pytest.mark.parametrize("method", ["seq_bn", "lora"])
+def test_many_batches_of_random_adapters_keep_the_cache_within_its_byte_limit(method: str) -> None:
+    """The issue's scenario: 200 batches of 16 random adapters out of 40. The stacked copies of all sites
+    together stay within the model's limit (here half the bytes of the 40 adapters), the cache is used,
+    evictions never change a result, and deleting an adapter drops the stacks that hold it."""
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = AutoAdapterModel.from_config(cfg).eval()
+    names = [f"a{i}" for i in range(40)]
+    for name in names:
+        model.add_adapter(name, method)
+        with torch.no_grad():
+            for p in model.adapter_parameters(name):
+                p.add_(torch.randn_like(p) * 0.1)
+    limit = sum(model.adapter_nbytes(n) for n in names) // 2
+    model.set_stack_cache_limit(limit)
+    rng = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 100, (16, 5), generator=rng)
+    held = []
+    for _ in range(200):
+        rows = [names[int(i)] for i in torch.randint(0, len(names), (16,), generator=rng)]
+        out = _run(model, BatchSplit(*rows, batch_sizes=[1] * 16), ids)
+        held.append(model.stack_cache_nbytes())
+    assert max(held) <= limit, f"held {max(held)} bytes over the limit of {limit}"
+    assert min(held) > 0
+    split = BatchSplit(*rows, batch_sizes=[1] * 16)
+    assert torch.equal(_run(model, split, ids), out)  # served from the cache
+    model.set_stack_cache_limit(0)
+    assert model.stack_cache_nbytes() == 0
+    assert torch.allclose(_run(model, split, ids), out, atol=1e-6)  # recomputed: the same result
+    model.set_stack_cache_limit(limit)
+    _run(model, split, ids)
+    before = model.stack_cache_nbytes()
+    model.delete_adapter(rows[0])
+    assert model.stack_cache_nbytes() < before

@@ -43,10 +43,9 @@ def model() -> torch.nn.Module:
     adapters = {"bn": "seq_bn", "bn2": "seq_bn", "lo": "lora", "pt": METHODS["prefix_tuning"], "par": "par_bn"}
     for seed, (name, config) in enumerate(adapters.items()):
         add_adapter(model, name, config, seed=500 + seed)
-    if hasattr(model, "add_classification_head"):
-        model.add_classification_head("h_bn", num_labels=3, set_active=False)
-        model.add_classification_head("h_lo", num_labels=3, set_active=False)
-        add_noise(model, list(model.heads.parameters()), seed=600)
+    model.add_classification_head("h_bn", num_labels=3, set_active=False)
+    model.add_classification_head("h_lo", num_labels=3, set_active=False)
+    add_noise(model, list(model.heads.parameters()), seed=600)
     return model.eval()
 
 
@@ -59,14 +58,12 @@ def _result(out: object) -> torch.Tensor:
     return logits if logits is not None else hidden_states(out)
 
 
-def _setups(model: torch.nn.Module) -> list[tuple[object, object]]:
-    """(adapter setup, head setup) per thread; heads only where the model has them."""
-    heads = hasattr(model, "heads") and "h_bn" in model.heads
+def _setups() -> list[tuple[object, object]]:
+    """(adapter setup, head setup) per thread; two of them run prediction heads."""
     return [
-        ("bn", "h_bn" if heads else None),
+        ("bn", "h_bn"),
         (Stack("bn", "bn2"), None),
-        (BatchSplit("bn", "lo", batch_sizes=[1, 1]),
-         BatchSplit("h_bn", "h_lo", batch_sizes=[1, 1]) if heads else None),
+        (BatchSplit("bn", "lo", batch_sizes=[1, 1]), BatchSplit("h_bn", "h_lo", batch_sizes=[1, 1])),
         (Average("bn", "bn2", weights=[1, 3]), None),
         (Parallel("bn", "lo"), None),
         ("pt", None),
@@ -85,7 +82,7 @@ def _inputs() -> dict:
 
 
 def test_eight_threads_each_see_only_their_own_setup(model: torch.nn.Module) -> None:
-    setups = _setups(model)
+    setups = _setups()
     inputs = _inputs()
     references = [_forward(model, inputs, s, h) for s, h in setups]
     # The references differ pairwise, so a thread that ran another thread's setup would be caught.
@@ -128,10 +125,9 @@ def test_eight_threads_each_see_only_their_own_setup(model: torch.nn.Module) -> 
 
 
 def test_heads_are_present_for_the_threaded_test(model: torch.nn.Module) -> None:
-    """Two of the eight threads run prediction heads (skipped while adapters_core has no heads)."""
-    if not hasattr(model, "add_classification_head"):
-        pytest.skip("adapters_core has no add_classification_head yet: the threads run without heads")
-    out = _forward(model, _inputs(), *_setups(model)[0])
+    """Two of the eight threads run prediction heads."""
+    assert set(model.heads) == {"h_bn", "h_lo"}
+    out = _forward(model, _inputs(), *_setups()[0])
     assert out.shape == (2, 3)
 
 

@@ -9,17 +9,15 @@ the backbone output of those rows. Several outputs are returned as one MultiHead
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 from transformers.utils import ModelOutput
 
-from .composition import AdapterCompositionBlock, BatchSplit, Parallel, Stack
-from .context import default_head_setup
-from .head_types import ClassificationHead, HeadInput, MultiHeadOutput, MultipleChoiceHead, PredictionHead
-
-if TYPE_CHECKING:
-    from .heads import AdapterModel
+from ..composition import AdapterCompositionBlock, BatchSplit, Parallel, Stack
+from ..context import default_head_setup
+from .types import ClassificationHead, HeadInput, MultiHeadOutput, MultipleChoiceHead, PredictionHead
 
 __all__ = ["HeadRun", "HeadSpec", "flatten_choices", "head_leaves"]
 
@@ -50,11 +48,23 @@ def flatten_choices(inputs: dict[str, torch.Tensor | None]) -> tuple[dict[str, t
     return out, choices
 
 
+class HeadOwner(Protocol):
+    """What a HeadRun reads of the model (an AdapterModel)."""
+
+    heads: nn.ModuleDict
+    config: Any
+
+    @property
+    def pools_last_token(self) -> bool: ...
+
+    def has_adapter(self, name: str) -> bool: ...
+
+
 @dataclass
 class HeadRun:
     """Applies a head setup to one backbone output; rows of the output map to input rows modulo batch."""
 
-    model: AdapterModel
+    model: HeadOwner
     base: ModelOutput
     inputs: dict[str, torch.Tensor]
     targets: dict[str, torch.Tensor]

@@ -1,10 +1,10 @@
-"""AdapterFusion configs (split out of ``adapters_core.configuration``, which re-exports them).
+"""AdapterFusion configs: AdapterHub's fusion fields and the ``dynamic`` and ``static`` presets.
 
 ``AdapterFusionConfig`` holds AdapterHub's fusion fields (key/query/value projections,
 regularisation, temperature, ...) and reads and writes the ``"config"`` object of
 ``adapter_fusion_config.json``; ``DynamicAdapterFusionConfig`` (``"dynamic"``, the default) and
 ``StaticAdapterFusionConfig`` (``"static"``) give the two named presets, listed in
-``ADAPTERFUSION_CONFIG_NAMES``. This module depends on the standard library only.
+``ADAPTERFUSION_CONFIG_NAMES``. Depends on ``config_base`` only (no torch).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .config_base import _FrozenConfig
+from ...config_base import _FrozenConfig
 
 __all__ = [
     "ADAPTERFUSION_CONFIG_NAMES",

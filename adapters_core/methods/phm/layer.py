@@ -1,9 +1,15 @@
-"""Compacter's PHM layer: a linear map whose weight is a sum of Kronecker products of small matrices."""
+"""Compacter's PHM layer: a linear map whose weight is a sum of Kronecker products of small matrices.
+
+Parameter names follow AdapterHub (W_left, W_right or W; b; phm_rule when not shared); a shared rule is
+one per adapter, kept in the model's ``shared_parameters.<name>``.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ..bottleneck.config import BnConfig
 
 
 def kron_sum(rule: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -14,7 +20,7 @@ def kron_sum(rule: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return prod.reshape(n, ra * wa, rb * wb).sum(0)
 
 
-def make_shared_phm_parameters(config: object) -> nn.ParameterDict:
+def make_shared_phm_parameters(config: BnConfig) -> nn.ParameterDict:
     """The per-adapter parameters shared by all PHM layers (the rule when shared_phm_rule)."""
     params = nn.ParameterDict()
     n = config.phm_dim
@@ -29,7 +35,7 @@ def make_shared_phm_parameters(config: object) -> nn.ParameterDict:
     return params
 
 
-def _init_rule(p: torch.Tensor, config: object) -> None:
+def _init_rule(p: torch.Tensor, config: BnConfig) -> None:
     with torch.no_grad():
         if config.phm_c_init == "uniform":
             p.uniform_(-1, 1)
@@ -44,7 +50,7 @@ class PHMLayer(nn.Module):
     A shared rule lives in the model's `shared_parameters` and is passed in as a plain reference.
     """
 
-    def __init__(self, in_features: int, out_features: int, config: object, shared: nn.ParameterDict | None):
+    def __init__(self, in_features: int, out_features: int, config: BnConfig, shared: nn.ParameterDict | None):
         super().__init__()
         n = config.phm_dim
         if in_features % n or out_features % n:
@@ -72,7 +78,7 @@ class PHMLayer(nn.Module):
         object.__setattr__(self, "_shared", shared)
         self._init(config)
 
-    def _init(self, config: object) -> None:
+    def _init(self, config: BnConfig) -> None:
         with torch.no_grad():
             mats = [self.W_left, self.W_right] if self.factorized_phm_W else [self.W]
             for m in mats:

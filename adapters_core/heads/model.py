@@ -7,26 +7,27 @@ head i on replicated copy i (or, without replication, every head on the whole ba
 head is None, or names an adapter without a head, gets the backbone output for its rows.
 Encoders pool the first token for sequence-level heads; decoders (GPT-2, Llama, Mistral, Qwen2)
 pool each row's last real token (attention_mask; left or right padding).
-Head files use AdapterHub's names: head_config.json + model_head.safetensors, keys heads.<name>.*.
+Head files (heads/files.py) use AdapterHub's names: head_config.json + model_head.safetensors, keys
+heads.<name>.*.
 """
 
 from __future__ import annotations
 
-import copy
 import os
-import warnings
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
-from .composition import BatchSplit, Parallel
-from .context import default_head_setup
-from .formats import FORMAT_VERSION
-from .head_routing import HeadRun, HeadSpec, flatten_choices, head_leaves
-from .head_types import (
-    HEAD_TYPES,
+from ..composition import BatchSplit, Parallel
+from ..context import default_head_setup
+from ..formats import AdapterFiles
+from ..model import AdapterModelMixin, _check_name, replicate_batch, wire
+from ..routing import forward_context
+from .files import head_files, load_head_files, unfreeze_head
+from .routing import HeadRun, HeadSpec, flatten_choices, head_leaves
+from .types import (
     CausalLMHead,
     ClassificationHead,
     MultiHeadOutput,
@@ -38,14 +39,11 @@ from .head_types import (
     build_head,
     mean_pool,
 )
-from .model import AdapterModelMixin, _check_name, replicate_batch, wire
-from .routing import forward_context
 
 __all__ = [
     "AdapterModel", "AutoAdapterModel", "BertAdapterModel", "GPT2AdapterModel", "LlamaAdapterModel",
-    "MistralAdapterModel", "MultiHeadOutput", "Qwen2AdapterModel", "RobertaAdapterModel",
-    "XLMRobertaAdapterModel", "HEAD_TYPES", "adapter_model_class", "head_files", "head_summary",
-    "HeadSpec", "load_head_files", "mean_pool", "unfreeze_head",
+    "MistralAdapterModel", "Qwen2AdapterModel", "RobertaAdapterModel", "XLMRobertaAdapterModel",
+    "adapter_model_class",
 ]
 
 _DECODER_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2"})
@@ -196,6 +194,16 @@ class AdapterModel(AdapterModelMixin, nn.Module):
     def has_head(self, name: str) -> bool:
         return name in self.heads
 
+    # -- head files (the hooks AdapterModelMixin's save/load/train call) -------------------------
+    def _head_files(self, name: str) -> tuple[dict, dict] | None:
+        return head_files(self, name, adapter_model_class(self.config.model_type).__name__)
+
+    def _load_head_files(self, name: str, files: AdapterFiles) -> None:
+        load_head_files(self, name, files.head_config or {}, files.head_state)
+
+    def _unfreeze_head(self, name: str) -> None:
+        unfreeze_head(self, name)
+
     # -- active heads --------------------------------------------------------------------------
     def _check_head_setup(self, spec: HeadSpec) -> HeadSpec:
         if isinstance(spec, list | tuple):
@@ -283,117 +291,6 @@ class AdapterModel(AdapterModelMixin, nn.Module):
         return mean_pool(out.last_hidden_state, attention_mask)
 
 
-# -- head files (called from AdapterModelMixin's _head_files / _load_head_files / _unfreeze_head) --------
-def _tied_keys(model: nn.Module, head: PredictionHead) -> set[str]:
-    if not isinstance(head, CausalLMHead):
-        return set()
-    emb = model.base_model.get_input_embeddings()
-    return {head.output_key} if emb is not None and head.output_embeddings.weight is emb.weight else set()
-
-
-def head_files(model: nn.Module, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
-    """(head_config.json dict, model_head tensors with keys heads.<name>.*) or None without such a head.
-
-    A causal LM projection tied to the input embeddings is not written (it is the backbone's).
-    """
-    heads = getattr(model, "heads", None)
-    if heads is None or name not in heads:
-        return None
-    head: PredictionHead = heads[name]
-    conf = model.config
-    meta = {
-        "config": copy.deepcopy(head.config),
-        "hidden_size": int(conf.hidden_size),
-        "model_type": conf.model_type,
-        "model_name": getattr(conf, "_name_or_path", "") or conf.model_type,
-        "model_class": adapter_model_class(conf.model_type).__name__,
-        "name": name,
-        "version": FORMAT_VERSION,
-    }
-    skip = _tied_keys(model, head)
-    state = {f"heads.{name}.{k}": v.detach() for k, v in head.state_dict().items() if k not in skip}
-    return meta, state
-
-
-def load_head_files(model: nn.Module, name: str, head_config: dict[str, Any],
-                    head_state: dict[str, torch.Tensor] | None) -> None:
-    """Add head `name` from a head_config.json dict and its tensors; ValueError names the wrong key.
-
-    Nothing is added unless every key and shape matches. A tied projection equal to this backbone's
-    input embeddings stays tied; a different one gets its own copy (the backbone is never written).
-    """
-    if not isinstance(model, AdapterModel):
-        warnings.warn(f"{type(model).__name__} has no prediction heads; the head of {name!r} is not loaded",
-                      stacklevel=3)
-        return
-    config = head_config.get("config")
-    if not isinstance(config, dict):
-        raise ValueError("head_config.json needs a 'config' object (AdapterHub layout)")
-    model_class = str(head_config.get("model_class") or "")
-    if model_class and not model_class.endswith(("AdapterModel", "ModelWithHeads")):
-        raise ValueError(f"head_config.json is for the static head class {model_class!r}, not a flexible head")
-    hidden = head_config.get("hidden_size")
-    if hidden is not None and int(hidden) != int(model.config.hidden_size):
-        raise ValueError(f"head was made for hidden_size={hidden}, this model has {model.config.hidden_size}")
-    head = build_head(name, model.config, config)
-    state: dict[str, torch.Tensor] = {}
-    stored: set[str] = set()
-    for key, value in (head_state or {}).items():
-        parts = key.split(".")
-        if len(parts) < 3 or parts[0] != "heads":
-            raise ValueError(f"unexpected key in model_head: {key} (expected heads.<name>.*)")
-        stored.add(parts[1])
-        state[".".join(parts[2:])] = value
-    if len(stored) > 1:
-        raise ValueError(f"model_head holds several heads: {sorted(stored)}")
-    own = head.state_dict()
-    tie = model._ties(head)
-    tied_key = head.output_key if isinstance(head, CausalLMHead) else None
-    unexpected = sorted(set(state) - set(own))
-    missing = sorted(set(own) - set(state) - ({tied_key} if tie else set()))
-    if unexpected or missing:
-        what = f"unexpected key heads.{name}.{unexpected[0]}" if unexpected else f"missing key heads.{name}.{missing[0]}"
-        raise ValueError(f"{what} for a {head.config['head_type']} head {config}")
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(own[key].shape):
-            raise ValueError(f"wrong shape for heads.{name}.{key}: file has {tuple(value.shape)}, "
-                             f"this model needs {tuple(own[key].shape)}")
-        if not value.dtype.is_floating_point:
-            raise ValueError(f"heads.{name}.{key} must be a floating-point tensor, got {value.dtype}")
-    if tie and tied_key in state:
-        emb = model.base_model.get_input_embeddings().weight
-        tie = torch.equal(state[tied_key].to(device=emb.device, dtype=emb.dtype), emb.detach())
-    with torch.no_grad():
-        for key, value in state.items():
-            if not (tie and key == tied_key):
-                own[key].copy_(value)
-    model._add_head(head, overwrite_ok=True, set_active=False, tie=tie)
-    model._owned_heads.add(name)
-
-
-def unfreeze_head(model: nn.Module, name: str) -> None:
-    """Make head `name` trainable, except parameters it shares with the backbone (tied embeddings)."""
-    heads = getattr(model, "heads", None)
-    if heads is None or name not in heads:
-        return
-    shared = {id(p) for p in model.base_model.parameters()}
-    for p in heads[name].parameters():
-        if id(p) not in shared:
-            p.requires_grad_(True)
-
-
-def head_summary(head_config: dict[str, Any]) -> dict[str, Any]:
-    """head_type, num_labels and id2label of a head_config.json dict (for listings)."""
-    config = head_config.get("config") or {}
-    label2id = config.get("label2id")
-    return {
-        "head_type": config.get("head_type"),
-        "num_labels": config.get("num_labels", config.get("num_choices")),
-        "id2label": {int(i): str(label) for label, i in label2id.items()} if isinstance(label2id, dict) else None,
-    }
-
-
-# -- concrete classes ---------------------------------------------------------------------------------
 class BertAdapterModel(AdapterModel):
     model_types = ("bert",)
     pool_last_token = False

@@ -1,20 +1,20 @@
-"""Prefix tuning: learned key/value rows prepended to every attention layer's keys and values.
+"""Prefix tuning's module and the gathering of each row's prefixes into padded key/value blocks.
 
 Parameters follow AdapterHub's layout: reparameterised `wte` (prefix_length x hidden) through
 `control_trans` = Linear -> act -> Linear to n_layers*2*n_kv_heads*head_dim, or a flat `control_trans`
-vector. One attention wrapper prepends each row's own prefix (padded and masked when rows differ), so a
-heterogeneous batch stays one attention call and no row sees another row's prefix.
+vector. Rows of a batch may carry different prefixes (or none): they are padded to the longest and the
+padding masked out, so a heterogeneous batch stays one attention call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .bottleneck import Activation
+from ..activations import Activation
+from .config import PrefixTuningConfig
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -22,7 +22,7 @@ KV = tuple[torch.Tensor, torch.Tensor]
 class PrefixTuningModule(nn.Module):
     """The prefixes of one adapter for all layers; `key_values()` is cached while the weights are unchanged."""
 
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, hidden: int, config: object):
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, hidden: int, config: PrefixTuningConfig):
         super().__init__()
         self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
         self.prefix_length = config.prefix_length
@@ -131,79 +131,3 @@ def gather_prefixes(
         values[i, :, p_max - v.shape[1]:] = v
         keep[i, p_max - k.shape[1]:] = True
     return keys, values, keep
-
-
-def extend_mask(
-    mask: torch.Tensor | None, keep: torch.Tensor, q_len: int, k_len: int, causal: bool,
-    dtype: torch.dtype, as_bool: bool,
-) -> torch.Tensor:
-    """The attention mask for [prefix ; keys]: prefix columns visible where `keep`, the rest as given."""
-    b, p = keep.shape
-    device = keep.device
-    if mask is None:
-        if causal and q_len > 1:
-            offset = k_len - q_len
-            base = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=offset)
-        else:
-            base = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
-        mask = base.expand(b, 1, q_len, k_len)
-        if not as_bool:
-            mask = _to_additive(mask, dtype)
-    if mask.dim() == 2:
-        mask = mask[:, None, None, :].expand(b, 1, q_len, mask.shape[-1])
-    mb = mask.shape[0]
-    if mask.dtype == torch.bool:
-        cols = keep[:, None, None, :].expand(b, 1, mask.shape[2], p)
-    else:
-        cols = _to_additive(keep, mask.dtype)[:, None, None, :].expand(b, 1, mask.shape[2], p)
-    if mb != b:
-        mask = mask.expand(b, *mask.shape[1:])
-    return torch.cat([cols, mask.expand(b, mask.shape[1], mask.shape[2], mask.shape[3])], dim=-1)
-
-
-def _to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    zero = torch.zeros((), dtype=dtype, device=mask.device)
-    neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=mask.device)
-    return torch.where(mask, zero, neg)
-
-
-PrefixLookup = Callable[[nn.Module, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]
-
-
-def make_prefix_attention(delegate: Callable[..., Any], lookup: PrefixLookup, as_bool: bool,
-                          cpu_kv_multiple: int = 1) -> Callable[..., Any]:
-    """Wrap an attention function so it prepends the routed rows' prefixes to key and value.
-
-    cpu_kv_multiple > 1: on CPU, masked zero positions pad [prefix ; keys] to a multiple of it. torch's CPU
-    flash-attention kernel is up to 2x slower on key lengths off its block size (30 prefix + 64 tokens: 94
-    keys cost about as much as 128), and masked positions add exactly nothing to the result.
-    """
-
-    def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: torch.Tensor | None, **kwargs: Any) -> Any:
-        found = lookup(module, key.shape[0])
-        if found is None:
-            return delegate(module, query, key, value, attention_mask, **kwargs)
-        pk, pv, keep = found
-        pad = -(key.shape[2] + pk.shape[2]) % cpu_kv_multiple if key.device.type == "cpu" else 0
-        front_k, front_v = [pk.to(key.dtype)], [pv.to(value.dtype)]
-        if pad:
-            zeros = key.new_zeros(()).expand(pk.shape[0], pk.shape[1], pad, pk.shape[3])
-            front_k.insert(0, zeros)
-            front_v.insert(0, zeros)
-            keep = torch.cat([keep.new_zeros(()).expand(keep.shape[0], pad), keep], dim=1)
-        causal = bool(getattr(module, "is_causal", False))
-        if attention_mask is None and not (causal and query.shape[2] > 1):
-            if bool(keep.all()):
-                mask = None  # every key visible to every query: keep the mask-free kernel
-            else:  # only prefix columns are hidden, alike for every query: one broadcast row per batch row
-                cols = torch.cat([keep, keep.new_ones(()).expand(keep.shape[0], key.shape[2])], dim=1)
-                mask = (cols if as_bool else _to_additive(cols, query.dtype))[:, None, None, :]
-        else:
-            mask = extend_mask(attention_mask, keep, query.shape[2], key.shape[2], causal, query.dtype, as_bool)
-        key = torch.cat([*front_k, key], dim=2)
-        value = torch.cat([*front_v, value], dim=2)
-        kwargs.pop("is_causal", None)
-        return delegate(module, query, key, value, mask, is_causal=False, **kwargs)
-
-    return attention

@@ -1,8 +1,9 @@
-"""The loop fallback: compositions that do not flatten to one adapter stack per row (Fuse, Split, Average).
+"""The bottleneck tree interpreter: rows whose composition does not flatten to one adapter stack (Fuse, Split, Average).
 
 Each block is interpreted recursively on slices of the batch, with AdapterHub's semantics for the
 bottleneck stages (pre_forward of a block's first adapter, post_forward of the last), except Average:
-sum_i w_i * h_i with weights normalised to 1 (AdapterHub divides by N once more).
+sum_i w_i * h_i with weights normalised to 1 (AdapterHub divides by N once more). Fuse runs the location's
+AdapterFusion layer (any module called as fusion(query, ups, residual) with a `config`).
 Parallel never reaches here: the model replicates the input and rewrites it as a BatchSplit.
 """
 
@@ -14,9 +15,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from ..composition import AdapterCompositionBlock, Average, BatchSplit, Fuse, Split, Stack
-from .bottleneck import BottleneckAdapter
-from .lora import IA3, LoRA
+from ...composition import AdapterCompositionBlock, Average, BatchSplit, Fuse, Split, Stack
+from ...routing import touches
+from .adapter import BottleneckAdapter
 
 Block = AdapterCompositionBlock | str | None
 
@@ -61,14 +62,6 @@ def _per_part(
     return _cat(parts, dim)
 
 
-def _contains(block: Block, adapters: nn.ModuleDict) -> bool:
-    if block is None:
-        return False
-    if isinstance(block, str):
-        return block in adapters
-    return any(n in adapters for n in block.flatten())
-
-
 class BottleneckTree:
     """Interprets one composition at one bottleneck location.
 
@@ -78,8 +71,8 @@ class BottleneckTree:
     """
 
     def __init__(self, adapters: nn.ModuleDict, fusions: nn.ModuleDict | None,
-                 layer_norm: Callable[[torch.Tensor], torch.Tensor] | None, fusion_configs: dict):
-        self.adapters, self.fusions, self.ln, self.fusion_configs = adapters, fusions, layer_norm, fusion_configs
+                 layer_norm: Callable[[torch.Tensor], torch.Tensor] | None):
+        self.adapters, self.fusions, self.ln = adapters, fusions, layer_norm
 
     def run(self, setup: Block, h: torch.Tensor, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, BottleneckAdapter]]:
         """[(row indices, pre-final value of those rows, their last adapter)] — rows no adapter touched are left out."""
@@ -109,7 +102,7 @@ class BottleneckTree:
 
     def compose(self, block: Block, s: BnState) -> BnState:
         """Apply `block` as a whole setup would (each adapter prepares its own input)."""
-        if block is None or not _contains(block, self.adapters):
+        if block is None or not touches(block, self.adapters):
             return s
         if isinstance(block, str):
             return self._single(block, self._pre(block, s))
@@ -126,7 +119,7 @@ class BottleneckTree:
 
     def _prepared(self, block: Block, s: BnState) -> BnState:
         """Apply `block` to a state its parent has already prepared (AdapterHub's compose_single level)."""
-        if block is None or not _contains(block, self.adapters):
+        if block is None or not touches(block, self.adapters):
             return s
         if isinstance(block, str):
             return self._single(block, s)
@@ -145,62 +138,14 @@ class BottleneckTree:
     def _fuse(self, block: Fuse, s: BnState) -> BnState:
         if self.fusions is None or block.name not in self.fusions:
             raise ValueError(f"{block!r}: no AdapterFusion layer named {block.name!r}; call add_adapter_fusion first")
-        cfg = self.fusion_configs[block.name]
+        fusion = self.fusions[block.name]
         last = self.adapters[block.last()]
         # Like AdapterHub: the last child's pre_forward prepares the shared input; the query is taken
         # before or after the model's LayerNorm as the fusion config says.
         hidden, residual = last.pre_forward(s.hidden, s.x, self.ln)
-        query = s.hidden if cfg.query_before_ln and not last.is_parallel else hidden
+        query = s.hidden if fusion.config.query_before_ln and not last.is_parallel else hidden
         prepared = replace(s, hidden=hidden, residual=residual)
         outs = [self._prepared(c, prepared) for c in block.children]
         ups = torch.stack([o.up for o in outs], dim=2)
-        fused = self.fusions[block.name](query, ups, residual)
+        fused = fusion(query, ups, residual)
         return replace(s, hidden=fused, residual=residual, last=(block.last(),) * s.hidden.shape[0])
-
-
-def lora_tree(
-    loras: nn.ModuleDict, setup: Block, x: torch.Tensor, output: torch.Tensor,
-    combine: Callable[[torch.Tensor, torch.Tensor, LoRA | IA3], torch.Tensor],
-) -> torch.Tensor | None:
-    """`output` with LoRA/IA3 applied under a tree setup (Stack, BatchSplit, Average); None if untouched.
-
-    BatchSplit children are independent row ranges; `combine(rows_output, hidden, last_module)` folds a
-    range's accumulated update into its output.
-    """
-
-    def hidden_of(block: Block, xs: torch.Tensor, hidden: torch.Tensor | None) -> tuple[torch.Tensor | None, str | None]:
-        if block is None or not _contains(block, loras):
-            return hidden, None
-        if isinstance(block, str):
-            mod = loras[block]
-            if isinstance(mod, IA3):
-                return mod(hidden, xs[..., :1].expand(*xs.shape[:-1], mod.lora_B.shape[0])), block
-            return mod(xs if hidden is None else hidden), block
-        if isinstance(block, Stack):
-            last = None
-            for child in block.children:
-                hidden, got = hidden_of(child, xs, hidden)
-                last = got or last
-            return hidden, last
-        if isinstance(block, Average):
-            outs = [hidden_of(c, xs, hidden) for c in block.children]
-            weights = torch.tensor(block.weights, dtype=xs.dtype, device=xs.device)
-            mixed = sum(w * o for w, (o, _) in zip(weights, outs, strict=True) if o is not None)
-            return mixed, next((g for _, g in reversed(outs) if g is not None), None)
-        raise ValueError(f"{block!r} cannot be applied by LoRA adapters inside this composition")
-
-    def apply(block: Block, xs: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
-        while isinstance(block, Stack) and len(block.children) == 1:
-            block = block.children[0]
-        if isinstance(block, BatchSplit):
-            parts, start, touched = [], 0, False
-            for child, size in zip(block.children, block.batch_sizes, strict=True):
-                got = apply(child, xs[start:start + size], out[start:start + size])
-                touched = touched or got is not None
-                parts.append(out[start:start + size] if got is None else got)
-                start += size
-            return torch.cat(parts, dim=0) if touched else None
-        hidden, last = hidden_of(block, xs, None)
-        return None if last is None else combine(out, hidden, loras[last])
-
-    return apply(setup, x, output)

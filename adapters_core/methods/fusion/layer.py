@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .config import AdapterFusionConfig
+
 
 def _init_bert(m: nn.Linear) -> None:
     with torch.no_grad():
@@ -20,7 +22,7 @@ def _init_bert(m: nn.Linear) -> None:
 class FusionLayer(nn.Module):
     """softmax(q(query) . k(up_i)) weighted sum of v(up_i), plus the residual."""
 
-    def __init__(self, config: object, hidden: int, dropout: float):
+    def __init__(self, config: AdapterFusionConfig, hidden: int, dropout: float):
         super().__init__()
         self.config = config
         self.dropout = nn.Dropout(dropout)

@@ -1,99 +1,23 @@
-"""LoRA (additive low-rank update) and (IA)^3 (multiplicative scaling vector) on linear layers.
+"""LoRA and (IA)^3 applied to the rows of a mixed batch at one linear layer.
 
-A target layer may be fused (GPT-2's c_attn holds q, k and v): then an adapter covers only the enabled
-thirds, listed in `out_index`, and LoRA's B is block-diagonal over them (AdapterHub's grouped conv1d).
-Application is per row: rows sharing a kind and shape run as one gathered bmm.
+Rows sharing a kind and shape run as one gathered bmm (or, at inference, as in-place updates of their
+contiguous row runs); a fused layer's adapter covers only the output columns in `out_index`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from . import bottleneck
-from .bottleneck import StackCache, row_index, stack_params
+from ..batching import row_index, segment_runs
+from ..stack_cache import StackCache, stack_params
+from .layer import LinearAdapter
 
 
-class LoRA(nn.Module):
-    """delta(x) = dropout(x) @ A^T @ B_eff^T * alpha / r, written into the enabled outputs."""
-
-    kind = "add"
-
-    def __init__(self, in_features: int, out_enabled: int, groups: int, config: object):
-        super().__init__()
-        if config.composition_mode != "add":
-            raise ValueError("LoRA needs composition_mode='add'")
-        self.r, self.groups = config.r, groups
-        self.scaling = config.alpha / config.r
-        self.lora_A = nn.Parameter(torch.zeros(config.r * groups, in_features))
-        self.lora_B = nn.Parameter(torch.zeros(out_enabled, config.r))
-        self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        with torch.no_grad():
-            if config.init_weights == "lora":
-                nn.init.kaiming_uniform_(self.lora_A, a=5**0.5)
-            elif config.init_weights == "bert":
-                self.lora_A.normal_(0.0, 0.02)
-                self.lora_B.normal_(0.0, 0.02)
-            elif config.init_weights == "ia3":
-                self.lora_A.fill_(1.0)
-                self.lora_B.fill_(1.0)
-            else:
-                raise ValueError(f"unknown init_weights {config.init_weights!r}")
-
-    def b_effective(self) -> torch.Tensor:
-        """B as one (out_enabled, r * groups) matrix: block-diagonal when the layer is fused."""
-        if self.groups == 1:
-            return self.lora_B
-        return torch.block_diag(*self.lora_B.chunk(self.groups, dim=0))
-
-    def delta_weight(self) -> torch.Tensor:
-        """(out_enabled, in) update that merging adds to the base weight."""
-        return self.b_effective() @ self.lora_A * self.scaling
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lora_dropout(hidden) @ self.lora_A.t() @ self.b_effective().t() * self.scaling
-
-    def shape_key(self) -> tuple:
-        return ("add", tuple(self.lora_A.shape), tuple(self.lora_B.shape))
-
-
-class IA3(nn.Module):
-    """out[..., enabled] *= lora_B * alpha (a learned vector per output feature)."""
-
-    kind = "scale"
-
-    def __init__(self, out_enabled: int, config: object):
-        super().__init__()
-        if config.composition_mode != "scale":
-            raise ValueError("(IA)^3 needs composition_mode='scale'")
-        if config.r != 1:
-            raise ValueError(f"(IA)^3 needs r=1, got r={config.r}")
-        if config.dropout > 0:
-            raise ValueError("(IA)^3 does not support dropout")
-        self.scaling = float(config.alpha)
-        self.lora_B = nn.Parameter(torch.zeros(out_enabled, 1))
-        with torch.no_grad():
-            if config.init_weights == "ia3":
-                self.lora_B.fill_(1.0)
-            elif config.init_weights == "bert":
-                self.lora_B.normal_(0.0, 0.02)
-            elif config.init_weights != "lora":
-                raise ValueError(f"unknown init_weights {config.init_weights!r}")
-
-    def vector(self) -> torch.Tensor:
-        return self.lora_B[:, 0] * self.scaling
-
-    def forward(self, hidden: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-        vec = self.vector()
-        return vec.expand(like.shape[:-1] + vec.shape) if hidden is None else hidden * vec
-
-    def shape_key(self) -> tuple:
-        return ("scale", tuple(self.lora_B.shape))
-
-
-def _scatter(out: torch.Tensor, out_index: torch.Tensor | None, fn) -> torch.Tensor:
+def _scatter(out: torch.Tensor, out_index: torch.Tensor | None,
+             fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     if out_index is None:
         return fn(out)
     res = out.clone()
@@ -113,7 +37,7 @@ def apply_loras(
     """Return `out` with every routed row's LoRA/IA3 applied; `skip` names an adapter merged into the weight."""
     n_rows = out.shape[0]
     result = out
-    batched: dict[tuple, list[tuple[nn.Module, Sequence[int]]]] = {}
+    batched: dict[tuple, list[tuple[LinearAdapter, Sequence[int]]]] = {}
     for names, rows in groups:
         names = tuple(n for n in names if n != skip)
         if not names:
@@ -126,10 +50,7 @@ def apply_loras(
         xs = x if idx is None else x[idx]
         hidden: torch.Tensor | None = None
         for mod in mods:
-            if isinstance(mod, IA3):
-                hidden = mod(hidden, xs[..., :1].expand(*xs.shape[:-1], mod.lora_B.shape[0]))
-            else:
-                hidden = mod(xs if hidden is None else hidden)
+            hidden = mod.stack_step(hidden, xs)
         result = combine_rows(result, idx, hidden, mods[-1].kind, out_index)
     for members in batched.values():
         if _segmented_add(members, n_rows, x, result, out_index):
@@ -140,7 +61,7 @@ def apply_loras(
         mods = [m for m, _ in members]
         if len(mods) == 1:
             mod = mods[0]
-            hidden = mod(xs) if isinstance(mod, LoRA) else mod.vector()
+            hidden = mod(xs) if mod.kind == "add" else mod.vector()
         else:
             slots = [i for i, (_, rows) in enumerate(members) for _ in rows]
             one_each = slots == list(range(len(members)))  # one row per adapter, in order: no gather
@@ -149,7 +70,7 @@ def apply_loras(
     return result
 
 
-def _segmented_add(members: Sequence[tuple[nn.Module, Sequence[int]]], n_rows: int, x: torch.Tensor,
+def _segmented_add(members: Sequence[tuple[LinearAdapter, Sequence[int]]], n_rows: int, x: torch.Tensor,
                    out: torch.Tensor, out_index: torch.Tensor | None) -> bool:
     """Inference: each adapter updates its contiguous runs of rows in place (out[a:b] += s * x A^T B^T, one
     addmm when all columns are covered, or *= the IA3 vector). No gather or per-row weight copy; returns
@@ -158,14 +79,14 @@ def _segmented_add(members: Sequence[tuple[nn.Module, Sequence[int]]], n_rows: i
         return False
     if torch.is_grad_enabled() and (out.requires_grad or any(p.requires_grad for m, _ in members for p in m.parameters())):
         return False
-    runs = bottleneck.segment_runs(members, n_rows)
+    runs = segment_runs(members, n_rows)
     if runs is None:
         return False
     width = out.shape[-1]
     for mod, slices in runs:
         for sl in slices:
             block = out if sl is None else out[sl]
-            if isinstance(mod, IA3):
+            if mod.kind == "scale":
                 if out_index is None:
                     block.mul_(mod.vector())
                 else:
@@ -181,11 +102,11 @@ def _segmented_add(members: Sequence[tuple[nn.Module, Sequence[int]]], n_rows: i
     return True
 
 
-def _gathered(mods: Sequence[nn.Module], slot: torch.Tensor | None, xs: torch.Tensor,
+def _gathered(mods: Sequence[LinearAdapter], slot: torch.Tensor | None, xs: torch.Tensor,
               cache: StackCache | None = None) -> torch.Tensor:
     """Row r of xs through the LoRA (or IA3 vector) of slot[r] (slot None: row r uses module r), in one bmm
     pair; stacked weights come from `cache` when no gradient is recorded."""
-    if isinstance(mods[0], IA3):
+    if mods[0].kind == "scale":
         vecs = torch.stack([m.vector() for m in mods])
         vecs = vecs if slot is None else vecs[slot]  # [R, out]
         return vecs.view(vecs.shape[0], *([1] * (xs.dim() - 2)), vecs.shape[-1])

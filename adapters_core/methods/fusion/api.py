@@ -1,23 +1,24 @@
-"""AdapterFusion management on a model: add, delete, train, save and load fusion layers.
+"""AdapterFusion management, as model methods: add, delete, train, save, load and inspect fusion layers.
 
 A fusion layer named like AdapterHub's (",".join of the fused adapters, or Fuse(name=...)) sits at
 every bottleneck location where all fused adapters are present, under `adapter_fusion_layer.<name>`.
+Mixed into the adapter mixin through `FusionMethod.api`; `self` is the model (its `_host`, adapters,
+parameters and `_inspection()` copy).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .composition import Fuse, parse_composition
-from .configuration import AdapterFusionConfig
-from .formats import (
+from ...composition import Fuse, parse_composition
+from ...formats import (
     FORMAT_VERSION,
     FUSION_CONFIG,
     FUSION_WEIGHTS,
@@ -26,7 +27,27 @@ from .formats import (
     write_json,
     write_safetensors,
 )
-from .methods.fusion import FusionLayer
+from ..base import Host
+from ..bottleneck.hooks import BottleneckLocation
+from ..bottleneck.method import bottlenecks
+from .config import AdapterFusionConfig
+from .layer import FusionLayer
+
+#: The key of the fusion room's state in `Host.rooms`.
+ROOM = "fusion"
+
+
+@dataclass
+class FusionState:
+    """A model's fusions: each one's config and the adapters it fuses, by fusion name."""
+
+    configs: dict[str, AdapterFusionConfig] = field(default_factory=dict)
+    members: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def fusions(host: Host) -> FusionState:
+    """The fusion room's state on `host`."""
+    return host.rooms[ROOM]
 
 
 def _as_fuse(fusion: Fuse | list[str] | tuple[str, ...] | str) -> Fuse:
@@ -58,6 +79,16 @@ def _saved_fuse(meta: dict[str, Any]) -> Fuse:
     return Fuse(*saved_fusion_names(meta), name=meta.get("name") or None)
 
 
+def remove_fusion(host: Host, name: str) -> None:
+    """Drop fusion `name`'s layers from every location and forget it."""
+    for loc in bottlenecks(host):
+        if name in loc.fusions:
+            del loc.fusions[name]
+    state = fusions(host)
+    state.configs.pop(name, None)
+    state.members.pop(name, None)
+
+
 def _config(meta: dict[str, Any]) -> dict[str, Any]:
     config = meta.get("config")
     if not isinstance(config, dict):
@@ -65,12 +96,12 @@ def _config(meta: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-class FusionMixin:
-    """Methods for AdapterFusion; mixed into AdapterModelMixin."""
+class FusionAPI:
+    """add_adapter_fusion, delete_adapter_fusion, train/save/load/inspect, fusion_named_parameters, fusion_nbytes."""
 
-    def _fusion_locations(self, fuse: Fuse) -> list[Any]:
+    def _fusion_locations(self, fuse: Fuse) -> list[BottleneckLocation]:
         names = fuse.flatten()
-        return [loc for loc in self._wiring.bottlenecks.values() if all(n in loc.adapters for n in names)]
+        return [loc for loc in bottlenecks(self._host) if all(n in loc.adapters for n in names)]
 
     def add_adapter_fusion(
         self, fusion: Fuse | list[str] | str, config: AdapterFusionConfig | dict | str | None = None,
@@ -83,35 +114,31 @@ class FusionMixin:
             if self.adapter_methods()[name] != frozenset({"bottleneck"}):
                 raise ValueError(f"{fuse!r}: {name!r} is not a bottleneck adapter; only those can be fused")
         cfg = AdapterFusionConfig.load(config if config is not None else "dynamic")
-        wiring = self._wiring
-        if fuse.name in wiring.fusion_configs:
+        state = fusions(self._host)
+        if fuse.name in state.configs:
             if not overwrite_ok:
                 raise ValueError(f"an adapter fusion named {fuse.name!r} already exists")
             self.delete_adapter_fusion(fuse)
         locations = self._fusion_locations(fuse)
         if not locations:
             raise ValueError(f"{fuse!r}: the fused adapters share no location")
-        ref = next(self.adapter_base.parameters())
-        dropout = float(getattr(self.adapter_base.config, "attention_probs_dropout_prob", 0.0) or 0.0)
+        host = self._host
+        ref = host.reference()
+        dropout = float(getattr(host.config, "attention_probs_dropout_prob", 0.0) or 0.0)
         for loc in locations:
-            layer = FusionLayer(cfg, self._hidden(), dropout).to(device=ref.device, dtype=ref.dtype)
+            layer = FusionLayer(cfg, host.hidden, dropout).to(device=ref.device, dtype=ref.dtype)
             loc.fusions[fuse.name] = layer
-        wiring.fusion_configs[fuse.name] = cfg
-        wiring.fusion_members[fuse.name] = tuple(fuse.flatten())
+        state.configs[fuse.name] = cfg
+        state.members[fuse.name] = tuple(fuse.flatten())
         self.train(self.training)
         if set_active:
             self.set_active_adapters(fuse)
 
     def delete_adapter_fusion(self, fusion: Fuse | list[str] | str) -> None:
         fuse = _as_fuse(fusion)
-        wiring = self._wiring
-        if fuse.name not in wiring.fusion_configs:
+        if fuse.name not in fusions(self._host).configs:
             raise ValueError(f"no adapter fusion named {fuse.name!r}")
-        for loc in wiring.bottlenecks.values():
-            if fuse.name in loc.fusions:
-                del loc.fusions[fuse.name]
-        del wiring.fusion_configs[fuse.name]
-        wiring.fusion_members.pop(fuse.name, None)
+        remove_fusion(self._host, fuse.name)
 
     def fusion_named_parameters(self, fusion: Fuse | list[str] | str) -> list[tuple[str, nn.Parameter]]:
         name = _as_fuse(fusion).name
@@ -122,7 +149,7 @@ class FusionMixin:
     def train_adapter_fusion(self, fusion: Fuse | list[str] | str, unfreeze_adapters: bool = False) -> None:
         """Train only the fusion layers (and optionally the fused adapters); the backbone stays frozen."""
         fuse = _as_fuse(fusion)
-        if fuse.name not in self._wiring.fusion_configs:
+        if fuse.name not in fusions(self._host).configs:
             raise ValueError(f"no adapter fusion named {fuse.name!r}")
         for p in self.parameters():
             p.requires_grad_(False)
@@ -137,7 +164,7 @@ class FusionMixin:
 
     def save_adapter_fusion(self, save_directory: str | os.PathLike[str], fusion: Fuse | list[str] | str) -> None:
         fuse = _as_fuse(fusion)
-        cfg = self._wiring.fusion_configs.get(fuse.name)
+        cfg = fusions(self._host).configs.get(fuse.name)
         if cfg is None:
             raise ValueError(f"no adapter fusion named {fuse.name!r}")
         folder = Path(save_directory)
@@ -194,14 +221,11 @@ class FusionMixin:
     def inspect_fusion_dir(self, path: str | os.PathLike[str], adapter_dirs: Sequence[str | os.PathLike[str]]) -> FusionInfo:
         """Validate a saved fusion over the adapters saved in `adapter_dirs` (in the fusion's order) without
         touching this model: both load into the meta-device copy that inspect_adapter_dir uses."""
-        from .model import _INSPECT_LOCK
-
         meta = read_json(Path(path) / FUSION_CONFIG)
         saved = _saved_fuse(meta)
         if len(adapter_dirs) != len(saved.children):
             raise ValueError(f"the fusion fuses {len(saved.children)} adapters, {len(adapter_dirs)} given")
-        with _INSPECT_LOCK, torch.device("meta"):
-            skeleton = self._inspection_skeleton()
+        with self._inspection() as skeleton:
             probes: list[str] = []
             try:
                 for i, folder in enumerate(adapter_dirs):

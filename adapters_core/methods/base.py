@@ -1,0 +1,134 @@
+"""The contract between the generic adapter mixin and the method rooms: `Method`, and the `Host` it works on.
+
+A room (``methods/<method>/``) gives the model one `Method` object, listed in ``methods/registry.py``;
+``model.py`` never names a method, it loops over that list. A room sees a model only as a `Host`: the
+base model, its layers, its architecture's declarations (read through `Architecture`, which
+``models.base.ArchSpec`` provides, so rooms never import an architecture file) and each room's own state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import torch
+from torch import nn
+
+from ..composition import AdapterCompositionBlock
+from ..configuration import AdapterConfigBase
+from ..formats import AdapterFiles, PeftFiles
+from ..routing import RowPlan
+from .stack_cache import StackCache
+
+S = TypeVar("S")
+
+
+class Architecture(Protocol):
+    """What a room reads of an architecture declaration."""
+
+    layers: str
+    attention: str
+
+    def sites_of(self, kind: type[S]) -> tuple[S, ...]:
+        """The declared sites of one kind (a room's own site class, e.g. BottleneckSite)."""
+        ...
+
+    def n_kv_heads(self, config: Any) -> int: ...
+
+    def head_dim(self, config: Any) -> int: ...
+
+
+@dataclass
+class Host:
+    """One wired base model as the rooms see it.
+
+    `rooms` holds each room's per-model state by room name; `stack_cache` is the one cache of stacked
+    adapter weights every site of the model shares (bounded by bytes, see methods.stack_cache).
+    """
+
+    base: nn.Module
+    arch: Architecture
+    layers: tuple[nn.Module, ...]
+    stack_cache: StackCache = field(default_factory=StackCache)
+    rooms: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> Any:
+        return self.base.config
+
+    @property
+    def hidden(self) -> int:
+        return int(self.base.config.hidden_size)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def reference(self) -> torch.Tensor:
+        """A backbone parameter: new adapter modules take its device and dtype."""
+        return next(self.base.parameters())
+
+
+class Method:
+    """One method room's entry points; a room subclasses it and overrides what its method needs.
+
+    `name` keys the room's state in `Host.rooms`; `config_types` are the config classes the room defines
+    (importing the room registers their string names and AdapterHub architectures); `key_slots` are the
+    state-dict key segments after which AdapterHub writes the adapter name (``adapters``, ``loras``, ...);
+    `peft_type` is the PEFT folder type the room translates; `api` is a mixin of model methods the room
+    adds (``merge_adapter``, ...).
+    """
+
+    name: ClassVar[str] = ""
+    config_types: ClassVar[tuple[type, ...]] = ()
+    key_slots: ClassVar[tuple[str, ...]] = ()
+    peft_type: ClassVar[str | None] = None
+    api: ClassVar[type | None] = None
+
+    def handles(self, config: AdapterConfigBase) -> bool:
+        """Whether this room builds modules for one (single-method) config."""
+        return False
+
+    def wire(self, host: Host) -> None:
+        """Once per base model: create the room's containers and install its hooks at the declared sites."""
+
+    def add(self, host: Host, name: str, config: AdapterConfigBase) -> None:
+        """Build adapter `name`'s modules for `config` (one this room handles)."""
+
+    def remove(self, host: Host, name: str) -> None:
+        """Drop whatever the room holds for adapter `name` (a no-op when it holds nothing)."""
+
+    def check_setup(self, host: Host, setup: AdapterCompositionBlock, plan: RowPlan | None) -> None:
+        """Refuse, before any tensor is touched, a setup the room cannot honour (ValueError)."""
+
+    def fixed_parameter(self, config: AdapterConfigBase, key: str) -> bool:
+        """True for a parameter of `config`'s adapter that training leaves frozen."""
+        return False
+
+    def translate_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """An AdapterHub file's tensors with the room's alias keys folded into the keys it builds."""
+        return state
+
+    def from_peft(self, host: Host, peft: PeftFiles) -> AdapterFiles:
+        """A PEFT folder of type `peft_type` as the AdapterHub layout this library loads."""
+        raise ValueError(f"the {self.name} room reads no PEFT folders")
+
+
+class Holder(nn.Module):
+    """An empty module that only carries children (e.g. GPT-2's `attention_adapters`)."""
+
+
+def child_module(parent: nn.Module, name: str, factory: Callable[[], nn.Module]) -> nn.Module:
+    """`parent.<name>`, created with `factory` the first time (where AdapterHub's key path puts a container)."""
+    if name not in parent._modules:
+        parent.add_module(name, factory())
+    return parent._modules[name]
+
+
+def get_path(root: nn.Module, path: str) -> nn.Module:
+    """The submodule at a dotted path ("" is `root` itself)."""
+    module = root
+    for part in path.split(".") if path else ():
+        module = getattr(module, part)
+    return module

@@ -1,0 +1,2 @@
+"""Prefix tuning: config.py, module.py (the prefix MLP and the per-row gathering), routing.py (which rows attend
+to which prefix), attention.py (the one attention wrapper), eject.py and method.py (the room's Method)."""

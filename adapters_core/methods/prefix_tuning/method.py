@@ -1,0 +1,77 @@
+"""The prefix tuning room's `Method`: a prefix module per adapter and the attention wrapper that applies it.
+
+Files name the tensors ``<base>.prefix_tuning.prefix_tunings.<name>.self_prefix.control_trans...``;
+AdapterHub's .bin files repeat each under every layer's attention pool, folded back here.
+"""
+
+from __future__ import annotations
+
+import typing
+
+import torch
+from torch import nn
+
+from ...configuration import AdapterConfigBase
+from ..base import Holder, Host, Method, child_module, get_path
+from .attention import install_prefix_attention
+from .config import PrefixTuningConfig
+from .eject import EjectAPI
+from .module import PrefixTuningModule
+from .routing import ROOM, PrefixState, lookup, prefixes
+
+# AdapterHub's .bin files repeat every prefix tensor under each layer's attention pool; keep one copy.
+_PREFIX_ALIAS = ".prefix_tuning.pool.prefix_tunings."
+
+
+def dedupe_prefix_aliases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map AdapterHub's per-layer prefix aliases onto the model-level `prefix_tuning.prefix_tunings` keys."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if _PREFIX_ALIAS in key:
+            root, rest = key.split(".", 1)[0], key.split(_PREFIX_ALIAS, 1)[1]
+            out.setdefault(f"{root}.prefix_tuning.prefix_tunings.{rest}", value)
+        else:
+            out[key] = value
+    return out
+
+
+class PrefixTuningMethod(Method):
+    """Prefix tuning (reparameterised or flat); every attention layer gets the rows' prefixes."""
+
+    name = ROOM
+    config_types = (PrefixTuningConfig,)
+    key_slots = ("prefix_tunings",)
+    api = EjectAPI
+
+    def handles(self, config: AdapterConfigBase) -> bool:
+        return isinstance(config, PrefixTuningConfig)
+
+    def wire(self, host: Host) -> None:
+        holder = child_module(host.base, "prefix_tuning", Holder)
+        state = PrefixState(child_module(holder, "prefix_tunings", nn.ModuleDict), host.n_layers)
+        for i, layer in enumerate(host.layers):
+            attention = get_path(layer, host.arch.attention)
+            attention._adapterserve_layer = i
+            attention._adapterserve_prefix = state
+        install_prefix_attention(lookup)
+        host.rooms[self.name] = state
+
+    def add(self, host: Host, name: str, config: AdapterConfigBase) -> None:
+        config = typing.cast(PrefixTuningConfig, config)
+        layers = [i for i in range(host.n_layers) if i not in config.leave_out]
+        if not layers:
+            raise ValueError(f"prefix tuning config for {name!r} leaves out every layer")
+        arch, conf = host.arch, host.config
+        module = PrefixTuningModule(len(layers), arch.n_kv_heads(conf), arch.head_dim(conf), host.hidden, config)
+        state = prefixes(host)
+        state.prefix_tunings[name] = nn.ModuleDict({"self_prefix": module})
+        state.layer_index[name] = {layer: j for j, layer in enumerate(layers)}
+
+    def remove(self, host: Host, name: str) -> None:
+        state = prefixes(host)
+        if name in state.prefix_tunings:
+            del state.prefix_tunings[name]
+        state.layer_index.pop(name, None)
+
+    def translate_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dedupe_prefix_aliases(state)
