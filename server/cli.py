@@ -23,6 +23,7 @@ log = logging.getLogger("adapterserve")
 _FLAGS: dict[str, str] = {
     "--host": "host", "--port": "port", "--model": "model_path", "--store": "store_dir", "--device": "device",
     "--dtype": "dtype", "--api-keys-file": "api_keys_file", "--adapter-cache-mb": "adapter_cache_mb",
+    "--stack-cache-mb": "stack_cache_mb",
     "--max-batch-size": "max_batch_size", "--max-batch-tokens": "max_batch_tokens", "--max-wait-ms": "max_wait_ms",
     "--queue-size": "queue_size", "--request-timeout-s": "request_timeout_s", "--max-upload-mb": "max_upload_mb",
     "--max-inputs": "max_inputs", "--max-input-tokens": "max_input_tokens", "--tenant-max-adapters": "tenant_max_adapters",

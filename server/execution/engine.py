@@ -127,7 +127,7 @@ class Engine(Backbone):
     """Backbone + tokenizer in this process; loads adapters by internal name and runs mixed-adapter batches."""
 
     def __init__(self, model_path: str, device: str = "auto", dtype: str = "float32", threads: int = 0,
-                 length_buckets: int = 1) -> None:
+                 length_buckets: int = 1, stack_cache_bytes: int = 64 << 20) -> None:
         from adapters_core import AutoAdapterModel
 
         self.length_buckets = length_buckets
@@ -139,6 +139,7 @@ class Engine(Backbone):
         model = AutoAdapterModel.from_pretrained(model_path)
         model.eval()
         self.model: Any = model.to(device=self.device, dtype=self.dtype)
+        self.model.set_stack_cache_limit(stack_cache_bytes)
         self._fusions: dict[str, tuple[str, ...]] = {}  # loaded fusion -> the adapters it fuses
         self._describe(self.model)
         log.info("backbone %s: hidden %d, %d layers, %s %s", model_path, self.hidden_size, self.num_layers, self.device, dtype)

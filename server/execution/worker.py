@@ -47,7 +47,7 @@ class WorkerEngine(Backbone):
     """Same interface as `Engine`; the model lives in a child process."""
 
     def __init__(self, model_path: str, device: str = "auto", dtype: str = "float32", threads: int = 0,
-                 length_buckets: int = 1) -> None:
+                 length_buckets: int = 1, stack_cache_bytes: int = 64 << 20) -> None:
         from transformers import AutoConfig
 
         from adapters_core import AutoAdapterModel
@@ -56,7 +56,7 @@ class WorkerEngine(Backbone):
         config = AutoConfig.from_pretrained(model_path)
         with torch.device("meta"):
             self._describe(AutoAdapterModel.from_config(config))
-        self._args = (model_path, device, dtype, threads, length_buckets)
+        self._args = (model_path, device, dtype, threads, length_buckets, stack_cache_bytes)
         self._lock = threading.Lock()
         self._loaded: dict[str, tuple[Path, tuple[str, ...]]] = {}  # internal -> (folder, fused): what a new child reloads
         self._proc: subprocess.Popen[bytes] | None = None
@@ -205,11 +205,11 @@ def worker_main(conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        model_path, device, dtype, threads, length_buckets = conn.recv()
+        args = conn.recv()
     except (EOFError, OSError):
         return
     try:
-        engine = Engine(model_path, device, dtype, threads, length_buckets)
+        engine = Engine(*args)
     except Exception as exc:
         conn.send(("error", (type(exc).__name__, str(exc))))
         return

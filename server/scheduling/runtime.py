@@ -102,7 +102,7 @@ class Runtime:
 def build_runtime(settings: Settings, metrics: Metrics, engine: AnyEngine) -> Runtime:
     """Wire store, residency and batcher around a loaded engine (call on the event loop)."""
     store = AdapterStore(settings.store_dir)
-    residency = Residency(engine, settings.adapter_cache_bytes, metrics, lambda m: store.version_dir(m.tenant, m.name, m.version))
+    residency = Residency(engine, settings.adapter_cache_bytes - settings.stack_cache_bytes, metrics, lambda m: store.version_dir(m.tenant, m.name, m.version))
     batcher = Batcher(
         make_runner(engine, residency), metrics, max_batch_size=settings.max_batch_size,
         max_batch_tokens=settings.max_batch_tokens, max_wait_s=settings.max_wait_ms / 1000.0, queue_size=settings.queue_size,
