@@ -53,6 +53,12 @@ class TooManyInputs(DomainError):
     slug, status = "too-many-inputs", 413
 
 
+class InvalidInput(DomainError):
+    """A request field is outside what the model or this server supports."""
+
+    slug, status = "invalid-input", 422
+
+
 class InputTooLong(DomainError):
     slug, status = "input-too-long", 422
 

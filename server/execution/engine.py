@@ -90,6 +90,7 @@ class Backbone:
         self._shape_model = model
         cfg = model.config
         self.hidden_size: int = int(cfg.hidden_size)
+        self.vocab_size: int = int(cfg.vocab_size)  # rows of the input embedding: the bound on token ids
         self.num_layers: int = int(cfg.num_hidden_layers)
         self.max_positions: int = int(getattr(cfg, "max_position_embeddings", 512) or 512)
 

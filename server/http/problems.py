@@ -19,13 +19,22 @@ PROBLEM_MEDIA_TYPE = "application/problem+json"
 TYPE_BASE = "urn:adapterserve:problem:"  # a URI naming the kind of problem (RFC 9457 section 3.1.1)
 
 
+class OpenAIError(BaseModel):
+    """The same error in the shape OpenAI clients read (`error.message`), so they show our detail."""
+
+    message: str
+    type: str
+    code: str
+
+
 class Problem(BaseModel):
-    """The body of every error response."""
+    """The body of every error response: RFC 9457 problem details, plus an `error` member for OpenAI clients."""
 
     type: str
     title: str
     status: int
     detail: str
+    error: OpenAIError
 
 
 class ProblemError(Exception):
@@ -47,7 +56,8 @@ class ProblemResponse(JSONResponse):
 def problem_body(status: int, slug: str, detail: str) -> dict[str, Any]:
     """The JSON body for a problem."""
     title = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
-    return {"type": TYPE_BASE + slug, "title": title, "status": status, "detail": detail}
+    return {"type": TYPE_BASE + slug, "title": title, "status": status, "detail": detail,
+            "error": {"message": detail, "type": "invalid_request_error" if status < 500 else "server_error", "code": slug}}
 
 
 def problem_response(status: int, slug: str, detail: str, headers: dict[str, str] | None = None) -> ProblemResponse:

@@ -127,15 +127,21 @@ class EmbeddingsRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(description="adapter name")
-    input: str | list[str]
-    encoding_format: Literal["float"] = "float"
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        description="a text, a list of texts, one list of token ids, or a list of token-id lists (ids are the model's "
+        "input as given: no special tokens are added)"
+    )
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="base64: each embedding as the base64 of its little-endian float32 bytes, as OpenAI returns it"
+    )
+    dimensions: int | None = Field(None, ge=1, description="only the model's own embedding size is supported")
     user: str | None = None
 
 
 class EmbeddingData(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float]
+    embedding: list[float] | str = Field(description="floats, or a base64 string with encoding_format base64")
 
 
 class EmbeddingsResponse(BaseModel):

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.errors import DeadlineExceeded, InputTooLong, NoInputs, TooManyInputs
+from server.errors import DeadlineExceeded, InputTooLong, InvalidInput, NoInputs, TooManyInputs
 from server.execution.residency import Residency
 from server.execution.worker import AnyEngine, WorkerEngine
 from server.metrics import Metrics
@@ -70,6 +70,20 @@ class Runtime:
                 rows[i] = self.engine.tokenize_truncated(texts[i], limit)
                 truncated[i] = True
         return Tokenized(rows, truncated)
+
+    def token_ids(self, rows: list[list[int]]) -> Tokenized:
+        """Inputs given as token ids: checked against the vocabulary and the token limit, used as they are."""
+        self.check_inputs(rows)
+        vocab = self.engine.vocab_size
+        for i, ids in enumerate(rows):
+            if not ids:
+                raise InvalidInput(f"input {i} is an empty list of token ids")
+            if len(ids) > self.max_input_tokens:
+                raise InputTooLong(f"input {i} has {len(ids)} tokens; the limit is {self.max_input_tokens}")
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidInput(f"input {i} holds token id {bad}; ids must be in [0, {vocab}) for this model")
+        return Tokenized([list(ids) for ids in rows], [False] * len(rows))
 
     # -- inference -------------------------------------------------------------------------------
     async def resolve(self, tenant: str, spec: Any, head: str | None, task: str) -> Resolved:

@@ -17,6 +17,7 @@ CASES = [
     (errors.NoInputs("none"), 422, "no-inputs", None),
     (errors.TooManyInputs("many"), 413, "too-many-inputs", None),
     (errors.InputTooLong("long"), 422, "input-too-long", None),
+    (errors.InvalidInput("token id 9 is outside the vocabulary"), 422, "invalid-input", None),
     (errors.QueueFull("the inference queue is full (2 requests); retry shortly", retry_after=1), 429, "queue-full", "1"),
     (errors.Draining("draining", retry_after=5), 503, "draining", "5"),
     (errors.Draining("the server stopped before this request ran"), 503, "draining", None),
@@ -47,7 +48,9 @@ def test_domain_error_becomes_its_problem(client: TestClient, index: int) -> Non
     r = client.get(f"/raise/{index}")
     assert r.status_code == status
     assert r.headers["content-type"].startswith(PROBLEM_MEDIA_TYPE)
-    assert r.json() == {"type": TYPE_BASE + slug, "title": r.json()["title"], "status": status, "detail": error.detail}
+    assert r.json() == {"type": TYPE_BASE + slug, "title": r.json()["title"], "status": status, "detail": error.detail,
+                        "error": {"message": error.detail, "code": slug,
+                                  "type": "invalid_request_error" if status < 500 else "server_error"}}
     assert r.headers.get("retry-after") == retry_after
 
 

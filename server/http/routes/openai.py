@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 from datetime import datetime
 from typing import Annotated
 
+import numpy as np
 from fastapi import APIRouter, Depends
 from starlette.concurrency import run_in_threadpool
 
-from server.errors import InvalidComposition
+from server.errors import InvalidComposition, InvalidInput
 from server.http.auth import Principal, authenticate
 from server.http.deps import runtime_of
 from server.http.jsonfmt import FastJSONResponse
@@ -27,16 +29,30 @@ Rt = Annotated[Runtime, Depends(runtime_of)]
     summary="OpenAI-compatible embeddings; `model` names an adapter",
 )
 async def embeddings(body: EmbeddingsRequest, principal: Auth, rt: Rt) -> FastJSONResponse:
-    texts = [body.input] if isinstance(body.input, str) else body.input
-    rt.check_inputs(texts)
+    if body.dimensions is not None and body.dimensions != rt.engine.hidden_size:
+        raise InvalidInput(f"dimensions={body.dimensions} is not supported: this model's embeddings have "
+                           f"{rt.engine.hidden_size} dimensions (omit the field or send {rt.engine.hidden_size})")
+    inputs = [body.input] if isinstance(body.input, str) or _is_ids(body.input) else body.input
+    rt.check_inputs(inputs)
     resolved = await rt.resolve(principal.tenant, body.model, None, "embedding")
     if resolved.solo:
         raise InvalidComposition("embeddings need a single adapter or a non-parallel composition")
-    tokens = rt.tokenize(texts, truncate=False)
+    tokens = rt.token_ids(inputs) if inputs and not isinstance(inputs[0], str) else rt.tokenize(inputs, truncate=False)
     output = await rt.infer(tokens, resolved, "embedding")
-    data = [{"object": "embedding", "index": i, "embedding": row} for i, row in enumerate(output)]
+    encode = _base64 if body.encoding_format == "base64" else (lambda row: row)
+    data = [{"object": "embedding", "index": i, "embedding": encode(row)} for i, row in enumerate(output)]
     usage = {"prompt_tokens": tokens.tokens, "total_tokens": tokens.tokens}
     return FastJSONResponse({"object": "list", "data": data, "model": body.model, "usage": usage})
+
+
+def _is_ids(value: object) -> bool:
+    """One list of token ids (as opposed to a list of texts or of id lists)."""
+    return isinstance(value, list) and bool(value) and all(isinstance(v, int) for v in value)
+
+
+def _base64(row: np.ndarray) -> str:
+    """An embedding as OpenAI's base64 form: the little-endian float32 bytes, base64-encoded."""
+    return base64.b64encode(np.asarray(row, dtype="<f4").tobytes()).decode("ascii")
 
 
 def _epoch(iso: str) -> int:
