@@ -37,9 +37,11 @@ from adapters_core.configuration import ADAPTER_CONFIG_NAMES
 from adapters_core.methods.bottleneck import config as bn_config
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"  # ../shared beside the checkout (also in CI)
-REFERENCE_FILES = sorted(SHARED.glob("reference/*/adapter_safetensors/adapter_config.json")) + sorted(
-    SHARED.glob("reference_decoders/*/*/adapter_safetensors/adapter_config.json")
-)
+# seq_bn_inv's config is checked in test_invertible.py until AdapterConfigBase.from_dict dispatches to the
+# invertible room's classes (phase 2 of invertible adapters).
+REFERENCE_FILES = sorted(
+    p for p in SHARED.glob("reference/*/adapter_safetensors/adapter_config.json") if p.parts[-3] != "seq_bn_inv"
+) + sorted(SHARED.glob("reference_decoders/*/*/adapter_safetensors/adapter_config.json"))
 
 # The "config" object AdapterHub 1.3 writes for SeqBnConfig() (checked against its source).
 SEQ_BN_DICT: dict[str, Any] = {

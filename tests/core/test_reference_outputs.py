@@ -66,9 +66,10 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor, mask: torch.Tensor, att
 
 
 def test_reference_folders_are_complete() -> None:
-    """Guard against a silently shrinking parametrisation: the README promises 8 MiniLM cases."""
+    """Guard against a silently shrinking parametrisation: the README promises 9 MiniLM cases, seq_bn_inv
+    checked in test_invertible.py (its own test until invertible adapters load through load_adapter)."""
     found = sorted(p.name for p in REFERENCE.iterdir() if (p / "outputs.safetensors").is_file())
-    assert tuple(found) == MINILM_CASES
+    assert tuple(found) == tuple(sorted((*MINILM_CASES, "seq_bn_inv")))
     for arch in DECODER_ARCHS:
         cases = sorted(p.name for p in (REFERENCE_DECODERS / arch).iterdir() if (p / "outputs.safetensors").is_file())
         assert tuple(cases) == DECODER_CASES
