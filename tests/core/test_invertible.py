@@ -1,41 +1,42 @@
-"""Invertible adapters (adapters_core.methods.invertible): coupling math, row routing, keys, and
-AdapterHub's seq_bn_inv reference (../shared/reference/seq_bn_inv) reproduced < 1e-4.
+"""Invertible adapters (adapters_core.methods.invertible): coupling math, row routing, configs, and
+AdapterHub's seq_bn_inv reference (../shared/reference/seq_bn_inv) reproduced < 1e-4 through load_adapter.
 
-Phase-1 scaffolding, replaced in phase 2 by the real add_adapter/load_adapter path (the invertible room
-registered): ``_load_by_hand`` (strips the inv fields and invertible keys into a temp folder, loads that
-bottleneck part with load_adapter and builds the coupling block from the invertible keys) and
-``_attach`` (a plain forward hook on the embeddings routing rows with ``first_adapters``). The reference,
-mixed-batch and routing assertions stay as they are; only the way the adapter gets into the model changes.
-Everything else (coupling blocks, configs, keys, apply_invertible) tests the room's own code.
+The model-level behaviour on the tiny backbones (placement, the LM-head inverse, mixed batches, save/load,
+delete, training) is in test_invertible_models.py.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from transformers import BertConfig
 
-from adapters_core import AdapterSetup, AutoAdapterModel, BatchSplit, Fuse, Parallel, Stack
-from adapters_core.methods.invertible import (
+from adapters_core import (
+    AdapterConfigBase,
+    AdapterSetup,
+    AutoAdapterModel,
+    BatchSplit,
+    BnConfig,
     DoubleSeqBnInvConfig,
+    Fuse,
+    Parallel,
+    SeqBnConfig,
+    SeqBnInvConfig,
+    Stack,
+    method_name,
+)
+from adapters_core.methods.invertible.apply import InvertibleRouting, apply_invertible, first_adapters
+from adapters_core.methods.invertible.config import InvertibleSpec, invertible_spec
+from adapters_core.methods.invertible.layer import (
     GLOWCouplingBlock,
     InvertibleAdapter,
-    InvertibleRouting,
-    InvertibleSpec,
     NICECouplingBlock,
-    SeqBnInvConfig,
-    apply_invertible,
     build_invertible,
-    first_adapters,
-    keys,
 )
-from adapters_core.methods.invertible.config import INV_FIELDS, method_label, upgrade_legacy_config
-from adapters_core.routing import ForwardContext
 
 from .conftest import REFERENCE
 
@@ -105,7 +106,8 @@ def test_glow_soft_clamp_bounds_the_scale() -> None:
 def test_parameter_names_and_shapes_are_adapterhubs(kind: str) -> None:
     block = build_invertible(InvertibleSpec(kind, 2, "relu"), 384)
     state = block.state_dict()
-    assert tuple(state) == keys.PARAM_NAMES[kind]
+    nets = ("F", "G") if kind == "nice" else ("s1", "s2")
+    assert tuple(state) == tuple(f"{net}.{i}.{part}" for net in nets for i in (0, 2) for part in ("weight", "bias"))
     first, second = ("F", "G") if kind == "nice" else ("s1", "s2")
     out = 1 if kind == "nice" else 2
     assert state[f"{first}.0.weight"].shape == (96, 192)
@@ -115,9 +117,9 @@ def test_parameter_names_and_shapes_are_adapterhubs(kind: str) -> None:
 
 def test_nice_names_match_the_reference_file() -> None:
     meta = json.loads((CASE / "meta.json").read_text())
-    ref = {k: tuple(v) for k, v in meta["state_dict_keys"].items() if keys.is_invertible_key(k)}
+    ref = {k: tuple(v) for k, v in meta["state_dict_keys"].items() if ".invertible_adapters." in k}
     ours = build_invertible(InvertibleSpec("nice", 2, "relu"), 384).state_dict()
-    assert ref == {keys.hub_key("seq_bn_inv", k, "bert."): tuple(v.shape) for k, v in ours.items()}
+    assert ref == {f"bert.invertible_adapters.seq_bn_inv.{k}": tuple(v.shape) for k, v in ours.items()}
 
 
 def test_reduction_factor_too_large_is_an_error() -> None:
@@ -220,7 +222,7 @@ def test_first_adapters_per_row() -> None:
         first_adapters(BatchSplit("a", "b", batch_sizes=[1, 2]), 4)
 
 
-# -- configs and keys --------------------------------------------------------------------------------------
+# -- configs -----------------------------------------------------------------------------------------------
 
 
 def _reference_meta(folder: str = "adapter_safetensors") -> dict:
@@ -229,12 +231,12 @@ def _reference_meta(folder: str = "adapter_safetensors") -> dict:
 
 def test_seq_bn_inv_config_is_adapterhubs() -> None:
     ref = _reference_meta()["config"]
-    config = SeqBnInvConfig.from_dict(ref)
+    config = AdapterConfigBase.from_dict(ref)
+    assert type(config) is SeqBnInvConfig
     assert config == SeqBnInvConfig() and config.to_dict() == ref
-    assert method_label(config) == "seq_bn_inv"
-    assert config.invertible_spec() == InvertibleSpec("nice", 2.0, "relu")
-    plain = config.bottleneck_part()
-    assert type(plain).__name__ == "SeqBnConfig" and plain.inv_adapter is None
+    assert method_name(config) == "seq_bn_inv"
+    assert invertible_spec(config) == InvertibleSpec("nice", 2.0, "relu")
+    assert AdapterConfigBase.load("seq_bn_inv") == config == AdapterConfigBase.load("pfeiffer+inv")
 
 
 def test_double_seq_bn_inv_glow_config() -> None:
@@ -242,9 +244,20 @@ def test_double_seq_bn_inv_glow_config() -> None:
     data = config.to_dict()
     assert (data["inv_adapter"], data["inv_adapter_reduction_factor"], data["non_linearity"]) == ("glow", 4, "swish")
     assert (data["mh_adapter"], data["output_adapter"]) == (True, True)
-    assert DoubleSeqBnInvConfig.from_dict(data) == config
-    assert method_label(config) == "double_seq_bn_inv"
-    assert config.invertible_spec() == InvertibleSpec("glow", 4.0, "swish")
+    assert AdapterConfigBase.from_dict(data) == config
+    assert type(AdapterConfigBase.from_dict(data)) is DoubleSeqBnInvConfig
+    assert method_name(config) == "double_seq_bn_inv"
+    assert invertible_spec(config) == InvertibleSpec("glow", 4.0, "swish")
+    assert AdapterConfigBase.load("double_seq_bn_inv[inv_adapter=glow,inv_adapter_reduction_factor=4]") == config
+
+
+def test_any_bottleneck_may_carry_an_invertible_adapter() -> None:
+    """As in AdapterHub, inv_adapter sits on every bottleneck config; the plain layouts stay without one."""
+    par = AdapterConfigBase.load("par_bn[inv_adapter=glow,inv_adapter_reduction_factor=2]")
+    assert method_name(par) == "par_bn" and invertible_spec(par) == InvertibleSpec("glow", 2.0, "relu")
+    assert SeqBnConfig(inv_adapter="nice", inv_adapter_reduction_factor=2) == SeqBnInvConfig()
+    assert invertible_spec(SeqBnConfig()) is None and method_name(SeqBnConfig()) == "seq_bn"
+    assert type(BnConfig.from_dict(SeqBnConfig().to_dict())) is SeqBnConfig
 
 
 @pytest.mark.parametrize(
@@ -252,6 +265,7 @@ def test_double_seq_bn_inv_glow_config() -> None:
     [
         (lambda: SeqBnInvConfig(inv_adapter="realnvp"), "inv_adapter"),
         (lambda: SeqBnInvConfig(inv_adapter_reduction_factor=0), "inv_adapter_reduction_factor"),
+        (lambda: SeqBnInvConfig(inv_adapter_reduction_factor=None), "inv_adapter_reduction_factor"),
         (lambda: DoubleSeqBnInvConfig(reduction_factor=-2), "reduction_factor"),
     ],
 )
@@ -260,26 +274,19 @@ def test_invalid_inv_configs(make: object, field: str) -> None:
         make()
 
 
-def test_legacy_nested_config() -> None:
-    old = {"non_linearity": "relu", "invertible_adapter": {"block_type": "glow", "reduction_factor": 2}}
-    assert upgrade_legacy_config(old) == {"non_linearity": "relu", "inv_adapter": "glow", "inv_adapter_reduction_factor": 2}
+def test_inv_adapter_without_reduction_factor_is_refused_when_added() -> None:
+    model = AutoAdapterModel.from_config(_tiny_bert())
+    keys = sorted(model.state_dict())
+    with pytest.raises(ValueError, match="inv_adapter_reduction_factor=None"):
+        model.add_adapter("x", SeqBnConfig(inv_adapter="nice"))
+    assert not model.has_adapter("x") and sorted(model.state_dict()) == keys
 
 
-def test_keys_split_and_translate() -> None:
-    state = load_file(str(CASE / "adapter_safetensors" / "adapter.safetensors"))
-    inv, rest = keys.split_state(state)
-    assert len(inv) == 8 and len(rest) == 24
-    assert all(".output.adapters.seq_bn_inv." in k for k in rest)
-    module_state = keys.to_module_state(inv, "seq_bn_inv")
-    assert tuple(sorted(module_state)) == tuple(sorted(keys.PARAM_NAMES["nice"]))
-    back = keys.from_module_state(module_state, "seq_bn_inv", "bert.")
-    assert back.keys() == inv.keys() and all(back[k] is inv[k] for k in inv)
-    assert keys.parse_hub_key("invertible_lang_adapters.de.G.2.bias") == ("", "de", "G.2.bias")
-    assert keys.parse_hub_key("model.encoder.invertible_adapters.de.s2.0.weight") == ("model.encoder.", "de", "s2.0.weight")
-    assert keys.parse_hub_key("bert.encoder.layer.0.output.adapters.invertible_adapters.adapter_up.weight") is None
+def _tiny_bert() -> BertConfig:
+    return BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
 
 
-# -- the AdapterHub reference on MiniLM (phase-1 scaffolding: pieces built by hand) -----------------------
+# -- the AdapterHub reference on MiniLM, through load_adapter ------------------------------------------------
 
 
 def _minilm_dir() -> Path:
@@ -290,41 +297,6 @@ def _minilm_dir() -> Path:
 @pytest.fixture(scope="module", params=("eager", "sdpa"))
 def minilm(request: pytest.FixtureRequest) -> torch.nn.Module:
     return AutoAdapterModel.from_pretrained(_minilm_dir(), attn_implementation=request.param).eval()
-
-
-def _read_state(folder: Path) -> dict[str, torch.Tensor]:
-    if (folder / "adapter.safetensors").is_file():
-        return load_file(str(folder / "adapter.safetensors"))
-    return torch.load(folder / "pytorch_adapter.bin", map_location="cpu", weights_only=True)
-
-
-def _load_by_hand(model: torch.nn.Module, folder: Path, name: str, tmp: Path) -> InvertibleAdapter:
-    """Phase-1 scaffolding: the bottleneck part through load_adapter, the coupling block from its keys."""
-    meta = json.loads((folder / "adapter_config.json").read_text())
-    config = SeqBnInvConfig.from_dict(meta["config"])
-    inv_state, rest = keys.split_state(_read_state(folder))
-    plain = dict(meta, config={**meta["config"], **dict.fromkeys(INV_FIELDS)})
-    (tmp / "adapter_config.json").write_text(json.dumps(plain))
-    save_file({k: v.contiguous() for k, v in rest.items()}, str(tmp / "adapter.safetensors"))
-    assert model.load_adapter(tmp, load_as=name) == name
-    block = build_invertible(config.invertible_spec(), int(model.config.hidden_size))
-    block.load_state_dict(keys.to_module_state(inv_state, meta["name"]), strict=True)
-    return block.eval()
-
-
-@contextmanager
-def _attach(model: torch.nn.Module, modules: dict[str, InvertibleAdapter]) -> Iterator[None]:
-    """Phase-1 scaffolding: route each row of the embedding output to its setup's first adapter."""
-    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        ctx = ForwardContext.current()
-        rows = first_adapters(ctx.setup if ctx is not None else None, output.shape[0])
-        return apply_invertible(output, rows, modules)
-
-    handle = model.adapter_base.embeddings.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def _run(model: torch.nn.Module, inputs: dict[str, torch.Tensor], setup: object) -> torch.Tensor:
@@ -339,48 +311,61 @@ def _check(got: torch.Tensor, want: torch.Tensor, mask: torch.Tensor, attn: str,
         assert diff[~mask].max() < PADDED_TOL, f"{what} ({attn}): padded positions differ by {diff[~mask].max():.2e}"
 
 
-@pytest.mark.parametrize("folder", FOLDERS)
-def test_minilm_seq_bn_inv_reference(minilm: torch.nn.Module, folder: str, tmp_path: Path) -> None:
-    attn = minilm.config._attn_implementation
+def _reference() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
     out = load_file(str(CASE / "outputs.safetensors"))
-    inputs = {k: out[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
-    mask = out["attention_mask"].bool()
-    name = f"inv_{folder}"
-    block = _load_by_hand(minilm, CASE / folder, name, tmp_path)
+    return out, {k: out[k] for k in ("input_ids", "attention_mask", "token_type_ids")}, out["attention_mask"].bool()
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_minilm_seq_bn_inv_reference(minilm: torch.nn.Module, folder: str) -> None:
+    attn = minilm.config._attn_implementation
+    out, inputs, mask = _reference()
+    name = minilm.load_adapter(CASE / folder, load_as=f"inv_{folder}", allow_pickle=True)  # trusted local .bin
     try:
-        with _attach(minilm, {name: block}):
-            _check(_run(minilm, inputs, name), out["last_hidden_state"], mask, attn, folder)
-            _check(_run(minilm, inputs, None), out["base_last_hidden_state"], mask, attn, f"{folder} (no adapter)")
+        assert type(minilm.adapters_config[name]) is SeqBnInvConfig
+        assert sorted(k for k in minilm.adapter_state_dict(name) if ".invertible_adapters." in k) == sorted(
+            f"bert.invertible_adapters.{name}.{net}.{i}.{part}" for net in "FG" for i in (0, 2) for part in ("weight", "bias")
+        )
+        _check(_run(minilm, inputs, name), out["last_hidden_state"], mask, attn, folder)
+        _check(_run(minilm, inputs, None), out["base_last_hidden_state"], mask, attn, f"{folder} (no adapter)")
         # the invertible part matters: the bottleneck alone is far from the reference
-        alone = _run(minilm, inputs, name)
+        blocks = minilm.adapter_base.invertible_adapters
+        block = blocks[name]
+        del blocks[name]
+        try:
+            alone = _run(minilm, inputs, name)
+        finally:
+            blocks[name] = block
         assert (alone - out["last_hidden_state"])[mask].abs().max() > 0.1
     finally:
         minilm.delete_adapter(name)
+    assert not len(minilm.adapter_base.invertible_adapters)
 
 
-def test_minilm_mixed_batch_rows_equal_alone(minilm: torch.nn.Module, tmp_path: Path) -> None:
-    """Rows with and without an invertible adapter in one forward: the seq_bn_inv rows equal the
+def test_minilm_mixed_batch_rows_equal_alone(minilm: torch.nn.Module) -> None:
+    """Rows with and without an invertible adapter in ONE forward: the seq_bn_inv rows equal the
     reference, the plain seq_bn rows equal that adapter run on them alone (both orders)."""
     attn = minilm.config._attn_implementation
-    out = load_file(str(CASE / "outputs.safetensors"))
-    inputs = {k: out[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
-    mask = out["attention_mask"].bool()
-    block = _load_by_hand(minilm, CASE / "adapter_safetensors", "inv", tmp_path)
+    out, inputs, mask = _reference()
+    minilm.load_adapter(CASE / "adapter_safetensors", load_as="inv")
     torch.manual_seed(7)
     minilm.add_adapter("plain", config="seq_bn")
+    calls = []
+    handle = minilm.base_model.register_forward_pre_hook(lambda module, args: calls.append(1))
     try:
         with torch.no_grad():
             for p in minilm.adapter_parameters("plain"):
                 p.add_(torch.randn_like(p) * 0.05)
-        with _attach(minilm, {"inv": block}):
-            mixed = _run(minilm, inputs, BatchSplit("inv", "plain", batch_sizes=[2, 2]))
-            _check(mixed[:2], out["last_hidden_state"][:2], mask[:2], attn, "inv rows")
-            tail = {k: v[2:] for k, v in inputs.items()}
-            _check(mixed[2:], _run(minilm, tail, "plain"), mask[2:], attn, "plain rows")
-            swapped = _run(minilm, inputs, BatchSplit("plain", "inv", batch_sizes=[2, 2]))
-            head = {k: v[:2] for k, v in inputs.items()}
-            _check(swapped[:2], _run(minilm, head, "plain"), mask[:2], attn, "plain rows (first)")
-            _check(swapped[2:], out["last_hidden_state"][2:], mask[2:], attn, "inv rows (second)")
+        mixed = _run(minilm, inputs, BatchSplit("inv", "plain", batch_sizes=[2, 2]))
+        swapped = _run(minilm, inputs, BatchSplit("plain", "inv", batch_sizes=[2, 2]))
+        assert len(calls) == 2, "each mixed batch is one forward of the backbone"
+        _check(mixed[:2], out["last_hidden_state"][:2], mask[:2], attn, "inv rows")
+        tail = {k: v[2:] for k, v in inputs.items()}
+        _check(mixed[2:], _run(minilm, tail, "plain"), mask[2:], attn, "plain rows")
+        head = {k: v[:2] for k, v in inputs.items()}
+        _check(swapped[:2], _run(minilm, head, "plain"), mask[:2], attn, "plain rows (first)")
+        _check(swapped[2:], out["last_hidden_state"][2:], mask[2:], attn, "inv rows (second)")
     finally:
+        handle.remove()
         minilm.delete_adapter("inv")
         minilm.delete_adapter("plain")

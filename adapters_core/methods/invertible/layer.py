@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..bottleneck import Activation
+from ..activations import Activation
 from .config import GLOW_ATAN_FACTOR, GLOW_CLAMP, InvertibleSpec
 
 
