@@ -41,6 +41,7 @@ from .methods.bottleneck.config import (
 from .methods.fusion.api import FusionInfo, saved_fusion_names
 from .methods.fusion.config import AdapterFusionConfig, DynamicAdapterFusionConfig, StaticAdapterFusionConfig
 from .methods.ia3.config import IA3Config
+from .methods.invertible.config import DoubleSeqBnInvConfig, SeqBnInvConfig
 from .methods.lora.config import LoRAConfig
 from .methods.mam import MAMConfig
 from .methods.phm.config import CompacterConfig, CompacterPlusPlusConfig
@@ -51,9 +52,9 @@ __all__ = [
     "AdapterCompositionBlock", "Average", "BatchSplit", "Fuse", "Parallel", "Split", "Stack",
     "composition_from_json", "composition_to_json", "parse_composition", "validate_composition",
     "AdapterConfig", "AdapterConfigBase", "AdapterFusionConfig", "BnConfig", "CompacterConfig",
-    "CompacterPlusPlusConfig", "ConfigUnion", "DoubleSeqBnConfig", "DynamicAdapterFusionConfig",
+    "CompacterPlusPlusConfig", "ConfigUnion", "DoubleSeqBnConfig", "DoubleSeqBnInvConfig", "DynamicAdapterFusionConfig",
     "HoulsbyConfig", "IA3Config", "LoRAConfig", "MAMConfig", "ParallelConfig", "ParBnConfig",
-    "PfeifferConfig", "PrefixTuningConfig", "SeqBnConfig", "StaticAdapterFusionConfig",
+    "PfeifferConfig", "PrefixTuningConfig", "SeqBnConfig", "SeqBnInvConfig", "StaticAdapterFusionConfig",
     "method_kinds", "method_name", "AdapterSetup", "AdapterModel", "AutoAdapterModel",
     "BertAdapterModel", "GPT2AdapterModel", "LlamaAdapterModel", "MistralAdapterModel", "Qwen2AdapterModel",
     "RobertaAdapterModel", "XLMRobertaAdapterModel", "MultiHeadOutput", "mean_pool",

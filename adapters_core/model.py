@@ -36,7 +36,7 @@ from .formats import (
     read_peft_dir,
     write_adapter_dir,
 )
-from .methods.base import Host, get_path
+from .methods.base import Host, OutputRows, get_path
 from .methods.registry import METHODS, key_slots, methods_for, room_apis
 from .models import ArchSpec, spec_for
 from .routing import ForwardContext, compile_setup, forward_context
@@ -422,6 +422,20 @@ class AdapterModelMixin(*room_apis()):
                 room.check_setup(host, setup, compiled.plan)
         return ForwardContext(setup, compiled.plan, head_setup, compiled.replicate)
 
+    def before_output_embeddings(self, hidden: torch.Tensor, start: int = 0, n_rows: int | None = None) -> torch.Tensor:
+        """`hidden` (rows [start, ...) of the current forward's `n_rows`, default its own rows) as the rooms
+        change it before an LM head's output embeddings; the setup is the running forward's, else this
+        thread's."""
+        ctx = ForwardContext.current()
+        setup = ctx.setup if ctx is not None else self.resolve_setup()[0]
+        if setup is None:
+            return hidden
+        rows = OutputRows(setup, int(hidden.shape[0]) if n_rows is None else n_rows, start)
+        host = self._host
+        for room in METHODS:
+            hidden = room.before_output_embeddings(host, hidden, rows)
+        return hidden
+
 
 def _enter_hook(model: AdapterModelMixin) -> Any:
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -468,13 +482,29 @@ def wire(model: AdapterModelMixin) -> None:
     base.register_forward_hook(_exit_hook(model), always_call=True)
 
 
+def _output_embeddings_hook(model: AdapterModelMixin) -> Any:
+    def hook(module: nn.Module, args: tuple) -> tuple | None:
+        if not args or not isinstance(args[0], torch.Tensor):
+            return None
+        return (model.before_output_embeddings(args[0]), *args[1:])
+    return hook
+
+
 def init(model: nn.Module) -> nn.Module:
-    """Add adapter support to a transformers model in place (idempotent) and return it."""
+    """Add adapter support to a transformers model in place (idempotent) and return it.
+
+    A model with output embeddings (an LM head such as GPT-2's `lm_head`) gets the rooms'
+    `before_output_embeddings` on that module's input.
+    """
     if isinstance(model, AdapterModelMixin):
         return model
     cls = model.__class__
     model.__class__ = type(cls.__name__, (AdapterModelMixin, cls), {"__module__": cls.__module__})
     wire(model)
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    if isinstance(output, nn.Module):
+        output.register_forward_pre_hook(_output_embeddings_hook(model))
     return model
 
 

@@ -59,6 +59,8 @@ class HeadOwner(Protocol):
 
     def has_adapter(self, name: str) -> bool: ...
 
+    def before_output_embeddings(self, hidden: torch.Tensor, start: int = 0, n_rows: int | None = None) -> torch.Tensor: ...
+
 
 @dataclass
 class HeadRun:
@@ -169,6 +171,7 @@ class HeadRun:
             pooled=pooled[start:stop] if pooled is not None else None,
             attention_mask=_take(mask, idx) if mask is not None else None,
             base=self.base_slice(start, stop),
+            before_output=lambda h: self.model.before_output_embeddings(h, start, self.n_rows),
         )
         targets = {key: self._target(key, value, idx) for key, value in self.targets.items()}
         return head(inp, **targets)

@@ -12,6 +12,7 @@ Heads never pool by themselves: the model hands them a `HeadInput` with the pool
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -89,13 +90,15 @@ class MultiHeadOutput(ModelOutput):
 
 @dataclass
 class HeadInput:
-    """What a head reads for its rows: token states, the pooled token, the mask and the base output."""
+    """What a head reads for its rows: token states, the pooled token, the mask and the base output;
+    `before_output` is what the method rooms do to an LM head's states before its output embeddings."""
 
     hidden: torch.Tensor
     cls: torch.Tensor | None
     pooled: torch.Tensor | None
     attention_mask: torch.Tensor | None
     base: ModelOutput
+    before_output: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 class _Activation(nn.Module):
@@ -388,7 +391,12 @@ class CausalLMHead(PredictionHead):
         return f"{len(self) - 1}.weight"
 
     def forward(self, inp: HeadInput, labels: torch.Tensor | None = None, **_: Any) -> ModelOutput:
-        logits = self.mlp(inp.hidden)
+        x = inp.hidden
+        for module in list(self)[:-1]:
+            x = module(x)
+        if inp.before_output is not None:
+            x = inp.before_output(x)
+        logits = self.output_embeddings(x)
         loss = None
         if labels is not None:
             scores, targets = logits, labels

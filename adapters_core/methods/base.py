@@ -70,6 +70,19 @@ class Host:
         return next(self.base.parameters())
 
 
+@dataclass(frozen=True)
+class OutputRows:
+    """Which rows of one forward pass a tensor before an LM head's output embeddings holds.
+
+    The tensor holds rows [start, start + its batch size) of the forward's `n_rows` rows (counted after
+    Parallel replicated the batch), which ran under `setup`.
+    """
+
+    setup: AdapterCompositionBlock
+    n_rows: int
+    start: int = 0
+
+
 class Method:
     """One method room's entry points; a room subclasses it and overrides what its method needs.
 
@@ -109,6 +122,11 @@ class Method:
     def translate_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """An AdapterHub file's tensors with the room's alias keys folded into the keys it builds."""
         return state
+
+    def before_output_embeddings(self, host: Host, hidden: torch.Tensor, rows: OutputRows) -> torch.Tensor:
+        """The hidden states an LM head feeds its output embeddings (vocabulary projection), as this room
+        changes them; unchanged by default."""
+        return hidden
 
     def from_peft(self, host: Host, peft: PeftFiles) -> AdapterFiles:
         """A PEFT folder of type `peft_type` as the AdapterHub layout this library loads."""

@@ -10,6 +10,7 @@ from .base import Method
 from .bottleneck.method import BottleneckMethod
 from .fusion.method import FusionMethod
 from .ia3.method import IA3Method
+from .invertible.method import InvertibleMethod
 from .lora.method import LoRAMethod
 from .mam import MAMConfig
 from .phm.method import PHMMethod
@@ -22,6 +23,7 @@ METHODS: tuple[Method, ...] = (
     LoRAMethod(),
     IA3Method(),
     FusionMethod(),
+    InvertibleMethod(),
 )
 
 #: Config presets that combine several rooms' configs (their names are registered on import).

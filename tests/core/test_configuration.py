@@ -20,6 +20,7 @@ from adapters_core import (
     CompacterPlusPlusConfig,
     ConfigUnion,
     DoubleSeqBnConfig,
+    DoubleSeqBnInvConfig,
     DynamicAdapterFusionConfig,
     HoulsbyConfig,
     IA3Config,
@@ -30,6 +31,7 @@ from adapters_core import (
     PfeifferConfig,
     PrefixTuningConfig,
     SeqBnConfig,
+    SeqBnInvConfig,
     method_kinds,
     method_name,
 )
@@ -130,6 +132,10 @@ NAME_CASES = [
     ("lora", LoRAConfig, "lora"),
     ("ia3", IA3Config, "ia3"),
     ("mam", MAMConfig, "mam"),
+    ("seq_bn_inv", SeqBnInvConfig, "seq_bn_inv"),
+    ("pfeiffer+inv", SeqBnInvConfig, "seq_bn_inv"),
+    ("double_seq_bn_inv", DoubleSeqBnInvConfig, "double_seq_bn_inv"),
+    ("houlsby+inv", DoubleSeqBnInvConfig, "double_seq_bn_inv"),
 ]
 
 
@@ -359,7 +365,7 @@ def test_bottleneck_union_at_disjoint_locations() -> None:
         (lambda: SeqBnConfig(scaling="learned"), "not supported by adapterserve"),
         (lambda: SeqBnConfig(scaling="channel"), "scaling='channel'"),
         (lambda: SeqBnConfig(use_gating=True), "use_gating=True"),
-        (lambda: SeqBnConfig(inv_adapter="nice"), "inv_adapter='nice'"),
+        (lambda: SeqBnConfig(inv_adapter="realnvp"), "inv_adapter='realnvp'"),
         (lambda: SeqBnConfig(leave_out=[-1]), "leave_out"),
         (lambda: SeqBnConfig(mh_adapter=False, output_adapter=False), "at least one of"),
         (lambda: SeqBnConfig(phm_c_init="zeros"), "phm_c_init='zeros'"),
@@ -537,11 +543,12 @@ def test_adapterhub_reference_files_round_trip_exactly(path: Path) -> None:
         "ia3",
         "prefix_tuning",
         "mam",
+        "seq_bn_inv",
     }
 
 
 def test_reference_files_present() -> None:
-    assert len(REFERENCE_FILES) == 24, f"expected 8 MiniLM + 16 decoder adapter configs under {SHARED}"
+    assert len(REFERENCE_FILES) == 25, f"expected 9 MiniLM + 16 decoder adapter configs under {SHARED}"
 
 
 def test_reference_files_match_their_config_strings() -> None:
@@ -554,6 +561,7 @@ def test_reference_files_match_their_config_strings() -> None:
         "ia3": "ia3",
         "prefix_tuning": "prefix_tuning[bottleneck_size=64,prefix_length=10]",
         "mam": "prefix_tuning[bottleneck_size=64,prefix_length=8]|par_bn[reduction_factor=8]",
+        "seq_bn_inv": "seq_bn_inv",
     }
     for folder, spec in readme_strings.items():
         path = SHARED / "reference" / folder / "adapter_safetensors/adapter_config.json"
@@ -569,8 +577,8 @@ def test_an_inv_adapter_kind_is_accepted_once_a_room_registers_it() -> None:
     bn_config.register_inv_adapters("test_kind")
     try:
         assert SeqBnConfig(inv_adapter="test_kind").inv_adapter == "test_kind"
-        with pytest.raises(ValueError, match="inv_adapter='nice'"):
-            SeqBnConfig(inv_adapter="nice")
+        with pytest.raises(ValueError, match="inv_adapter='realnvp'"):
+            SeqBnConfig(inv_adapter="realnvp")
     finally:
         bn_config._INV_ADAPTERS.discard("test_kind")
 

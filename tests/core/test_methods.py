@@ -28,11 +28,16 @@ METHODS = {
     "ia3": "ia3",
     "mam": "mam",
     "prefix+lora": "prefix_tuning[prefix_length=4]|lora",
+    "seq_bn_inv": "seq_bn_inv",
+    "double_seq_bn_inv_glow": "double_seq_bn_inv[inv_adapter=glow]",
 }
 # Methods whose fresh initialisation is the identity (zero up-projection / zero B / unit vectors).
 IDENTITY_AT_INIT = ("par_bn", "lora", "ia3")
 # (arch, method) -> the only adapter module allowed to see an all-zero gradient (see the training test).
-DEAD_RELU = {(arch, "seq_bn"): "layers.1.output_adapters.adapters.a." for arch in ("llama", "mistral", "qwen2")}
+DEAD_RELU = {
+    (arch, method): "layers.1.output_adapters.adapters.a."
+    for arch in ("llama", "mistral", "qwen2") for method in ("seq_bn", "seq_bn_inv")
+}
 
 method_param = pytest.mark.parametrize("method", list(METHODS))
 arch_param = pytest.mark.parametrize("arch", ARCHS)
@@ -208,7 +213,8 @@ def test_training_updates_only_adapter(arch: str, method: str) -> None:
     # Everything that received gradient moved (weight_decay=0, so nothing else may move), and
     # everything received gradient -- except where a ReLU bottleneck of width 2 (seq_bn: 32 / 16) has
     # both units dead for every token, which zeroes the gradient of that adapter's down projection and
-    # up weight (measured: the Llama-family seq_bn's layer-1 output adapter with these seeds).
+    # up weight (measured: the Llama-family seq_bn's layer-1 output adapter with these seeds, seq_bn_inv's too:
+    # the same bottleneck).
     moved = {k for k, p in named.items() if not torch.equal(p.detach(), adapter_before[k])}
     assert moved == got_grad
     no_grad = set(named) - got_grad

@@ -1,6 +1,6 @@
 """adapters_core reproduces AdapterHub's own outputs from AdapterHub's own files (DESIGN section 5).
 
-../shared/reference: 8 adapters saved by AdapterHub `adapters` 1.3.0 on all-MiniLM-L6-v2, each with
+../shared/reference: 9 adapters saved by AdapterHub `adapters` 1.3.0 on all-MiniLM-L6-v2, each with
 the inputs and the last_hidden_state they produced (with and without the adapter).
 ../shared/reference_decoders: the same on tiny GPT-2 and grouped-query Llama backbones saved beside
 the adapters. Contract: max abs diff < 1e-4 in float32.
@@ -34,7 +34,7 @@ from .conftest import REFERENCE, REFERENCE_DECODERS
 TOL = 1e-4
 PADDED_TOL = 5e-4  # see the module docstring: float32 conditioning of padded positions, not a wiring issue
 
-MINILM_CASES = ("compacter_pp", "double_seq_bn", "ia3", "lora", "mam", "par_bn", "prefix_tuning", "seq_bn")
+MINILM_CASES = ("compacter_pp", "double_seq_bn", "ia3", "lora", "mam", "par_bn", "prefix_tuning", "seq_bn", "seq_bn_inv")
 FOLDERS = ("adapter_safetensors", "adapter")
 DECODER_ARCHS = ("gpt2", "llama_gqa")
 DECODER_CASES = ("compacter_pp", "double_seq_bn", "ia3", "lora", "par_bn", "prefix_tuning", "prefix_tuning_mam", "seq_bn")
@@ -66,7 +66,7 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor, mask: torch.Tensor, att
 
 
 def test_reference_folders_are_complete() -> None:
-    """Guard against a silently shrinking parametrisation: the README promises 8 MiniLM cases."""
+    """Guard against a silently shrinking parametrisation: the README promises 9 MiniLM cases."""
     found = sorted(p.name for p in REFERENCE.iterdir() if (p / "outputs.safetensors").is_file())
     assert tuple(found) == MINILM_CASES
     for arch in DECODER_ARCHS:

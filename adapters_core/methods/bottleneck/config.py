@@ -29,7 +29,7 @@ __all__ = [
 #: The layer locations a bottleneck can sit at (BnConfig's boolean fields of the same names).
 LOCATIONS = ("mh_adapter", "output_adapter", "cross_adapter")
 
-#: The ``inv_adapter`` kinds a room builds; any other value is refused (none are built today).
+#: The ``inv_adapter`` kinds a room builds; any other value is refused.
 _INV_ADAPTERS: set[str] = set()
 
 
