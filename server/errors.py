@@ -57,6 +57,19 @@ class InputTooLong(DomainError):
     slug, status = "input-too-long", 422
 
 
+class InvalidInput(DomainError):
+    """An input text the tokenizer cannot take (e.g. a lone surrogate: not valid Unicode)."""
+
+    slug, status = "invalid-input", 422
+
+
+class OverLimit(DomainError):
+    """The request asks for more than a configured limit allows (cost, composition size, response size); the
+    detail names the limit, its value and the request's."""
+
+    slug, status = "over-limit", 413
+
+
 # -- queueing and running -----------------------------------------------------------------------------
 class QueueFull(DomainError):
     """The inference queue is at capacity; retry after `retry_after` seconds."""

@@ -17,6 +17,8 @@ CASES = [
     (errors.NoInputs("none"), 422, "no-inputs", None),
     (errors.TooManyInputs("many"), 413, "too-many-inputs", None),
     (errors.InputTooLong("long"), 422, "input-too-long", None),
+    (errors.InvalidInput("input 0 holds a lone surrogate"), 422, "invalid-input", None),
+    (errors.OverLimit("composition width 50 exceeds max_composition_width 8"), 413, "over-limit", None),
     (errors.QueueFull("the inference queue is full (2 requests); retry shortly", retry_after=1), 429, "queue-full", "1"),
     (errors.Draining("draining", retry_after=5), 503, "draining", "5"),
     (errors.Draining("the server stopped before this request ran"), 503, "draining", None),
