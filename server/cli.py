@@ -15,6 +15,7 @@ from typing import Any
 import uvicorn
 
 from server.http.auth import hash_key, parse_keys
+from server.http.read_deadlines import header_deadline_protocol
 from server.settings import Settings
 
 log = logging.getLogger("adapterserve")
@@ -29,8 +30,26 @@ _FLAGS: dict[str, str] = {
     "--max-inputs": "max_inputs", "--max-input-tokens": "max_input_tokens", "--tenant-max-adapters": "tenant_max_adapters",
     "--drain-timeout-s": "drain_timeout_s", "--log-level": "log_level", "--torch-threads": "torch_threads",
     "--switch-interval-ms": "switch_interval_ms", "--inference-worker": "inference_worker",
-    "--length-buckets": "length_buckets",
+    "--length-buckets": "length_buckets", "--max-composition-depth": "max_composition_depth",
+    "--max-composition-width": "max_composition_width", "--max-adapter-applications": "max_adapter_applications",
+    "--max-request-cost": "max_request_cost", "--max-response-values": "max_response_values",
+    "--max-json-depth": "max_json_depth", "--tokenize-threads": "tokenize_threads",
+    "--header-timeout-s": "header_timeout_s", "--body-timeout-s": "body_timeout_s",
+    "--min-body-rate-kib-s": "min_body_rate_kib_s",
 }
+KEEP_ALIVE_S = 75  # above the idle timeout of common proxies and load balancers (nginx upstream keepalive: 60 s)
+
+
+def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """How `serve` runs the app (the test servers too): httptools with the header deadline, keep-alive, and a
+    graceful shutdown that outlasts the drain."""
+    options: dict[str, Any] = {
+        "host": settings.host, "port": settings.port, "log_level": settings.log_level, "lifespan": "on",
+        "http": header_deadline_protocol(settings.header_timeout_s),
+        "timeout_graceful_shutdown": int(settings.drain_timeout_s) + 1, "timeout_keep_alive": KEEP_ALIVE_S,
+        "access_log": settings.log_level in ("debug", "trace"),
+    }
+    return uvicorn.Config(app, **(options | overrides))
 
 
 class DrainingServer(uvicorn.Server):
@@ -90,11 +109,7 @@ def serve(args: argparse.Namespace) -> int:
         sys.setswitchinterval(settings.switch_interval_ms / 1000.0)
 
     app = create_app(settings)
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on",
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 1, timeout_keep_alive=75, access_log=settings.log_level in ("debug", "trace"),
-    )
-    server = DrainingServer(config, app)
+    server = DrainingServer(uvicorn_config(app, settings), app)
     server.run()
     return 0 if server.started else 1
 

@@ -53,14 +53,22 @@ class TooManyInputs(DomainError):
     slug, status = "too-many-inputs", 413
 
 
+class InputTooLong(DomainError):
+    slug, status = "input-too-long", 422
+
+
 class InvalidInput(DomainError):
-    """A request field is outside what the model or this server supports."""
+    """An input the model cannot take (a lone surrogate, a token id outside the vocabulary) or a field value it
+    does not support."""
 
     slug, status = "invalid-input", 422
 
 
-class InputTooLong(DomainError):
-    slug, status = "input-too-long", 422
+class OverLimit(DomainError):
+    """The request asks for more than a configured limit allows (cost, composition size, response size); the
+    detail names the limit, its value and the request's."""
+
+    slug, status = "over-limit", 413
 
 
 # -- queueing and running -----------------------------------------------------------------------------

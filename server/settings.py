@@ -98,6 +98,45 @@ class Settings(BaseSettings):
         "2-19% more throughput in paired runs of bench/serve_cpu.py. 0 keeps Python's default"
     )
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+    # -- what one request may ask of the server (server/scheduling/cost.py; over a limit: 413 naming it) ----
+    max_composition_depth: int = Field(
+        8, ge=1, description="adapters one composition may apply one after another in a layer (a stack's length, "
+        "nested stacks added up)"
+    )
+    max_composition_width: int = Field(
+        8, ge=1, description="copies of each input a composition may make: a parallel block's branches (nested "
+        "parallels multiply)"
+    )
+    max_adapter_applications: int = Field(
+        32, ge=1, description="adapter applications per layer and input, counting repeats of one adapter and each "
+        "copy a parallel block makes"
+    )
+    max_request_cost: int = Field(
+        131_072, ge=1, description="token passes one request may cost: inputs x longest input's tokens x (copies + "
+        "adapter applications / 4). The largest plain request at the default limits (64 inputs of 512 tokens, one "
+        "adapter) costs 40960; through 3 parallel branches 122880"
+    )
+    max_response_values: int = Field(
+        262_144, ge=1, description="numbers one response may hold: inputs x copies x hidden size for embeddings, "
+        "inputs x labels for classification"
+    )
+    max_json_depth: int = Field(32, ge=2, le=256, description="nesting of arrays and objects a JSON request body may have")
+    tokenize_threads: int = Field(
+        2, ge=1, description="threads that tokenize request texts, off the event loop (the Rust tokenizer releases "
+        "the GIL)"
+    )
+    # -- how long a client may take to send a request (server/http/read_deadlines.py) ----------------------
+    header_timeout_s: float = Field(
+        10, gt=0, description="time from a connection's first byte (or a new request's) until the request line and "
+        "headers are complete; then the connection is closed"
+    )
+    body_timeout_s: float = Field(
+        30, gt=0, description="grace time for a request body; after it the body must average min_body_rate_kib_s, "
+        "or the request is answered 408 and the connection closed"
+    )
+    min_body_rate_kib_s: float = Field(
+        16, gt=0, description="KiB per second a request body must average once body_timeout_s has passed"
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -108,6 +108,22 @@ class Backbone:
     def tokenize_truncated(self, text: str, max_tokens: int) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_tokens)["input_ids"])
 
+    def tokenize_capped(self, texts: list[str], max_tokens: int) -> list[tuple[list[int], int]]:
+        """Per text: its token ids with special tokens, cut to `max_tokens` as the tokenizer's own truncation cuts
+        them, and its untruncated length, from one pass of the tokenizer. The Rust tokenizer is never reconfigured
+        here (the HF wrapper sets truncation on its backend per call), so threads may share it."""
+        if self._fast is None:
+            return [(ids if len(ids) <= max_tokens else self.tokenize_truncated(text, max_tokens), len(ids))
+                    for text, ids in zip(texts, self.tokenize(texts), strict=True)]
+        specials = self._fast.num_special_tokens_to_add(False)
+        out = []
+        for enc in self._fast.encode_batch(texts, add_special_tokens=False):
+            length = len(enc) + specials
+            if length > max_tokens:
+                enc.truncate(max(max_tokens - specials, 0))
+            out.append((list(self._fast.post_process(enc).ids), length))
+        return out
+
     # -- adapters ------------------------------------------------------------------------------
     def inspect(self, folder: Path) -> Upload:
         """Validate an adapter folder against this backbone (ValueError if wrong). The library probes a

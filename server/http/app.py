@@ -16,6 +16,7 @@ from server.execution.worker import AnyEngine, WorkerEngine
 from server.http.auth import KeyRing
 from server.http.middleware import ServeMiddleware
 from server.http.problems import install_problem_handlers, rewrite_openapi_errors
+from server.http.read_deadlines import BodyDeadline
 from server.http.routes import adapters, health, inference, openai
 from server.metrics import Metrics
 from server.scheduling.runtime import Runtime, build_runtime
@@ -51,6 +52,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
         finally:
             app.state.runtime = None
             await runtime.batcher.stop()
+            runtime.close()
             await asyncio.to_thread(engine.close)
 
     app = FastAPI(
@@ -68,7 +70,8 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
         app.include_router(module.router)
     # JSON bodies: room for MAX_INPUTS texts of MAX_INPUT_TOKENS tokens at a generous 32 bytes per token
     max_json = settings.max_inputs * settings.max_input_tokens * 32 + 64 * 1024
-    app.add_middleware(
+    app.add_middleware(BodyDeadline, grace_s=settings.body_timeout_s, min_rate=settings.min_body_rate_kib_s * 1024)
+    app.add_middleware(  # outside BodyDeadline: its 408 is counted
         ServeMiddleware, metrics=app.state.metrics, state=app.state, max_upload_bytes=settings.max_upload_bytes,
         max_json_bytes=max_json,
     )

@@ -5,6 +5,8 @@ the one-thread executor, so the loop never blocks on a forward pass. While a bat
 batch (max size or max tokens reached: waiting cannot improve it) is handed to the executor at once,
 so the model starts it the moment the running one ends instead of after the event loop has answered
 the finished batch's callers. A partial batch still waits for the running one, as more rows may come.
+Every job has a timer at its deadline: a job that has not begun running by then is taken out of the queue (or
+skipped by the batch it was taken into) and answered DeadlineExceeded at once, not when it would leave the queue.
 """
 
 from __future__ import annotations
@@ -136,7 +138,8 @@ class Batcher:
     @property
     def depth(self) -> int:
         """Jobs waiting: queued, or in a batch handed to the executor that has not begun."""
-        return len(self._pending) + sum(len(f.jobs) for f in self._staged if not f.started)
+        staged = sum(1 for f in self._staged if not f.started for j in f.jobs if j.future is None or not j.future.done())
+        return len(self._pending) + staged
 
     # -- submit ----------------------------------------------------------------------------------
     def submit(self, job: Job) -> asyncio.Future[Any]:
@@ -145,7 +148,10 @@ class Batcher:
             raise Draining("the server is draining and accepts no new requests", retry_after=DRAINING_RETRY_S)
         if self.depth >= self.queue_size:
             raise QueueFull(f"the inference queue is full ({self.queue_size} requests); retry shortly", retry_after=QUEUE_FULL_RETRY_S)
-        job.future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        job.future = loop.create_future()
+        timer = loop.call_later(max(0.0, job.deadline - time.monotonic()), self._expire, job)
+        job.future.add_done_callback(lambda _: timer.cancel())
         self._pending.append(job)
         self._rows += len(job.rows)
         self._tokens += job.ntokens
@@ -156,6 +162,21 @@ class Batcher:
 
     def _publish(self) -> None:
         self.metrics.queue_depth.set(self.depth)
+
+    def _expire(self, job: Job) -> None:
+        """At a job's deadline: unless its batch has begun running, drop it from the queue and answer it."""
+        assert job.future is not None
+        if job.future.done() or any(f.started and job in f.jobs for f in self._staged):
+            return
+        if job in self._pending:
+            self._pending.remove(job)
+            self._rows -= len(job.rows)
+            self._tokens -= job.ntokens
+            if not self._pending and self._running == 0:
+                self._idle.set()
+        self.metrics.queue_seconds.observe(time.monotonic() - job.enqueued)
+        job.future.set_exception(_late(job, time.monotonic()))
+        self._publish()
 
     # -- the loop --------------------------------------------------------------------------------
     async def _loop(self) -> None:
@@ -190,7 +211,7 @@ class Batcher:
         end = time.monotonic() + self.max_wait_s
         while not self._full():
             remaining = end - time.monotonic()
-            if remaining <= 0 or self._pending[0].solo:
+            if remaining <= 0 or not self._pending or self._pending[0].solo:  # a job may expire meanwhile
                 break
             self._wakeup.clear()
             try:
@@ -244,7 +265,7 @@ class Batcher:
                 continue
             self.metrics.queue_seconds.observe(now - job.enqueued)
             if now > job.deadline:
-                job.future.set_exception(DeadlineExceeded(f"the request waited {now - job.enqueued:.1f}s and passed its deadline"))
+                job.future.set_exception(_late(job, now))
                 continue
             live.append(job)
         groups: dict[Hashable, list[Job]] = {}
@@ -288,7 +309,7 @@ class Batcher:
         live = []
         for i, job in enumerate(flight.jobs):
             if now > job.deadline:
-                results[i] = DeadlineExceeded(f"the request waited {now - job.enqueued:.1f}s and passed its deadline")
+                results[i] = _late(job, now)
             else:
                 live.append(i)
         if not live:
@@ -298,3 +319,7 @@ class Batcher:
         for i, result in zip(live, out, strict=True):
             results[i] = result
         return results, time.perf_counter() - start
+
+
+def _late(job: Job, now: float) -> DeadlineExceeded:
+    return DeadlineExceeded(f"the request waited {now - job.enqueued:.1f}s in the queue without starting and passed its deadline")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from adapters_core.composition import (
@@ -16,6 +16,7 @@ from adapters_core.composition import (
 )
 from server.errors import InvalidComposition, InvalidHead, StaleFusion, UnknownAdapter
 from server.registry.store import VersionMeta
+from server.scheduling.cost import SINGLE, Limits, Shape, check_shape, shape_of
 
 MAX_ADAPTERS_PER_REQUEST = 16
 
@@ -38,6 +39,7 @@ class Resolved:
     metas: tuple[VersionMeta, ...]  # every adapter it uses, each once
     head: VersionMeta | None  # whose classification head produces the result, if any
     solo: bool  # cannot share a forward pass with other requests (Parallel replicates the batch)
+    shape: Shape = field(default=SINGLE)  # depth, width and adapter applications (server.scheduling.cost)
 
     @property
     def key(self) -> str:
@@ -120,13 +122,22 @@ def _contains_parallel(block: Child) -> bool:
     return isinstance(block, Parallel) or any(_contains_parallel(c) for c in block.children)
 
 
-def resolve(spec: Any, lookup: Lookup, head: str | None, task: str, fusions: FusionLookup | None = None) -> Resolved:
-    """Parse and validate the JSON composition (UnknownAdapter, InvalidComposition or InvalidHead when it is wrong).
-    A fuse block uses the uploaded AdapterFusion over its adapters, with the adapter versions it was made for."""
+def resolve(spec: Any, lookup: Lookup, head: str | None, task: str, fusions: FusionLookup | None = None,
+            limits: Limits | None = None) -> Resolved:
+    """Parse and validate the JSON composition (UnknownAdapter, InvalidComposition or InvalidHead when it is wrong;
+    OverLimit when its shape exceeds `limits`, checked before any adapter is looked up). A fuse block uses the
+    uploaded AdapterFusion over its adapters, with the adapter versions it was made for."""
     try:
         user_block = composition_from_json(spec)
     except ValueError as exc:
         raise InvalidComposition(str(exc)) from None
+    except OverflowError as exc:  # an average's weights beyond a float (1e308 twice, a 4000-digit integer)
+        raise InvalidComposition(
+            f"average weights must be finite numbers >= 0 with a positive sum that fits a float (below 1.8e308): {exc}"
+        ) from None
+    shape = shape_of(user_block)
+    if limits is not None:
+        check_shape(shape, limits)
     names = list(user_block.flatten())
     if len(names) > MAX_ADAPTERS_PER_REQUEST:
         raise InvalidComposition(f"a composition may use at most {MAX_ADAPTERS_PER_REQUEST} adapters")
@@ -162,7 +173,7 @@ def resolve(spec: Any, lookup: Lookup, head: str | None, task: str, fusions: Fus
     used += list({f.internal: f for f, _ in fused.values()}.values())
     if head_meta is not None and head_meta.internal not in {m.internal for m in used}:
         used.append(head_meta)
-    return Resolved(block, tuple(used), head_meta, _contains_parallel(block))
+    return Resolved(block, tuple(used), head_meta, _contains_parallel(block), shape)
 
 
 def _pick_head(

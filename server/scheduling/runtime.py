@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,11 +16,13 @@ from server.execution.worker import AnyEngine, WorkerEngine
 from server.metrics import Metrics
 from server.registry.store import AdapterStore
 from server.scheduling.batcher import Batcher, Job
+from server.scheduling.cost import Limits, check_request
 from server.scheduling.resolve import FusionLookup, Resolved, resolve
 from server.scheduling.runner import Task, Work, group_key, make_runner
 from server.settings import Settings
 
 log = logging.getLogger("adapterserve")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # str holds them (JSON's "\ud800" escape); UTF-8 cannot
 
 
 @dataclass
@@ -41,7 +45,12 @@ class Runtime:
     engine: AnyEngine
     residency: Residency
     batcher: Batcher
+    tokenizers: ThreadPoolExecutor  # tokenization runs here, never on the event loop
     started: float = field(default_factory=time.time)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits.of(self.settings)
 
     @property
     def max_input_tokens(self) -> int:
@@ -54,21 +63,30 @@ class Runtime:
         if len(texts) > self.settings.max_inputs:
             raise TooManyInputs(f"{len(texts)} inputs in one request; the limit is {self.settings.max_inputs}")
 
-    def tokenize(self, texts: list[str], truncate: bool) -> Tokenized:
-        """Token ids per input; over-long inputs are an error unless the caller asked to truncate."""
+    async def tokenize(self, texts: list[str], truncate: bool) -> Tokenized:
+        """Token ids per input, computed on the tokenizer threads (a long text takes the tokenizer a while; the
+        event loop keeps answering meanwhile). Over-long inputs are an error unless the caller asked to truncate."""
         self.check_inputs(texts)
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizers, self._tokenize, texts, truncate)
+
+    def _tokenize(self, texts: list[str], truncate: bool) -> Tokenized:
+        for i, text in enumerate(texts):
+            if (bad := _SURROGATE.search(text)) is not None:
+                raise InvalidInput(
+                    f"input {i} holds a lone surrogate (U+{ord(bad.group()):04X}) at character {bad.start()}; "
+                    "inputs must be valid Unicode text"
+                )
         limit = self.max_input_tokens
-        rows = self.engine.tokenize(texts)
-        truncated = [False] * len(rows)
-        for i, ids in enumerate(rows):
-            if len(ids) > limit:
-                if not truncate:
-                    raise InputTooLong(
-                        f"input {i} has {len(ids)} tokens; the limit is {limit}. Shorten it, or send \"truncate\": true "
-                        "to keep the first tokens (results then say truncated: true)"
-                    )
-                rows[i] = self.engine.tokenize_truncated(texts[i], limit)
-                truncated[i] = True
+        rows: list[list[int]] = []
+        truncated: list[bool] = []
+        for i, (ids, length) in enumerate(self.engine.tokenize_capped(texts, limit)):
+            if length > limit and not truncate:
+                raise InputTooLong(
+                    f"input {i} has {length} tokens; the limit is {limit}. Shorten it, or send \"truncate\": true "
+                    "to keep the first tokens (results then say truncated: true)"
+                )
+            rows.append(ids)
+            truncated.append(length > limit)
         return Tokenized(rows, truncated)
 
     def token_ids(self, rows: list[list[int]]) -> Tokenized:
@@ -87,13 +105,25 @@ class Runtime:
 
     # -- inference -------------------------------------------------------------------------------
     async def resolve(self, tenant: str, spec: Any, head: str | None, task: str) -> Resolved:
-        """The composition as `tenant` means it, pinned to stored versions. The store reads (a stat and maybe a
-        meta.json per adapter, slow on an RWX/NFS volume) run on a worker thread, never on the event loop."""
+        """The composition as `tenant` means it, pinned to stored versions; a composition over the shape limits is
+        refused before any lookup. The store reads (a stat and maybe a meta.json per adapter, slow on an RWX/NFS
+        volume) run on a worker thread, never on the event loop."""
         fusions = FusionLookup(lambda names: self.store.find_fusion(tenant, names), self.store.meta)
-        return await asyncio.to_thread(resolve, spec, lambda n: self.store.find(tenant, n), head, task, fusions)
+        return await asyncio.to_thread(
+            resolve, spec, lambda n: self.store.find(tenant, n), head, task, fusions, self.limits,
+        )
+
+    def check_cost(self, tokens: Tokenized, resolved: Resolved, task: Task) -> None:
+        """OverLimit when the request would cost more than max_request_cost or answer more than max_response_values
+        numbers (embeddings: copies x hidden size per input; classification: the head's labels)."""
+        head = resolved.head.head if resolved.head is not None and task == "classification" else None
+        per_input = int(head.get("num_labels", 0)) if head else resolved.shape.width * self.engine.hidden_size
+        check_request(tokens.rows, resolved.shape, per_input, self.limits)
 
     async def infer(self, tokens: Tokenized, resolved: Resolved, task: Task) -> Any:
-        """Queue the rows and wait for the batch that runs them; the batcher's domain errors pass through."""
+        """Check the request's cost, queue its rows and wait for the batch that runs them; the batcher's domain
+        errors pass through."""
+        self.check_cost(tokens, resolved, task)
         work = Work(resolved, task)
         job = Job(
             rows=tokens.rows, group=group_key(work), payload=work,
@@ -107,10 +137,14 @@ class Runtime:
                 return await future  # cancelling the caller cancels the job (skipped unless running)
             except DeadlineExceeded as exc:
                 raise DeadlineExceeded(
-                    f"{exc.detail} ({self.settings.request_timeout_s:g}s); the server is overloaded, retry later"
+                    f"{exc.detail} (request_timeout_s {self.settings.request_timeout_s:g}s); the server is overloaded, "
+                    "retry later"
                 ) from None
         finally:
             self.residency.release(resolved.metas)
+
+    def close(self) -> None:
+        self.tokenizers.shutdown(wait=False, cancel_futures=True)
 
 
 def build_runtime(settings: Settings, metrics: Metrics, engine: AnyEngine) -> Runtime:
@@ -125,4 +159,5 @@ def build_runtime(settings: Settings, metrics: Metrics, engine: AnyEngine) -> Ru
     if isinstance(engine, WorkerEngine):
         engine.on_restart = metrics.worker_restarts.inc
         engine.on_lost = residency.drop
-    return Runtime(settings, store, metrics, engine, residency, batcher)
+    tokenizers = ThreadPoolExecutor(settings.tokenize_threads, thread_name_prefix="tokenize")
+    return Runtime(settings, store, metrics, engine, residency, batcher, tokenizers)

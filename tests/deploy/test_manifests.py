@@ -267,3 +267,15 @@ def test_service_monitor_ingress_hpa_pdb_point_at_the_pods(build, overlay):
 
     pdb = one(resources, "PodDisruptionBudget")
     assert all(pod_labels.get(k) == v for k, v in pdb["spec"]["selector"]["matchLabels"].items())
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ingress_buffers_slow_clients_and_outwaits_the_server(build, overlay):
+    """nginx takes a slow client's whole body before a pod sees it, and waits longer for a pod than the server's
+    request timeout, so the server's own 504 answers first (docs/operations.md "Slow clients")."""
+    resources = docs(build(overlay))
+    notes = one(resources, "Ingress")["metadata"]["annotations"]
+    env = env_of(resources)
+    assert notes["nginx.ingress.kubernetes.io/proxy-request-buffering"] == "on"
+    assert int(notes["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > float(env["ADAPTERSERVE_REQUEST_TIMEOUT_S"])
+    assert notes["nginx.ingress.kubernetes.io/proxy-body-size"] == f"{int(float(env['ADAPTERSERVE_MAX_UPLOAD_MB']))}m"

@@ -21,6 +21,7 @@ import uvicorn
 from fastapi import FastAPI
 from transformers import BertConfig, BertModel, BertTokenizerFast
 
+from server.cli import uvicorn_config
 from server.http.app import EngineFactory, create_app, default_engine
 from server.http.auth import hash_key
 from server.settings import Settings
@@ -172,12 +173,12 @@ def free_port() -> int:
 
 @contextmanager
 def serve(settings: Settings, engine_factory: EngineFactory = default_engine) -> Iterator[Running]:
-    """A real uvicorn server on 127.0.0.1 (random free port) in a background thread."""
+    """A real uvicorn server on 127.0.0.1 (random free port) in a background thread, configured as `serve` runs it."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     app = create_app(settings, engine_factory)
-    config = uvicorn.Config(app, log_level="warning", lifespan="on")
+    config = uvicorn_config(app, settings, log_level="warning")
     server = uvicorn.Server(config)
     server.capture_signals = _no_signals  # type: ignore[method-assign]
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends
 from server.execution.engine import Classified
 from server.http.auth import Principal, authenticate, owner_label
 from server.http.deps import runtime_of
+from server.http.jsonbody import JSONBodyRoute
 from server.http.jsonfmt import FastJSONResponse
 from server.http.problems import problem_responses
 from server.http.schemas import InferRequest, InferResponse
@@ -17,8 +18,8 @@ from server.scheduling.resolve import Resolved
 from server.scheduling.runner import Task
 from server.scheduling.runtime import Runtime, Tokenized
 
-router = APIRouter(tags=["inference"])
-INFER_ERRORS = problem_responses(400, 401, 404, 413, 422, 429, 503, 504)
+router = APIRouter(tags=["inference"], route_class=JSONBodyRoute)
+INFER_ERRORS = problem_responses(400, 401, 404, 408, 413, 415, 422, 429, 503, 504)
 
 
 def task_of(resolved: Resolved) -> Task:
@@ -46,7 +47,7 @@ def results_json(output: Any, tokens: Tokenized) -> list[dict[str, Any]]:
 async def infer(body: InferRequest, principal: Annotated[Principal, Depends(authenticate)], rt: Annotated[Runtime, Depends(runtime_of)]) -> FastJSONResponse:
     rt.check_inputs(body.inputs)
     resolved = await rt.resolve(principal.tenant, body.adapters, body.head, body.task)
-    tokens = rt.tokenize(body.inputs, body.truncate)
+    tokens = await rt.tokenize(body.inputs, body.truncate)
     task = task_of(resolved)
     output = await rt.infer(tokens, resolved, task)
     return FastJSONResponse({

@@ -13,19 +13,20 @@ from starlette.concurrency import run_in_threadpool
 from server.errors import InvalidComposition, InvalidInput
 from server.http.auth import Principal, authenticate
 from server.http.deps import runtime_of
+from server.http.jsonbody import JSONBodyRoute
 from server.http.jsonfmt import FastJSONResponse
 from server.http.problems import problem_responses
 from server.http.schemas import EmbeddingsRequest, EmbeddingsResponse, ModelCard, ModelList
 from server.registry.store import SHARED_TENANT
 from server.scheduling.runtime import Runtime
 
-router = APIRouter(tags=["openai"])
+router = APIRouter(tags=["openai"], route_class=JSONBodyRoute)
 Auth = Annotated[Principal, Depends(authenticate)]
 Rt = Annotated[Runtime, Depends(runtime_of)]
 
 
 @router.post(
-    "/v1/embeddings", response_model=EmbeddingsResponse, responses=problem_responses(400, 401, 404, 413, 422, 429, 503, 504),
+    "/v1/embeddings", response_model=EmbeddingsResponse, responses=problem_responses(400, 401, 404, 408, 413, 415, 422, 429, 503, 504),
     summary="OpenAI-compatible embeddings; `model` names an adapter",
 )
 async def embeddings(body: EmbeddingsRequest, principal: Auth, rt: Rt) -> FastJSONResponse:
@@ -37,7 +38,7 @@ async def embeddings(body: EmbeddingsRequest, principal: Auth, rt: Rt) -> FastJS
     resolved = await rt.resolve(principal.tenant, body.model, None, "embedding")
     if resolved.solo:
         raise InvalidComposition("embeddings need a single adapter or a non-parallel composition")
-    tokens = rt.token_ids(inputs) if inputs and not isinstance(inputs[0], str) else rt.tokenize(inputs, truncate=False)
+    tokens = rt.token_ids(inputs) if inputs and not isinstance(inputs[0], str) else await rt.tokenize(inputs, truncate=False)
     output = await rt.infer(tokens, resolved, "embedding")
     encode = _base64 if body.encoding_format == "base64" else (lambda row: row)
     data = [{"object": "embedding", "index": i, "embedding": encode(row)} for i, row in enumerate(output)]
