@@ -1,0 +1,151 @@
+"""Hostile uploads (issue 12): each gets a quick 4xx problem+json naming what is wrong, and the store stays as it was.
+
+Every request here has a client timeout: a check that regresses into minutes of work fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.server.conftest import Running, serve, settings_for, store_snapshot, upload_files
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT = 30.0
+ZEROS = bytes(16 << 20)
+
+
+@pytest.fixture(scope="module")
+def srv(tiny_model_dir: Path, keys_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    store = tmp_path_factory.mktemp("store-hostile")
+    settings = settings_for(tiny_model_dir, store, api_keys_file=keys_file, max_upload_mb=4, max_inputs=8)
+    with serve(settings) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def good(srv: Running, adapter_factory: Callable[[str, int], Path]) -> Path:
+    folder = adapter_factory("seq_bn", 7)
+    with srv.client("acme-key") as c:
+        assert upload_files(c, "good", folder).status_code == 201
+    return folder
+
+
+def _assert_problem(r: httpx.Response, status: int, *needles: str) -> None:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    detail = r.json()["detail"]
+    for needle in needles:
+        assert needle.lower() in detail.lower(), detail
+
+
+def _files(folder: Path) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in sorted(folder.iterdir())]
+
+
+def _archive(name: str, data: bytes) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("archive", (name, data, "application/octet-stream"))]
+
+
+def _refused(srv: Running, files: list[Any], status: int, *needles: str, name: str = "hostile") -> None:
+    """The upload is answered `status` with a detail holding every needle, and the store is unchanged."""
+    before = store_snapshot(srv.settings.store_dir)
+    with srv.client("acme-key", timeout=TIMEOUT) as c:
+        _assert_problem(c.post("/v1/adapters", data={"name": name}, files=files), status, *needles)
+    assert store_snapshot(srv.settings.store_dir) == before
+
+
+# -- head configs ----------------------------------------------------------------------------------
+def _with_head(folder: Path, out: Path, config: dict[str, Any], n_out: int = 2, layers: int = 2) -> Path:
+    """`folder` plus an AdapterHub classification head whose head_config.json "config" is `config`."""
+    shutil.copytree(folder, out)
+    name = json.loads((folder / "adapter_config.json").read_text())["name"]
+    (out / "head_config.json").write_text(json.dumps({"config": config, "hidden_size": 32, "model_class": "BertAdapterModel", "name": name}))
+    gen = torch.Generator().manual_seed(3)
+    state = {}
+    for i in range(layers):
+        rows = n_out if i == layers - 1 else 32
+        state[f"heads.{name}.{3 * i + 1}.weight"] = torch.randn(rows, 32, generator=gen)
+        state[f"heads.{name}.{3 * i + 1}.bias"] = torch.randn(rows, generator=gen)
+    save_file(state, str(out / "model_head.safetensors"))
+    return out
+
+
+HEAD = {"head_type": "classification", "num_labels": 2, "layers": 2, "activation_function": "tanh",
+        "label2id": {"neg": 0, "pos": 1}, "use_pooler": False, "bias": True, "dropout_prob": None}
+HEAD_CASES: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
+    "num_labels_1e8": ({**HEAD, "num_labels": 100_000_000, "label2id": None}, ("num_labels",)),
+    "num_labels_negative": ({**HEAD, "num_labels": -5, "label2id": None}, ("num_labels",)),
+    "num_labels_vs_weights": ({**HEAD, "num_labels": 3, "label2id": None}, ("num_labels", "3", "2")),
+    "layers_1e5": ({**HEAD, "layers": 100_000}, ("layers",)),
+    "layers_vs_weights": ({**HEAD, "layers": 3}, ("layers", "3", "2")),
+    "label2id_list": ({**HEAD, "label2id": [1, 2]}, ("label2id", "object", "label -> id")),
+    "label2id_vs_num_labels": ({**HEAD, "label2id": {"a": 0, "b": 1, "c": 2}}, ("labels", "num_labels")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HEAD_CASES))
+def test_head_config_sizes_are_checked_before_the_head_is_built(srv: Running, good: Path, tmp_path: Path, case: str) -> None:
+    config, needles = HEAD_CASES[case]
+    _refused(srv, _files(_with_head(good, tmp_path / "head", config)), 422, "head_config.json", *needles)
+
+
+def test_a_sane_head_still_uploads(srv: Running, good: Path, tmp_path: Path) -> None:
+    with srv.client("acme-key", timeout=TIMEOUT) as c:
+        r = upload_files(c, "headed", _with_head(good, tmp_path / "head", HEAD))
+        assert r.status_code == 201, r.text
+        assert r.json()["head"]["id2label"] == {"0": "neg", "1": "pos"}
+
+
+# -- JSON, weights and config numbers --------------------------------------------------------------
+def _safetensors_with_header(header: bytes) -> bytes:
+    return len(header).to_bytes(8, "little") + header
+
+
+DEEP = {
+    "header [": ("adapter.safetensors", b"[" * 100_000, "deep"),
+    "config [": ("adapter_config.json", b"[" * 100_000, "deep"),
+    "config objects": ("adapter_config.json", b'{"a":' * 5000 + b"1" + b"}" * 5000, "deep"),
+    "config escaped quotes": ("adapter_config.json", b'"' + b'\\"' * 500_000, "not json"),  # a quadratic scan would hang
+}
+
+
+@pytest.mark.parametrize("case", sorted(DEEP))
+def test_deeply_nested_json(srv: Running, good: Path, case: str) -> None:
+    """Python's json recursed into a RecursionError (500) on the deep ones."""
+    where, raw, needle = DEEP[case]
+    files = {"adapter_config.json": (good / "adapter_config.json").read_bytes(), "adapter.safetensors": (good / "adapter.safetensors").read_bytes()}
+    files[where] = _safetensors_with_header(raw) if where == "adapter.safetensors" else raw
+    _refused(srv, [("files", (n, data, "application/octet-stream")) for n, data in files.items()], 422, where, needle)
+
+
+@pytest.mark.parametrize("value,needles", [(float("nan"), ("finite",)), (float("inf"), ("finite",)), (1e30, ("magnitude", "1e+30"))])
+def test_weights_must_be_finite_and_sane(srv: Running, good: Path, tmp_path: Path, value: float, needles: tuple[str, ...]) -> None:
+    """Such weights were stored (201) and every later inference for the adapter answered 500."""
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    tensors = load_file(str(bad / "adapter.safetensors"))
+    key = sorted(tensors)[-1]
+    tensors[key] = torch.full_like(tensors[key], value)
+    save_file(tensors, str(bad / "adapter.safetensors"))
+    _refused(srv, _files(bad), 422, "adapter.safetensors", key, *needles)
+
+
+@pytest.mark.parametrize("literal,needles", [("NaN", ("config.scaling", "finite")), ("1e999", ("config.scaling", "finite")),
+                                             ("1e30", ("config.scaling", "within"))])
+def test_config_numbers_must_be_finite_and_sane(srv: Running, good: Path, tmp_path: Path, literal: str, needles: tuple[str, ...]) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(good, bad)
+    text = json.loads((bad / "adapter_config.json").read_text())
+    text["config"]["scaling"] = "@@"
+    (bad / "adapter_config.json").write_text(json.dumps(text).replace('"@@"', literal))
+    _refused(srv, _files(bad), 422, "adapter_config.json", *needles)
