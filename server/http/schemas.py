@@ -73,7 +73,7 @@ UPLOAD_SCHEMA: dict[str, Any] = {
                             "head_config.json, model_head.safetensors; or, for an AdapterFusion over adapters "
                             "already uploaded, adapter_fusion_config.json and model_adapter_fusion.safetensors)",
                         },
-                        "archive": {"type": "string", "format": "binary", "description": ".tar, .tar.gz or .zip of one adapter folder"},
+                        "archive": {"type": "string", "format": "binary", "description": ".tar (plain, .gz, .bz2 or .xz) or .zip of one adapter folder"},
                     },
                 }
             }

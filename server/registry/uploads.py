@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from server.errors import InvalidName, QuotaExceeded, UploadRejected
-from server.registry.intake import ByteBudget, accepted_name, clear, copy_limited, extract_archive
+from server.registry.archives import extract_archive
+from server.registry.intake import ByteBudget, accepted_name, clear, copy_limited
 from server.registry.store import NAME_RE, SHARED_TENANT, AdapterStore, Upload, VersionMeta
 from server.registry.validation import Inspector, validate_upload
 

@@ -5,8 +5,15 @@ Every request here has a client timeout: a check that regresses into minutes of 
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import io
 import json
+import lzma
 import shutil
+import tarfile
+import tracemalloc
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +23,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from server.errors import UploadRejected
+from server.registry.archives import extract_archive
+from server.registry.intake import ByteBudget
 from tests.server.conftest import Running, serve, settings_for, store_snapshot, upload_files
 
 pytestmark = pytest.mark.slow
@@ -149,3 +159,103 @@ def test_config_numbers_must_be_finite_and_sane(srv: Running, good: Path, tmp_pa
     text["config"]["scaling"] = "@@"
     (bad / "adapter_config.json").write_text(json.dumps(text).replace('"@@"', literal))
     _refused(srv, _files(bad), 422, "adapter_config.json", *needles)
+
+
+# -- archives --------------------------------------------------------------------------------------
+_COMPRESS = {
+    "gz": lambda d: gzip.compress(d, 9),
+    "bz2": lambda d: bz2.compress(d, 9),
+    "xz": lambda d: lzma.compress(d, preset=0),
+}
+
+
+def _tar_bomb(kind: str, gib: int, member_type: bytes = tarfile.REGTYPE) -> bytes:
+    """A tar whose first member claims `gib` GiB of zeros (and holds them), compressed as concatenated streams
+    of 16 MiB of zeros each (gzip, bz2 and xz readers take concatenated streams), so it is quick to build."""
+    info = tarfile.TarInfo("././@LongLink" if member_type == tarfile.GNUTYPE_LONGNAME else "adapter.safetensors")
+    info.size, info.type = gib << 30, member_type
+    compress = _COMPRESS[kind]
+    return compress(info.tobuf(format=tarfile.GNU_FORMAT)) + compress(ZEROS) * (info.size // len(ZEROS))
+
+
+def _zip_bomb(method: int, mib: int) -> bytes:
+    """A zip whose one member inflates to `mib` MiB of zeros while its headers claim 1000 bytes."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        info = zipfile.ZipInfo("adapter.safetensors")
+        info.compress_type = method
+        with zf.open(info, "w") as w:
+            for _ in range(mib // 16):
+                w.write(ZEROS)
+    raw = bytearray(buf.getvalue())
+    for signature, offset in ((b"PK\x01\x02", 24), (b"PK\x03\x04", 22)):  # uncompressed size in both headers
+        at = raw.index(signature) + offset
+        raw[at:at + 4] = (1000).to_bytes(4, "little")
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("kind,gib", [("gz", 4), ("bz2", 12), ("xz", 12)])
+def test_tar_bomb_is_refused_from_its_header(srv: Running, good: Path, kind: str, gib: int) -> None:
+    """Each bomb takes the old code 15-40 s of decompression before its 413; now the member's declared size
+    is checked before a byte of it is read."""
+    _refused(srv, _archive(f"a.tar.{kind}", _tar_bomb(kind, gib)), 413, "adapter.safetensors", "limit")
+
+
+@pytest.mark.parametrize("kind", sorted(_COMPRESS))
+def test_tar_bomb_in_a_long_name_header_stops_at_the_budget(srv: Running, good: Path, kind: str) -> None:
+    """A GNU long-name header is read by tarfile itself, into memory: the budgeted stream cuts it off."""
+    _refused(srv, _archive(f"a.tar.{kind}", _tar_bomb(kind, 1, tarfile.GNUTYPE_LONGNAME)), 413, "limit")
+
+
+ZIP_METHODS = {"deflate": zipfile.ZIP_DEFLATED, "bzip2": zipfile.ZIP_BZIP2, "lzma": zipfile.ZIP_LZMA}
+
+
+@pytest.mark.parametrize("method", sorted(ZIP_METHODS))
+def test_zip_bomb_stops_at_the_budget(srv: Running, good: Path, method: str) -> None:
+    _refused(srv, _archive("a.zip", _zip_bomb(ZIP_METHODS[method], 64)), 413, "limit")
+
+
+@pytest.mark.parametrize("method", ["bzip2", "lzma"])
+def test_zip_bomb_memory_stays_bounded(tmp_path: Path, method: str) -> None:
+    """zipfile inflates a bzip2 or lzma read in one call (64 MiB at once here); members are inflated in
+    bounded chunks instead, so the extraction's peak memory stays far below the bomb's size."""
+    arc = tmp_path / "a.zip"
+    arc.write_bytes(_zip_bomb(ZIP_METHODS[method], 64))
+    dest = tmp_path / "out"
+    dest.mkdir()
+    tracemalloc.start()
+    try:
+        with pytest.raises(UploadRejected, match="limit"):
+            extract_archive(arc, "a.zip", dest, ByteBudget(4 << 20))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 24 << 20, f"peak {peak / 2**20:.0f} MiB"
+    assert not list(dest.iterdir())
+
+
+def _tar(entries: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data in entries:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _zip(entries: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in entries:
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_archive_with_a_file_twice(srv: Running, good: Path) -> None:
+    files = sorted((p.name, p.read_bytes()) for p in good.iterdir())
+    twice = [*files, ("adapter_config.json", (good / "adapter_config.json").read_bytes())]
+    with pytest.warns(UserWarning, match="Duplicate name"):
+        zipped = _zip(twice)
+    _refused(srv, _archive("a.tar.gz", _tar(twice)), 422, "adapter_config.json", "twice")
+    _refused(srv, _archive("a.zip", zipped), 422, "adapter_config.json", "twice")
