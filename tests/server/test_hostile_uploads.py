@@ -12,6 +12,7 @@ import json
 import lzma
 import shutil
 import tarfile
+import threading
 import tracemalloc
 import zipfile
 from collections.abc import Callable, Iterator
@@ -259,3 +260,32 @@ def test_archive_with_a_file_twice(srv: Running, good: Path) -> None:
         zipped = _zip(twice)
     _refused(srv, _archive("a.tar.gz", _tar(twice)), 422, "adapter_config.json", "twice")
     _refused(srv, _archive("a.zip", zipped), 422, "adapter_config.json", "twice")
+
+
+# -- quota -----------------------------------------------------------------------------------------
+def test_quota_holds_under_concurrent_uploads(tiny_model_dir: Path, keys_file: Path, tmp_path: Path, good: Path) -> None:
+    """With 3 adapters allowed, 24 concurrent uploads of different names store exactly 3 (it was 4 in 2 of
+    4 trials); two tenants, one round each."""
+    settings = settings_for(tiny_model_dir, tmp_path / "store", api_keys_file=keys_file, tenant_max_adapters=3)
+    files = _files(good)
+    with serve(settings) as running:
+        for key, tenant in (("acme-key", "acme"), ("beta-key", "beta")):
+            start = threading.Barrier(24)
+            codes: list[int] = []
+
+            def upload(i: int, key: str = key, start: threading.Barrier = start, codes: list[int] = codes) -> None:
+                with running.client(key, timeout=TIMEOUT) as c:
+                    start.wait()
+                    r = c.post("/v1/adapters", data={"name": f"q{i}"}, files=files)
+                    assert r.status_code in (201, 403), r.text
+                    assert r.status_code == 201 or "quota" in r.json()["detail"]
+                    codes.append(r.status_code)
+
+            threads = [threading.Thread(target=upload, args=(i,)) for i in range(24)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert sorted(codes) == [201] * 3 + [403] * 21, (tenant, codes)
+            stored = [p.name for p in (settings.store_dir / tenant).iterdir() if p.is_dir() and any(p.iterdir())]
+            assert len(stored) == 3, (tenant, stored)
