@@ -289,3 +289,24 @@ def test_quota_holds_under_concurrent_uploads(tiny_model_dir: Path, keys_file: P
             assert sorted(codes) == [201] * 3 + [403] * 21, (tenant, codes)
             stored = [p.name for p in (settings.store_dir / tenant).iterdir() if p.is_dir() and any(p.iterdir())]
             assert len(stored) == 3, (tenant, stored)
+
+
+# -- chunked bodies --------------------------------------------------------------------------------
+def _chunked(total: int, head: bytes = b"", tail: bytes = b"") -> Iterator[bytes]:
+    yield head
+    for _ in range(total // 65536):
+        yield b"a" * 65536
+    yield tail
+
+
+def test_chunked_bodies_over_the_limit_are_413(srv: Running, good: Path) -> None:
+    """Without a Content-Length the limit is found while reading; JSON bodies got FastAPI's generic 400."""
+    with srv.client("acme-key", timeout=TIMEOUT) as c:
+        body = _chunked(10 << 20, b'{"inputs": ["', b'"], "adapters": "good"}')
+        r = c.post("/v1/infer", content=body, headers={"content-type": "application/json"})
+        _assert_problem(r, 413, "limit")
+        part = b'--xx\r\nContent-Disposition: form-data; name="files"; filename="adapter.safetensors"\r\n\r\n'
+        r = c.post("/v1/adapters", content=_chunked(10 << 20, part, b"\r\n--xx--\r\n"),
+                   headers={"content-type": "multipart/form-data; boundary=xx"})
+        _assert_problem(r, 413, "limit")
+        assert c.post("/v1/infer", json={"inputs": ["fun"], "adapters": "good"}).status_code == 200
