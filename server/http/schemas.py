@@ -43,6 +43,10 @@ class AdapterOut(BaseModel):
     fuses: list[FusedOut] | None = Field(
         None, description="an AdapterFusion's adapters, pinned to the versions current at its upload"
     )
+    warnings: list[str] = Field(
+        default_factory=list, description="what the upload holds that is kept but not used: config keys the library does "
+        "not know (a foreign file), PEFT target_modules entries that match no tensor, a target_modules pattern left unchecked",
+    )
 
 
 class AdapterList(BaseModel):

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from adapters_core import AdapterConfigBase
 from adapters_core.formats import FUSION_CONFIG, FUSION_WEIGHTS
 from adapters_core.fusion import FusionInfo, saved_fusion_names
 from server.errors import UploadRejected
 from server.registry.head_check import check_head_config
 from server.registry.jsonsafe import MAX_CONFIG_NUMBER, load_json
+from server.registry.peft_check import check_target_modules
 from server.registry.safetensors_check import TensorEntry, read_safetensors_header
 from server.registry.store import Upload, VersionMeta
 from server.registry.weights_check import check_weight_values
@@ -58,10 +61,20 @@ def _check_values(path: Path, entries: dict[str, TensorEntry]) -> None:
         raise UploadRejected(422, "invalid-weights", str(exc)) from None
 
 
-def check_files(folder: Path) -> None:
-    """The folder must be one AdapterHub or PEFT adapter (optionally with a head) in safetensors. Cheap checks
-    run first: the configs' sizes are bounded and checked against the tensors' shapes before any value is
-    read or any module is built."""
+def unknown_config_keys(config: dict[str, Any]) -> list[str]:
+    """Warnings for keys of an AdapterHub `config` that the library does not know (it keeps and ignores them)."""
+    try:
+        parsed = AdapterConfigBase.from_dict(config["config"], strict=False)
+    except (ValueError, TypeError, KeyError):
+        return []  # check_backbone reports the config itself
+    unknown = sorted({*parsed.extra, *(k for m in parsed.methods() for k in m.extra)})
+    return [f"adapter_config.json: unknown config key(s) kept but not used: {', '.join(unknown)}"] if unknown else []
+
+
+def check_files(folder: Path) -> list[str]:
+    """The folder must be one AdapterHub or PEFT adapter (optionally with a head) in safetensors; returns
+    warnings for what is accepted but not used. Cheap checks run first: the configs' sizes are bounded and
+    checked against the tensors' shapes before any value is read or any module is built."""
     present = {p.name for p in folder.iterdir()}
     if "adapter_config.json" not in present:
         raise UploadRejected(422, "missing-file", "adapter_config.json is missing")
@@ -81,6 +94,9 @@ def check_files(folder: Path) -> None:
         raise UploadRejected(422, "invalid-config", "adapter_config.json has neither AdapterHub's `config` nor PEFT's `peft_type`")
     for name, entries in headers.items():
         _check_values(folder / name, entries)
+    if config.get("peft_type"):
+        return check_target_modules(config, list(headers[weights[0]]))
+    return unknown_config_keys(config)
 
 
 def check_backbone(folder: Path, inspector: Inspector) -> Upload:
@@ -143,5 +159,6 @@ def validate_upload(folder: Path, inspector: Inspector, member: MemberLookup | N
         if member is None:
             raise UploadRejected(422, "bad-file", f"{FUSION_CONFIG} cannot be uploaded here")
         return validate_fusion(folder, inspector, member)
-    check_files(folder)
-    return check_backbone(folder, inspector)
+    warnings = check_files(folder)
+    upload = check_backbone(folder, inspector)
+    return dataclasses.replace(upload, extra={**upload.extra, "warnings": warnings}) if warnings else upload

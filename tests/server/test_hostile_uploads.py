@@ -310,3 +310,46 @@ def test_chunked_bodies_over_the_limit_are_413(srv: Running, good: Path) -> None
                    headers={"content-type": "multipart/form-data; boundary=xx"})
         _assert_problem(r, 413, "limit")
         assert c.post("/v1/infer", json={"inputs": ["fun"], "adapters": "good"}).status_code == 200
+
+
+# -- what an upload reports ------------------------------------------------------------------------
+def test_unknown_config_keys_are_reported(srv: Running, good: Path, tmp_path: Path) -> None:
+    extra = tmp_path / "extra"
+    shutil.copytree(good, extra)
+    config = json.loads((extra / "adapter_config.json").read_text())
+    config["config"]["my_custom_knob"] = 3
+    (extra / "adapter_config.json").write_text(json.dumps(config))
+    with srv.client("acme-key", timeout=TIMEOUT) as c:
+        r = upload_files(c, "knobbed", extra)
+        assert r.status_code == 201, r.text
+        assert any("my_custom_knob" in w for w in r.json()["warnings"]), r.json()
+        assert any("my_custom_knob" in w for w in c.get("/v1/adapters/knobbed").json()["warnings"])
+        assert upload_files(c, "plain", good).json()["warnings"] == []
+        schema = c.get("/openapi.json").json()["components"]["schemas"]["AdapterOut"]["properties"]
+        assert schema["warnings"]["description"]
+
+
+def _peft(folder: Path, targets: Any) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": targets, "lora_dropout": 0.0, "bias": "none",
+    }))
+    gen = torch.Generator().manual_seed(5)
+    state = {}
+    for i in range(2):
+        for target in ("query", "value"):
+            path = f"base_model.model.encoder.layer.{i}.attention.self.{target}"
+            state[f"{path}.lora_A.weight"] = torch.randn(4, 32, generator=gen) * 0.2
+            state[f"{path}.lora_B.weight"] = torch.randn(32, 4, generator=gen) * 0.2
+    save_file(state, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def test_peft_target_modules_must_match_the_tensors(srv: Running, good: Path, tmp_path: Path) -> None:
+    _refused(srv, _files(_peft(tmp_path / "wrong", ["key"])), 422, "target_modules", "attention.self.query", "attention.self.value")
+    with srv.client("acme-key", timeout=TIMEOUT) as c:
+        r = upload_files(c, "peftok", _peft(tmp_path / "ok", ["query", "value"]))
+        assert r.status_code == 201 and r.json()["warnings"] == [], r.text
+        r = upload_files(c, "peftextra", _peft(tmp_path / "extra", ["query", "value", "dense"]))
+        assert r.status_code == 201, r.text
+        assert any("dense" in w for w in r.json()["warnings"]), r.json()

@@ -31,6 +31,7 @@ def adapter_out(meta: VersionMeta, versions: list[int] | None = None) -> Adapter
         sha256=meta.sha256, method=meta.method, methods=list(meta.methods), has_head=meta.has_head, head=meta.head,
         nbytes=meta.nbytes, size=meta.size, files={k: FileOut(sha256=v.sha256, size=v.size) for k, v in meta.files.items()},
         created=meta.created, uploader=meta.uploader, versions=versions, fuses=fuses,
+        warnings=list(meta.extra.get("warnings", ())),
     )
 
 
