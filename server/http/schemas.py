@@ -47,6 +47,10 @@ class AdapterOut(BaseModel):
         default_factory=list, description="what the upload holds that is kept but not used: config keys the library does "
         "not know (a foreign file), PEFT target_modules entries that match no tensor, a target_modules pattern left unchecked",
     )
+    shadowed: bool = Field(
+        False, description="in a listing: a shared adapter hidden by the tenant's own adapter of the same name "
+        "(requests naming it use the tenant's own)",
+    )
 
 
 class AdapterList(BaseModel):

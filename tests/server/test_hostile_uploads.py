@@ -353,3 +353,16 @@ def test_peft_target_modules_must_match_the_tensors(srv: Running, good: Path, tm
         r = upload_files(c, "peftextra", _peft(tmp_path / "extra", ["query", "value", "dense"]))
         assert r.status_code == 201, r.text
         assert any("dense" in w for w in r.json()["warnings"]), r.json()
+
+
+def test_a_shadowed_shared_adapter_is_marked(srv: Running, good: Path) -> None:
+    with srv.client("root-key", timeout=TIMEOUT) as admin, srv.client("acme-key", timeout=TIMEOUT) as acme, \
+            srv.client("beta-key", timeout=TIMEOUT) as beta:
+        assert upload_files(admin, "common", good, shared="true").status_code == 201
+        assert upload_files(acme, "common", good).status_code == 201
+        mine = [(a["owner"], a["shadowed"]) for a in acme.get("/v1/adapters").json()["data"] if a["name"] == "common"]
+        assert sorted(mine) == [("shared", True), ("tenant", False)]
+        theirs = [(a["owner"], a["shadowed"]) for a in beta.get("/v1/adapters").json()["data"] if a["name"] == "common"]
+        assert theirs == [("shared", False)]
+        schema = acme.get("/openapi.json").json()["components"]["schemas"]["AdapterOut"]["properties"]
+        assert schema["shadowed"]["description"]
