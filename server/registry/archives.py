@@ -20,7 +20,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from server.errors import UploadRejected
 from server.registry.intake import ByteBudget, accepted_name
@@ -29,10 +29,10 @@ MAX_ARCHIVE_MEMBERS = 64
 TAR_HEADER_ROOM = 1024 * 1024  # tar headers and padding on top of the member bytes
 _CHUNK = 1024 * 1024
 _RAW_CHUNK = 64 * 1024
-_COMPRESSED_TAR: tuple[tuple[bytes, Callable[[BinaryIO], BinaryIO]], ...] = (
-    (b"\x1f\x8b", lambda f: gzip.GzipFile(fileobj=f, mode="rb")),  # type: ignore[dict-item]
-    (b"BZh", lambda f: bz2.BZ2File(f, mode="rb")),  # type: ignore[dict-item]
-    (b"\xfd7zXZ\x00", lambda f: lzma.LZMAFile(f, mode="rb")),  # type: ignore[dict-item]
+_COMPRESSED_TAR: tuple[tuple[bytes, Callable[[BinaryIO], Any]], ...] = (
+    (b"\x1f\x8b", lambda f: gzip.GzipFile(fileobj=f, mode="rb")),
+    (b"BZh", lambda f: bz2.BZ2File(f, mode="rb")),
+    (b"\xfd7zXZ\x00", lambda f: lzma.LZMAFile(f, mode="rb")),
 )
 _DECOMPRESS_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)  # bz2 and gzip raise OSError on bad data
 
@@ -122,13 +122,6 @@ def _check_size(name: str, size: int, budget: ByteBudget) -> None:
         )
 
 
-def _members(tf: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
-    try:
-        yield from tf
-    except tarfile.TarError as exc:
-        raise UploadRejected(422, "bad-archive", f"the archive is corrupt: {exc}") from None
-
-
 def _open_tar_stream(f: BinaryIO) -> BinaryIO:
     head = f.read(8)
     f.seek(0)
@@ -139,29 +132,38 @@ def _open_tar_stream(f: BinaryIO) -> BinaryIO:
 
 
 def _extract_tar(path: Path, dest: Path, budget: ByteBudget) -> None:
-    placement = _Placement()
     with path.open("rb") as raw, _open_tar_stream(raw) as stream:
         try:
-            tf = tarfile.open(fileobj=_BudgetedReader(stream, budget.limit), mode="r|")  # type: ignore[call-overload]
+            tf = tarfile.open(fileobj=_BudgetedReader(stream, budget.limit), mode="r|")
         except tarfile.TarError as exc:
             raise UploadRejected(422, "bad-archive", f"cannot read the archive as tar: {exc}") from None
-        with tf:
-            for info in _members(tf):
-                placement.seen()
-                if info.isdir():
-                    _safe_member_path(info.name)
-                    continue
-                if info.issym() or info.islnk():
-                    raise UploadRejected(422, "unsafe-archive", f"archive member {info.name!r} is a link; links are refused")
-                if not info.isfile():
-                    raise UploadRejected(422, "unsafe-archive", f"archive member {info.name!r} is not a regular file")
-                base = placement.place(info.name)
-                if base is None:
-                    continue
-                _check_size(info.name, info.size, budget)
-                src = tf.extractfile(info)
-                assert src is not None
-                _write(_read_chunks(src), dest / base, budget)
+        try:
+            _extract_tar_members(tf, dest, budget)
+        except tarfile.TarError as exc:
+            raise UploadRejected(422, "bad-archive", f"the archive is corrupt: {exc}") from None
+        finally:
+            tf.close()
+
+
+def _extract_tar_members(tf: tarfile.TarFile, dest: Path, budget: ByteBudget) -> None:
+    """One pass over a stream-mode tar: each member is checked, then written, before the next is read."""
+    placement = _Placement()
+    for info in tf:
+        placement.seen()
+        if info.isdir():
+            _safe_member_path(info.name)
+            continue
+        if info.issym() or info.islnk():
+            raise UploadRejected(422, "unsafe-archive", f"archive member {info.name!r} is a link; links are refused")
+        if not info.isfile():
+            raise UploadRejected(422, "unsafe-archive", f"archive member {info.name!r} is not a regular file")
+        base = placement.place(info.name)
+        if base is None:
+            continue
+        _check_size(info.name, info.size, budget)
+        src = tf.extractfile(info)
+        assert src is not None
+        _write(_read_chunks(src), dest / base, budget)
 
 
 def _lzma_inflater(raw: Iterator[bytes]) -> tuple[lzma.LZMADecompressor, bytes]:
@@ -221,27 +223,28 @@ def _inflate_buffered(inflater: bz2.BZ2Decompressor | lzma.LZMADecompressor, raw
             return
 
 
+def _inflated(info: zipfile.ZipInfo, raw: Iterator[bytes]) -> Iterator[bytes]:
+    method = info.compress_type
+    if method == zipfile.ZIP_STORED:
+        return raw
+    if method == zipfile.ZIP_DEFLATED:
+        return _inflate_zlib(raw)
+    if method == zipfile.ZIP_BZIP2:
+        return _inflate_buffered(bz2.BZ2Decompressor(), raw)
+    if method == zipfile.ZIP_LZMA:
+        inflater, rest = _lzma_inflater(raw)
+        return _inflate_buffered(inflater, itertools.chain([rest], raw))
+    raise UploadRejected(422, "bad-archive", f"zip member {info.filename!r} uses compression method {method}; "
+                         "stored, deflate, bzip2 and lzma are accepted")
+
+
 def _zip_member(f: BinaryIO, info: zipfile.ZipInfo) -> Iterator[bytes]:
     """The member's bytes, inflated at most _CHUNK at a time, CRC-checked at the end."""
     if info.flag_bits & 0x1:
         raise UploadRejected(422, "bad-archive", f"zip member {info.filename!r} is encrypted")
-    raw = _zip_raw(f, info)
-    method = info.compress_type
-    if method == zipfile.ZIP_STORED:
-        chunks = raw
-    elif method == zipfile.ZIP_DEFLATED:
-        chunks = _inflate_zlib(raw)
-    elif method == zipfile.ZIP_BZIP2:
-        chunks = _inflate_buffered(bz2.BZ2Decompressor(), raw)
-    elif method == zipfile.ZIP_LZMA:
-        inflater, rest = _lzma_inflater(raw)
-        chunks = _inflate_buffered(inflater, itertools.chain([rest], raw))
-    else:
-        raise UploadRejected(422, "bad-archive", f"zip member {info.filename!r} uses compression method {method}; "
-                             "stored, deflate, bzip2 and lzma are accepted")
     crc = 0
     try:
-        for chunk in chunks:
+        for chunk in _inflated(info, _zip_raw(f, info)):
             crc = zlib.crc32(chunk, crc)
             yield chunk
     except _DECOMPRESS_ERRORS as exc:
@@ -253,7 +256,7 @@ def _zip_member(f: BinaryIO, info: zipfile.ZipInfo) -> Iterator[bytes]:
 def _extract_zip(path: Path, dest: Path, budget: ByteBudget) -> None:
     try:
         zf = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as exc:
+    except (zipfile.BadZipFile, ValueError, struct.error, EOFError, NotImplementedError) as exc:
         raise UploadRejected(422, "bad-archive", f"cannot read the archive as zip: {exc}") from None
     placement = _Placement()
     with zf, path.open("rb") as f:
