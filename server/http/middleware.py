@@ -56,7 +56,9 @@ class ServeMiddleware:
                     await _send_problem(send, 413, "upload-too-large" if upload else "body-too-large",
                                         f"request body of {length} bytes exceeds the limit of {shown} bytes")
                     return
-                receive = _limited(receive, limit, shown)
+                slug = "upload-too-large" if upload else "body-too-large"
+                await _BodyLimit(receive, limit, shown, slug).run(self.app, scope, send_wrapper)
+                return
             await self.app(scope, receive, send_wrapper)
         finally:
             self.state.inflight -= 1
@@ -81,19 +83,46 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-def _limited(receive: Receive, limit: int, shown: int) -> Receive:
-    seen = 0
+class _BodyLimit:
+    """Counts streamed body bytes (chunked bodies have no Content-Length). Past the limit, reading fails and
+    whatever the app answers to that (FastAPI: a generic 400 "error parsing the body") is replaced by a 413."""
 
-    async def wrapped() -> Message:
-        nonlocal seen
-        message = await receive()
+    def __init__(self, receive: Receive, limit: int, shown: int, slug: str) -> None:
+        self._receive = receive
+        self.limit = limit
+        self.shown = shown
+        self.slug = slug
+        self.seen = 0
+        self.exceeded = False
+        self.started = False
+
+    async def receive(self) -> Message:
+        message = await self._receive()
         if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise ProblemError(413, "body-too-large", f"request body exceeds the limit of {shown} bytes")
+            self.seen += len(message.get("body", b""))
+            if self.seen > self.limit:
+                self.exceeded = True
+                raise ProblemError(413, self.slug, self._detail())
         return message
 
-    return wrapped
+    def _detail(self) -> str:
+        return f"request body exceeds the limit of {self.shown} bytes"
+
+    async def run(self, app: ASGIApp, scope: Scope, send: Send) -> None:
+        async def guarded(message: Message) -> None:
+            if self.exceeded and not self.started:
+                return
+            if message["type"] == "http.response.start":
+                self.started = True
+            await send(message)
+
+        try:
+            await app(scope, self.receive, guarded)
+        except Exception:
+            if not self.exceeded or self.started:
+                raise
+        if self.exceeded and not self.started:
+            await _send_problem(send, 413, self.slug, self._detail())
 
 
 async def _send_problem(send: Send, status: int, slug: str, detail: str, headers: dict[str, str] | None = None) -> None:

@@ -43,6 +43,14 @@ class AdapterOut(BaseModel):
     fuses: list[FusedOut] | None = Field(
         None, description="an AdapterFusion's adapters, pinned to the versions current at its upload"
     )
+    warnings: list[str] = Field(
+        default_factory=list, description="what the upload holds that is kept but not used: config keys the library does "
+        "not know (a foreign file), PEFT target_modules entries that match no tensor, a target_modules pattern left unchecked",
+    )
+    shadowed: bool = Field(
+        False, description="in a listing: a shared adapter hidden by the tenant's own adapter of the same name "
+        "(requests naming it use the tenant's own)",
+    )
 
 
 class AdapterList(BaseModel):
@@ -73,7 +81,7 @@ UPLOAD_SCHEMA: dict[str, Any] = {
                             "head_config.json, model_head.safetensors; or, for an AdapterFusion over adapters "
                             "already uploaded, adapter_fusion_config.json and model_adapter_fusion.safetensors)",
                         },
-                        "archive": {"type": "string", "format": "binary", "description": ".tar, .tar.gz or .zip of one adapter folder"},
+                        "archive": {"type": "string", "format": "binary", "description": ".tar (plain, .gz, .bz2 or .xz) or .zip of one adapter folder"},
                     },
                 }
             }

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import struct
+from dataclasses import dataclass
 from pathlib import Path
+
+from server.registry.jsonsafe import load_json
 
 _DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -13,8 +15,27 @@ _DTYPE_BYTES = {
 MAX_HEADER = 64 * 1024 * 1024
 
 
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors file: its dtype, shape and byte span [start, end) in the file."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def itemsize(self) -> int:
+        return _DTYPE_BYTES[self.dtype]
+
+
 def read_safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Validate the file's structure and return {key: shape}; ValueError says what is wrong."""
+    return {key: entry.shape for key, entry in read_safetensors_header(path).items()}
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
+    """Validate the file's structure and return {key: entry}; ValueError says what is wrong."""
     name = path.name
     size = path.stat().st_size
     with path.open("rb") as f:
@@ -25,13 +46,13 @@ def read_safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         if hlen > MAX_HEADER or 8 + hlen > size:
             raise ValueError(f"{name}: not a safetensors file (header length {hlen} does not fit the file)")
         try:
-            header = json.loads(f.read(hlen))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{name}: safetensors header is not JSON ({exc})") from exc
+            header = load_json(f.read(hlen), "header")
+        except ValueError as exc:
+            raise ValueError(f"{name}: safetensors {exc}") from None
     if not isinstance(header, dict):
         raise ValueError(f"{name}: safetensors header is not an object")
     data_size = size - 8 - hlen
-    shapes: dict[str, tuple[int, ...]] = {}
+    entries: dict[str, TensorEntry] = {}
     spans: list[tuple[int, int, str]] = []
     for key, info in header.items():
         if key == "__metadata__":
@@ -53,12 +74,12 @@ def read_safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             numel *= d
         if offsets[1] - offsets[0] != numel * _DTYPE_BYTES[dtype]:
             raise ValueError(f"{name}: tensor {key!r} byte length does not match shape {shape} and dtype {dtype}")
-        shapes[key] = tuple(shape)
+        entries[key] = TensorEntry(dtype, tuple(shape), 8 + hlen + offsets[0], 8 + hlen + offsets[1])
         spans.append((offsets[0], offsets[1], key))
     spans.sort()
     for (_, end, a), (start, _, b) in zip(spans, spans[1:], strict=False):
         if start < end:
             raise ValueError(f"{name}: tensors {a!r} and {b!r} overlap")
-    if not shapes:
+    if not entries:
         raise ValueError(f"{name}: holds no tensors")
-    return shapes
+    return entries

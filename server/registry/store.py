@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -12,6 +13,8 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +27,7 @@ SHARED_TENANT = "_shared"  # the store folder of adapters every tenant sees (man
 META_FILE = "meta.json"
 TMP_DIR = ".tmp"
 TRASH_DIR = ".trash"
+LOCK_DIR = ".locks"
 STALE_AFTER_S = 3600.0
 
 
@@ -108,6 +112,14 @@ class VersionMeta:
 
 
 @dataclass(frozen=True)
+class TenantUsage:
+    """What a tenant holds in the store: its adapter names and the bytes of all their versions."""
+
+    names: tuple[str, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
 class Upload:
     """What validation learned about a staged upload, recorded in meta.json."""
 
@@ -127,7 +139,9 @@ class AdapterStore:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / TMP_DIR).mkdir(exist_ok=True)
         (self.root / TRASH_DIR).mkdir(exist_ok=True)
+        (self.root / LOCK_DIR).mkdir(exist_ok=True)
         self._lock = threading.Lock()
+        self._tenant_locks: dict[str, threading.Lock] = {}
         self._meta_cache: dict[tuple[str, str, int], tuple[tuple[int, int], VersionMeta]] = {}
         self._versions_cache: dict[str, tuple[tuple[int, int], list[int]]] = {}
         self._fusion_names: dict[str, tuple[tuple[int, int], list[str]]] = {}
@@ -256,8 +270,39 @@ class AdapterStore:
     def all_versions(self, tenant: str, name: str) -> list[VersionMeta]:
         return [m for v in self.versions(tenant, name) if (m := self.meta(tenant, name, v)) is not None]
 
-    def tenant_bytes(self, tenant: str) -> int:
-        return sum(m.size for n in self.names(tenant) for m in self.all_versions(tenant, n))
+    def usage(self, tenant: str) -> TenantUsage:
+        """The tenant's adapter names and stored bytes, listed from the folders without the listing caches
+        (a quota check must see what another upload committed a moment ago)."""
+        names: list[str] = []
+        size = 0
+        try:
+            entries = sorted(os.listdir(self.root / tenant))
+        except FileNotFoundError:
+            entries = []
+        for name in filter(NAME_RE.match, entries):
+            try:
+                versions = [int(v) for v in os.listdir(self.adapter_dir(tenant, name)) if v.isdigit()]
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if versions:
+                names.append(name)
+                size += sum(m.size for v in versions if (m := self.meta(tenant, name, v)) is not None)
+        return TenantUsage(tuple(names), size)
+
+    @contextmanager
+    def tenant_lock(self, tenant: str) -> Iterator[None]:
+        """Hold one tenant's quota window (check, then commit) alone: a thread lock in this process, then an
+        exclusive flock on <root>/.locks/<tenant>.lock, which also excludes other processes on this host,
+        and replicas on other hosts where the shared filesystem implements flock across clients (NFSv4,
+        CephFS and EFS do; see docs/operations.md)."""
+        with self._lock:
+            local = self._tenant_locks.setdefault(tenant, threading.Lock())
+        with local, (self.root / LOCK_DIR / f"{tenant}.lock").open("a") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     # -- writing ------------------------------------------------------------------------------
     def commit(self, tenant: str, name: str, staged: Path, upload: Upload, uploader: str) -> VersionMeta:
@@ -294,6 +339,7 @@ class AdapterStore:
                     if target.exists():
                         continue
                     raise
+                self._versions_cache.pop(str(target.parent), None)  # its mtime may not have moved (coarse clocks)
                 _fsync_dir(target.parent)
                 _fsync_dir(target.parent.parent)
                 log.info("stored %s/%s version %d (%s, %d bytes)", tenant, name, version, meta.method, meta.size)

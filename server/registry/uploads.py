@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from server.errors import InvalidName, QuotaExceeded, UploadRejected
-from server.registry.intake import ByteBudget, accepted_name, clear, copy_limited, extract_archive
+from server.registry.archives import extract_archive
+from server.registry.intake import ByteBudget, accepted_name, clear, copy_limited
 from server.registry.store import NAME_RE, SHARED_TENANT, AdapterStore, Upload, VersionMeta
 from server.registry.validation import Inspector, validate_upload
 
@@ -86,12 +87,14 @@ def _check_kind(store: AdapterStore, tenant: str, name: str, upload: Upload) -> 
 
 
 def _check_quota(store: AdapterStore, tenant: str, name: str, staged: Path, limits: UploadLimits) -> None:
+    """Run under store.tenant_lock(tenant), so no other upload of the tenant commits between check and commit."""
     if tenant == SHARED_TENANT:
         return
-    if not store.versions(tenant, name) and len(store.names(tenant)) >= limits.tenant_max_adapters:
+    usage = store.usage(tenant)
+    if name not in usage.names and len(usage.names) >= limits.tenant_max_adapters:
         raise QuotaExceeded(f"tenant {tenant!r} already has {limits.tenant_max_adapters} adapters (the quota); delete one first")
     incoming = sum(p.stat().st_size for p in staged.iterdir())
-    if store.tenant_bytes(tenant) + incoming > limits.tenant_max_store_bytes:
+    if usage.nbytes + incoming > limits.tenant_max_store_bytes:
         raise QuotaExceeded(f"tenant {tenant!r} would exceed its storage quota of {limits.tenant_max_store_mb:g} MiB")
 
 
@@ -105,8 +108,9 @@ def ingest(
     try:
         _stage(staged, files, archive, limits.max_upload_bytes)
         upload = validate_upload(staged, inspector, lambda n: _member(store, tenant, n))
-        _check_kind(store, tenant, name, upload)
-        _check_quota(store, tenant, name, staged, limits)
-        return store.commit(tenant, name, staged, upload, uploader)
+        with store.tenant_lock(tenant):
+            _check_kind(store, tenant, name, upload)
+            _check_quota(store, tenant, name, staged, limits)
+            return store.commit(tenant, name, staged, upload, uploader)
     finally:
         clear(staged)

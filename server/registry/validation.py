@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from adapters_core import FusionInfo, saved_fusion_names
+from adapters_core import AdapterConfigBase, FusionInfo, saved_fusion_names
 from adapters_core.formats import FUSION_CONFIG, FUSION_WEIGHTS
 from server.errors import UploadRejected
-from server.registry.safetensors_check import read_safetensors_shapes
+from server.registry.head_check import check_head_config
+from server.registry.jsonsafe import MAX_CONFIG_NUMBER, load_json
+from server.registry.peft_check import check_target_modules
+from server.registry.safetensors_check import TensorEntry, read_safetensors_header
 from server.registry.store import Upload, VersionMeta
+from server.registry.weights_check import check_weight_values
 
 WEIGHT_FILES = ("adapter.safetensors", "adapter_model.safetensors")
 FUSION_FILES = frozenset({FUSION_CONFIG, FUSION_WEIGHTS})
@@ -31,17 +35,45 @@ class Inspector(Protocol):
 
 
 def _json_object(path: Path) -> dict[str, Any]:
+    """A config file's JSON object: bounded nesting, finite numbers within +-MAX_CONFIG_NUMBER."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UploadRejected(422, "invalid-config", f"{path.name} is not valid JSON: {exc}") from None
+        data = load_json(path.read_bytes(), path.name, MAX_CONFIG_NUMBER)
+    except ValueError as exc:
+        raise UploadRejected(422, "invalid-config", str(exc)) from None
     if not isinstance(data, dict):
         raise UploadRejected(422, "invalid-config", f"{path.name} must hold a JSON object")
     return data
 
 
-def check_files(folder: Path) -> None:
-    """The folder must be one AdapterHub or PEFT adapter (optionally with a head) in safetensors."""
+def _header(path: Path) -> dict[str, TensorEntry]:
+    try:
+        return read_safetensors_header(path)
+    except ValueError as exc:
+        raise UploadRejected(422, "invalid-weights", str(exc)) from None
+
+
+def _check_values(path: Path, entries: dict[str, TensorEntry]) -> None:
+    """Every weight finite and within MAX_ABS_WEIGHT (server.registry.weights_check)."""
+    try:
+        check_weight_values(path, entries)
+    except ValueError as exc:
+        raise UploadRejected(422, "invalid-weights", str(exc)) from None
+
+
+def unknown_config_keys(config: dict[str, Any]) -> list[str]:
+    """Warnings for keys of an AdapterHub `config` that the library does not know (it keeps and ignores them)."""
+    try:
+        parsed = AdapterConfigBase.from_dict(config["config"], strict=False)
+    except (ValueError, TypeError, KeyError):
+        return []  # check_backbone reports the config itself
+    unknown = sorted({*parsed.extra, *(k for m in parsed.methods() for k in m.extra)})
+    return [f"adapter_config.json: unknown config key(s) kept but not used: {', '.join(unknown)}"] if unknown else []
+
+
+def check_files(folder: Path) -> list[str]:
+    """The folder must be one AdapterHub or PEFT adapter (optionally with a head) in safetensors; returns
+    warnings for what is accepted but not used. Cheap checks run first: the configs' sizes are bounded and
+    checked against the tensors' shapes before any value is read or any module is built."""
     present = {p.name for p in folder.iterdir()}
     if "adapter_config.json" not in present:
         raise UploadRejected(422, "missing-file", "adapter_config.json is missing")
@@ -52,17 +84,18 @@ def check_files(folder: Path) -> None:
         raise UploadRejected(422, "bad-file", "both adapter.safetensors and adapter_model.safetensors given; send one adapter")
     if ("head_config.json" in present) != ("model_head.safetensors" in present):
         raise UploadRejected(422, "missing-file", "a head needs both head_config.json and model_head.safetensors")
-    for name in (*weights, "model_head.safetensors"):
-        if name in present:
-            try:
-                read_safetensors_shapes(folder / name)
-            except ValueError as exc:
-                raise UploadRejected(422, "invalid-weights", str(exc)) from None
+    headers = {name: _header(folder / name) for name in (*weights, "model_head.safetensors") if name in present}
     config = _json_object(folder / "adapter_config.json")
     if "head_config.json" in present:
-        _json_object(folder / "head_config.json")
+        head = headers["model_head.safetensors"]
+        check_head_config(_json_object(folder / "head_config.json"), {k: e.shape for k, e in head.items()})
     if not config.get("peft_type") and "config" not in config:
         raise UploadRejected(422, "invalid-config", "adapter_config.json has neither AdapterHub's `config` nor PEFT's `peft_type`")
+    for name, entries in headers.items():
+        _check_values(folder / name, entries)
+    if config.get("peft_type"):
+        return check_target_modules(config, list(headers[weights[0]]))
+    return unknown_config_keys(config)
 
 
 def check_backbone(folder: Path, inspector: Inspector) -> Upload:
@@ -93,10 +126,7 @@ def validate_fusion(folder: Path, inspector: Inspector, member: MemberLookup) ->
                            f"upload {', '.join(others)} as an adapter of its own")
     if FUSION_WEIGHTS not in present:
         raise UploadRejected(422, "missing-file", f"{FUSION_WEIGHTS} is missing")
-    try:
-        read_safetensors_shapes(folder / FUSION_WEIGHTS)
-    except ValueError as exc:
-        raise UploadRejected(422, "invalid-weights", str(exc)) from None
+    _check_values(folder / FUSION_WEIGHTS, _header(folder / FUSION_WEIGHTS))
     config = _json_object(folder / FUSION_CONFIG)
     _check_hidden(config, FUSION_CONFIG, inspector)
     try:
@@ -128,5 +158,6 @@ def validate_upload(folder: Path, inspector: Inspector, member: MemberLookup | N
         if member is None:
             raise UploadRejected(422, "bad-file", f"{FUSION_CONFIG} cannot be uploaded here")
         return validate_fusion(folder, inspector, member)
-    check_files(folder)
-    return check_backbone(folder, inspector)
+    warnings = check_files(folder)
+    upload = check_backbone(folder, inspector)
+    return dataclasses.replace(upload, extra={**upload.extra, "warnings": warnings}) if warnings else upload

@@ -364,7 +364,7 @@ def test_store_is_never_read_on_the_event_loop(srv: Running, adapter_factory: Ca
     from server.registry.store import AdapterStore
 
     on_loop: list[str] = []
-    for method in ("versions", "meta", "names", "fusions", "all_versions", "tenant_bytes", "commit", "delete", "staging_dir"):
+    for method in ("versions", "meta", "names", "fusions", "all_versions", "usage", "commit", "delete", "staging_dir"):
         real = getattr(AdapterStore, method)
 
         def spy(*args: object, _real: Callable[..., object] = real, _name: str = method, **kwargs: object) -> object:

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 from server.errors import UploadRejected
-from server.registry.intake import ByteBudget, accepted_name, extract_archive
+from server.registry.archives import extract_archive
+from server.registry.intake import ByteBudget, accepted_name
 from server.registry.safetensors_check import read_safetensors_shapes
 from server.registry.store import AdapterStore, Upload
 

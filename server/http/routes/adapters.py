@@ -24,13 +24,14 @@ Rt = Annotated[Runtime, Depends(runtime_of)]
 Shared = Annotated[bool, Query(description="admins: act on the shared adapters (visible to every tenant)")]
 
 
-def adapter_out(meta: VersionMeta, versions: list[int] | None = None) -> AdapterOut:
+def adapter_out(meta: VersionMeta, versions: list[int] | None = None, shadowed: bool = False) -> AdapterOut:
     fuses = [FusedOut(name=f["name"], version=f["version"], owner=owner_label(f["tenant"])) for f in meta.fused] or None
     return AdapterOut(
         name=meta.name, version=meta.version, owner=owner_label(meta.tenant),
         sha256=meta.sha256, method=meta.method, methods=list(meta.methods), has_head=meta.has_head, head=meta.head,
         nbytes=meta.nbytes, size=meta.size, files={k: FileOut(sha256=v.sha256, size=v.size) for k, v in meta.files.items()},
         created=meta.created, uploader=meta.uploader, versions=versions, fuses=fuses,
+        warnings=list(meta.extra.get("warnings", ())), shadowed=shadowed,
     )
 
 
@@ -83,11 +84,15 @@ async def upload_version(name: str, request: Request, principal: Auth, rt: Rt, s
     return _created(meta)
 
 
-@router.get("/v1/adapters", response_model=AdapterList, responses=problem_responses(401, 503), summary="List your and the shared adapters")
+@router.get(
+    "/v1/adapters", response_model=AdapterList, responses=problem_responses(401, 503),
+    summary="List your and the shared adapters (a shared one your own adapter hides is marked shadowed)",
+)
 async def list_adapters(principal: Auth, rt: Rt) -> AdapterList:
     own = await run_in_threadpool(rt.store.list, principal.tenant)
     shared = await run_in_threadpool(rt.store.list, SHARED_TENANT)
-    return AdapterList(data=[adapter_out(m) for m in own + shared])
+    mine = {m.name for m in own}
+    return AdapterList(data=[adapter_out(m) for m in own] + [adapter_out(m, shadowed=m.name in mine) for m in shared])
 
 
 @router.get("/v1/adapters/{name}", response_model=AdapterOut, responses=problem_responses(401, 404, 503), summary="One adapter (latest version)")
