@@ -1,0 +1,112 @@
+"""No attention implementation drops a prefix: sdpa, eager and flex_attention carry it, every other one refuses.
+
+flex_attention runs compiled on CPU; torch 2.13's CPU codegen fails once dynamo recompiles it with dynamic
+shapes, so the flex test keeps shapes static and runs one forward shape per architecture.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from adapters_core import AdapterSetup, BatchSplit
+from adapters_core.methods.prefix_tuning.attention import make_prefix_attention
+from adapters_core.methods.prefix_tuning.rule import CARRIED
+
+from .tiny_models import ARCHS, add_adapter, build, hidden_states, max_abs, padded_inputs
+
+PREFIX = "prefix_tuning[prefix_length=3,bottleneck_size=16]"
+LONGER = "prefix_tuning[prefix_length=5,bottleneck_size=16]"
+# What transformers 5.24 registers (besides "eager", the models' own default that the prefix room registers).
+REGISTERED = {"sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4", "paged|eager"}
+
+
+def with_prefixes(arch: str, attn: str) -> nn.Module:
+    model = build(arch, attn)
+    add_adapter(model, "p", PREFIX, seed=1)
+    add_adapter(model, "q", LONGER, seed=2)
+    return model
+
+
+def forward(model: nn.Module, inputs: dict, setup: object) -> torch.Tensor:
+    with torch.no_grad(), AdapterSetup(setup):
+        return hidden_states(model(**inputs))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_flex_attention_carries_the_prefix(arch: str) -> None:
+    if arch == "gpt2":  # transformers itself refuses flex_attention on GPT-2: no model, no dropped prefix
+        with pytest.raises(ValueError, match="flex_attention"):
+            build(arch, "flex_attention")
+        return
+    inputs = padded_inputs(arch, [7, 4, 6], side="left" if arch == "llama" else "right")
+    setup = BatchSplit("p", "q", batch_sizes=[2, 1])  # rows of different prefix lengths, padded rows
+    eager = with_prefixes(arch, "eager")
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        flex = forward(with_prefixes(arch, "flex_attention"), inputs, setup)
+    valid = inputs["attention_mask"].bool()
+    assert max_abs(flex[valid], forward(eager, inputs, setup)[valid]) < 1e-5
+    assert max_abs(flex[valid], forward(eager, inputs, None)[valid]) > 1e-3
+
+
+def test_every_registered_implementation_carries_or_refuses() -> None:
+    build("gpt2")  # wiring installs the wrappers
+    assert REGISTERED - {"sdpa", "flex_attention"} <= set(ALL_ATTENTION_FUNCTIONS) - set(CARRIED)
+    g = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, 4, 5, 8, generator=g) for _ in range(3))
+    found = (torch.zeros(2, 4, 3, 8), torch.zeros(2, 4, 3, 8), torch.ones(2, 3, dtype=torch.bool))
+    prefixed = nn.Module()
+    prefixed._adapterserve_layer = 0
+    prefixed._adapterserve_prefix = types.SimpleNamespace(prefix_for=lambda layer, batch: found)
+    for name in set(ALL_ATTENTION_FUNCTIONS) - set(CARRIED):
+        with pytest.raises(ValueError, match=f"'{name}'"):
+            ALL_ATTENTION_FUNCTIONS[name](prefixed, query, key, value, None, scaling=0.3)
+    out, _ = ALL_ATTENTION_FUNCTIONS["paged|eager"](nn.Module(), query, key, value, None, scaling=0.3)
+    assert out.shape == (2, 5, 4, 8)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_flash_attention_2_by_name_is_refused(arch: str) -> None:
+    model = build(arch)
+    add_adapter(model, "p", PREFIX, seed=1)
+    model.config._attn_implementation_internal = "flash_attention_2"
+    with pytest.raises(ValueError, match="'flash_attention_2'"):
+        model.add_adapter("p2", PREFIX)
+    with pytest.raises(ValueError, match="'flash_attention_2'"):
+        model.add_adapter("mam", f"{PREFIX}|par_bn")
+    assert not model.has_adapter("p2") and not model.has_adapter("mam")
+    with pytest.raises(ValueError, match="'flash_attention_2'"):
+        model.set_active_adapters("p")
+    model.add_adapter("bn", "seq_bn", set_active=True)  # methods without a prefix are unaffected
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_implementation_changed_after_activation_refuses_at_forward(arch: str) -> None:
+    model = build(arch)
+    add_adapter(model, "p", PREFIX, seed=1)
+    model.set_active_adapters("p")
+    inputs = padded_inputs(arch, [5, 5])
+    model.base_model.set_attn_implementation("paged|eager")
+    assert model.config._attn_implementation == "paged|eager"
+    with pytest.raises(ValueError, match="'paged\\|eager'"), torch.no_grad():
+        model(**inputs)
+    with pytest.raises(ValueError, match="'paged\\|eager'"):
+        forward(model, inputs, "p")
+    model.base_model.set_attn_implementation("sdpa")
+    assert max_abs(forward(model, inputs, None), forward(model, inputs, "p")) > 1e-3
+
+
+def test_packed_sequences_are_refused() -> None:
+    g = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(1, 4, 6, 8, generator=g) for _ in range(3))
+    found = (torch.zeros(1, 4, 3, 8), torch.zeros(1, 4, 3, 8), torch.ones(1, 3, dtype=torch.bool))
+    attention = make_prefix_attention(sdpa_attention_forward, lambda m, n: found, as_bool=True)
+    module = nn.Module()
+    module.is_causal = True
+    with pytest.raises(ValueError, match="packed"):
+        attention(module, query, key, value, None, cu_seq_lens_q=torch.tensor([0, 2, 6]), scaling=0.3)
