@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from adapters_core import AdapterSetup, BatchSplit, init
+from adapters_core import AdapterSetup, AutoAdapterModel, BatchSplit, init
 
 from .conftest import REFERENCE_GENERATION, adapter_folder
 
@@ -146,3 +146,39 @@ def test_batch_split_generates_what_each_adapter_generates_alone(models: Callabl
     finally:
         for name in names:
             model.delete_adapter(name)
+
+
+def greedy_with_cache(model: nn.Module, ids: torch.Tensor, setup: object, head: str) -> torch.Tensor:
+    """GENERATE's greedy continuation by hand, feeding back the KV cache (AdapterModel has no generate())."""
+    past, new, step, mask = None, [], ids, torch.ones_like(ids)
+    with torch.no_grad(), AdapterSetup(setup):
+        for _ in range(NEW_TOKENS):
+            out = model(input_ids=step, attention_mask=mask, cache=past, use_cache=True, head=head)
+            logits = out.logits[:, -1].clone()
+            logits[:, GENERATE["suppress_tokens"]] = float("-inf")
+            step = logits.argmax(-1, keepdim=True)
+            past, mask = out.past_key_values, torch.cat([mask, torch.ones_like(step)], dim=1)
+            new.append(step)
+    assert past.get_seq_length() == ids.shape[1] + NEW_TOKENS - 1
+    return torch.cat(new, dim=1)
+
+
+def test_adapter_model_causal_lm_head_generates_like_the_lm(models: Callable) -> None:
+    """AutoAdapterModel + a tied causal_lm head (layers=1, no bias: GPT-2's own LM head) continues like the LM."""
+    case_dir = REFERENCE_GENERATION / "gpt2_lm" / "prefix_tuning_mam"
+    out = load_file(str(case_dir / "outputs.safetensors"))
+    lm = models("gpt2_lm", None)
+    model = AutoAdapterModel.from_pretrained(REFERENCE_GENERATION / "gpt2_lm" / "backbone").eval()
+    model.add_causal_lm_head("lm", layers=1, activation_function=None, layer_norm=False, bias=False)
+    names = [m.load_adapter(adapter_folder(case_dir), with_head=False, allow_pickle=True) for m in (model, lm)]
+    try:
+        inputs = {k: out[k] for k in ("input_ids", "attention_mask")}
+        with torch.no_grad(), AdapterSetup(names[0]):
+            logits = model(**inputs, head="lm").logits
+        assert (logits - out["logits"]).abs().max() < TOL
+        for i in range(out["input_ids"].shape[0]):
+            ids = greedy_with_cache(model, out["input_ids"][i:i + 1], names[0], "lm")
+            assert torch.equal(ids, generate(lm, row(out, i, ("input_ids", "attention_mask")), names[1]))
+            assert torch.equal(ids, out["generated"][i:i + 1])
+    finally:
+        lm.delete_adapter(names[1])
