@@ -11,23 +11,30 @@ import types
 import pytest
 import torch
 from torch import nn
+from transformers import LlamaForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from adapters_core import AdapterSetup, BatchSplit
+from adapters_core import AdapterSetup, BatchSplit, init
 from adapters_core.methods.prefix_tuning.attention import make_prefix_attention
 from adapters_core.methods.prefix_tuning.rule import CARRIED
 
-from .tiny_models import ARCHS, add_adapter, build, hidden_states, max_abs, padded_inputs
+from .tiny_models import ARCHS, add_adapter, build, hidden_states, max_abs, padded_inputs, tiny_config
 
 PREFIX = "prefix_tuning[prefix_length=3,bottleneck_size=16]"
 LONGER = "prefix_tuning[prefix_length=5,bottleneck_size=16]"
 # What transformers 5.24 registers (besides "eager", the models' own default that the prefix room registers).
+SETUP = BatchSplit("p", "q", batch_sizes=[2, 1])  # rows of different prefix lengths, padded rows
 REGISTERED = {"sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4", "paged|eager"}
 
 
-def with_prefixes(arch: str, attn: str) -> nn.Module:
-    model = build(arch, attn)
+def with_prefixes(arch: str, attn: str, lm: bool = False) -> nn.Module:
+    """Adapters p (3 prefix positions) and q (5) on a tiny model (lm: Llama with its LM head, for generate)."""
+    if lm:
+        torch.manual_seed(0)
+        model = init(LlamaForCausalLM._from_config(tiny_config(arch), attn_implementation=attn).eval())
+    else:
+        model = build(arch, attn)
     add_adapter(model, "p", PREFIX, seed=1)
     add_adapter(model, "q", LONGER, seed=2)
     return model
@@ -45,13 +52,28 @@ def test_flex_attention_carries_the_prefix(arch: str) -> None:
             build(arch, "flex_attention")
         return
     inputs = padded_inputs(arch, [7, 4, 6], side="left" if arch == "llama" else "right")
-    setup = BatchSplit("p", "q", batch_sizes=[2, 1])  # rows of different prefix lengths, padded rows
     eager = with_prefixes(arch, "eager")
     with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
-        flex = forward(with_prefixes(arch, "flex_attention"), inputs, setup)
+        flex = forward(with_prefixes(arch, "flex_attention"), inputs, SETUP)
     valid = inputs["attention_mask"].bool()
-    assert max_abs(flex[valid], forward(eager, inputs, setup)[valid]) < 1e-5
+    assert max_abs(flex[valid], forward(eager, inputs, SETUP)[valid]) < 1e-5
+    assert max_abs(flex[valid], forward(with_prefixes(arch, "sdpa"), inputs, SETUP)[valid]) < 1e-5
     assert max_abs(flex[valid], forward(eager, inputs, None)[valid]) > 1e-3
+
+
+def test_flex_attention_carries_the_prefix_at_decode_steps() -> None:
+    """Llama generates under flex_attention with the KV cache what it generates under eager, prefixes and all."""
+    inputs = padded_inputs("llama", [7, 4, 6], side="left")
+    del inputs["position_ids"]
+    kwargs = {"max_new_tokens": 2, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+    runs = {}
+    for attn in ("eager", "flex_attention"):
+        model = with_prefixes("llama", attn, lm=True)
+        with torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=False), AdapterSetup(SETUP):
+            runs[attn] = model.generate(**inputs, **kwargs)
+    assert torch.equal(runs["eager"].sequences, runs["flex_attention"].sequences)
+    for eager, flex in zip(runs["eager"].logits, runs["flex_attention"].logits, strict=True):
+        assert max_abs(eager, flex) < 1e-5
 
 
 def test_every_registered_implementation_carries_or_refuses() -> None:
