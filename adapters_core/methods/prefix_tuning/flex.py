@@ -7,13 +7,18 @@ column back onto the original mask_mod, so the model's causal, padding and offse
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-from torch.nn.attention.flex_attention import BlockMask, _mask_mod_signature, create_block_mask
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+#: flex_attention's mask_mod: (batch, head, q_idx, kv_idx) -> visible.
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 _CACHE_ATTR = "_adapterserve_prefixed"
 
 
-def _causal(offset: int) -> _mask_mod_signature:
+def _causal(offset: int) -> MaskMod:
     def mask_mod(batch: torch.Tensor, head: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         return kv <= q + offset
     return mask_mod
@@ -30,7 +35,7 @@ def prefixed_block_mask(
         cached = getattr(mask, _CACHE_ATTR, None)
         if cached is not None and cached[0].shape == keep.shape and torch.equal(cached[0], keep):
             return cached[1]
-        inner: _mask_mod_signature | None = mask.mask_mod
+        inner: MaskMod | None = mask.mask_mod
     else:
         inner = _causal(k_len - q_len) if causal and q_len > 1 else None
         if inner is None and bool(keep.all()):
