@@ -12,11 +12,12 @@ import pytest
 import torch
 from torch import nn
 from transformers import LlamaForCausalLM
+from transformers.integrations.flex_attention import flex_attention_forward
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from adapters_core import AdapterSetup, BatchSplit, init
-from adapters_core.methods.prefix_tuning.attention import make_prefix_attention
+from adapters_core.methods.prefix_tuning.attention import make_flex_prefix_attention, make_prefix_attention
 from adapters_core.methods.prefix_tuning.rule import CARRIED
 
 from .tiny_models import ARCHS, add_adapter, build, hidden_states, max_abs, padded_inputs, tiny_config
@@ -74,6 +75,27 @@ def test_flex_attention_carries_the_prefix_at_decode_steps() -> None:
     assert torch.equal(runs["eager"].sequences, runs["flex_attention"].sequences)
     for eager, flex in zip(runs["eager"].logits, runs["flex_attention"].logits, strict=True):
         assert max_abs(eager, flex) < 1e-5
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flex_wrapper_without_a_block_mask(causal: bool) -> None:
+    """The path the models here do not take: no mask at all (bidirectional or causal).
+
+    An additive score mask (flex's other input) is extended like eager's but left untested: on CPU, torch
+    2.13's compiled flex_attention with a score-mask tensor corrupts the heap even without a prefix.
+    """
+    g = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, 4, 5, 8, generator=g) for _ in range(3))
+    keep = torch.tensor([[True, True, True], [False, True, True]])  # row 1: a shorter prefix
+    found = (torch.randn(2, 4, 3, 8, generator=g), torch.randn(2, 4, 3, 8, generator=g), keep)
+    module = nn.Module()
+    module.is_causal = causal
+    sdpa = make_prefix_attention(sdpa_attention_forward, lambda m, n: found, as_bool=True)
+    flex = make_flex_prefix_attention(flex_attention_forward, lambda m, n: found)
+    want = sdpa(module, query, key, value, None, scaling=0.3)[0]
+    with torch.no_grad(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        got = flex(module, query, key, value, None, scaling=0.3)[0]
+    assert max_abs(got, want) < 1e-5
 
 
 def test_every_registered_implementation_carries_or_refuses() -> None:
