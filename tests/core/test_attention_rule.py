@@ -126,6 +126,8 @@ def test_flash_attention_2_by_name_is_refused(arch: str) -> None:
     assert not model.has_adapter("p2") and not model.has_adapter("mam")
     with pytest.raises(ValueError, match="'flash_attention_2'"):
         model.set_active_adapters("p")
+    with pytest.raises(ValueError, match="'flash_attention_2'"):
+        forward(model, padded_inputs(arch, [5, 5]), "p")  # refused before any attention call
     model.add_adapter("bn", "seq_bn", set_active=True)  # methods without a prefix are unaffected
 
 
