@@ -190,6 +190,8 @@ class AdapterModelMixin(*room_apis()):
         block = parse_composition(setup)
         if block is not None:
             validate_composition(block, self.adapter_methods())
+            for room in METHODS:
+                room.check_setup(self._host, block, None)
         self.adapters_registry.active = block
 
     @property

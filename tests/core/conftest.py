@@ -27,6 +27,13 @@ from adapters_core import AdapterSetup, AutoAdapterModel, init
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"  # ../shared beside the checkout (also in CI)
 REFERENCE = SHARED / "reference"
 REFERENCE_DECODERS = SHARED / "reference_decoders"
+REFERENCE_GENERATION = SHARED / "reference_generation"
+
+
+def adapter_folder(case_dir: Path) -> Path:
+    """A reference case's adapter_safetensors folder when present, else AdapterHub's .bin folder (`adapter/`)."""
+    st = case_dir / "adapter_safetensors"
+    return st if (st / "adapter.safetensors").is_file() else case_dir / "adapter"
 
 VOCAB = 100
 BATCH, SEQ = 3, 7

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from adapters_core import AdapterSetup, AutoAdapterModel
 
-from .conftest import REFERENCE, REFERENCE_DECODERS
+from .conftest import REFERENCE, REFERENCE_DECODERS, adapter_folder
 
 TOL = 1e-4
 PADDED_TOL = 5e-4  # see the module docstring: float32 conditioning of padded positions, not a wiring issue
@@ -148,12 +148,6 @@ def decoders() -> dict[tuple[str, str], torch.nn.Module]:
     }
 
 
-def _decoder_folder(case_dir: Path) -> Path:
-    """adapter_safetensors when present, else AdapterHub's .bin folder."""
-    st = case_dir / "adapter_safetensors"
-    return st if (st / "adapter.safetensors").is_file() else case_dir / "adapter"
-
-
 @pytest.mark.parametrize("attn", ATTN)
 @pytest.mark.parametrize("case", DECODER_CASES)
 @pytest.mark.parametrize("arch", DECODER_ARCHS)
@@ -164,7 +158,7 @@ def test_decoder_reference(decoders: dict, arch: str, case: str, attn: str) -> N
     inputs = {k: out[k] for k in ("input_ids", "attention_mask")}
     mask = out["attention_mask"].bool()
     assert (~mask).any(), "the references hold a padded row; the sdpa prefix check depends on it"
-    name = model.load_adapter(_decoder_folder(case_dir), load_as=f"ref_{case}", allow_pickle=True)
+    name = model.load_adapter(adapter_folder(case_dir), load_as=f"ref_{case}", allow_pickle=True)
     try:
         got = _forward(model, inputs, name)
         diff = (got - out["last_hidden_state"]).abs()[mask].max().item()
@@ -204,7 +198,7 @@ def test_decoder_prefix_row_alone_equals_row_in_padded_batch(decoders: dict, arc
     case_dir = REFERENCE_DECODERS / arch / "prefix_tuning"
     out = _outputs(case_dir)
     inputs = {k: out[k] for k in ("input_ids", "attention_mask")}
-    name = model.load_adapter(_decoder_folder(case_dir), load_as="row_check", allow_pickle=True)
+    name = model.load_adapter(adapter_folder(case_dir), load_as="row_check", allow_pickle=True)
     try:
         batch = _forward(model, inputs, name)
         for row in range(inputs["input_ids"].shape[0]):

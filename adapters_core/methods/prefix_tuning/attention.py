@@ -1,8 +1,9 @@
 """The one attention wrapper: prepend each routed row's prefix to key and value, extend the mask, delegate.
 
 transformers 5 routes every attention call through `ALL_ATTENTION_FUNCTIONS`; `install_prefix_attention`
-re-registers "sdpa" and "eager" once with wrappers that look up the current rows' prefixes (after rotary
-embedding) and then call the original implementation, so one mechanism serves every architecture.
+re-registers "sdpa", "eager" and "flex_attention" once with wrappers that look up the current rows' prefixes
+(after rotary embedding) and then call the original implementation, so one mechanism serves every
+architecture; every other registered implementation is wrapped to refuse a prefix (rule.py).
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .flex import prefixed_block_mask
+from .rule import CARRIED, PrefixLookup, refuse_packed, refusing_attention
 
 
 def extend_mask(
@@ -51,9 +56,6 @@ def _to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(mask, zero, neg)
 
 
-PrefixLookup = Callable[[nn.Module, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]
-
-
 def make_prefix_attention(delegate: Callable[..., Any], lookup: PrefixLookup, as_bool: bool,
                           cpu_kv_multiple: int = 1) -> Callable[..., Any]:
     """Wrap an attention function so it prepends the routed rows' prefixes to key and value.
@@ -68,6 +70,7 @@ def make_prefix_attention(delegate: Callable[..., Any], lookup: PrefixLookup, as
         found = lookup(module, key.shape[0])
         if found is None:
             return delegate(module, query, key, value, attention_mask, **kwargs)
+        refuse_packed(kwargs, "sdpa" if as_bool else "eager")
         pk, pv, keep = found
         pad = -(key.shape[2] + pk.shape[2]) % cpu_kv_multiple if key.device.type == "cpu" else 0
         front_k, front_v = [pk.to(key.dtype)], [pv.to(value.dtype)]
@@ -93,6 +96,29 @@ def make_prefix_attention(delegate: Callable[..., Any], lookup: PrefixLookup, as
     return attention
 
 
+def make_flex_prefix_attention(delegate: Callable[..., Any], lookup: PrefixLookup) -> Callable[..., Any]:
+    """Wrap flex_attention: prefixes prepended, the model's BlockMask (or score mask) extended over them."""
+
+    def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: BlockMask | torch.Tensor | None, **kwargs: Any) -> Any:
+        found = lookup(module, key.shape[0])
+        if found is None:
+            return delegate(module, query, key, value, attention_mask, **kwargs)
+        refuse_packed(kwargs, "flex_attention")
+        pk, pv, keep = found
+        q_len, k_len = query.shape[2], key.shape[2]
+        causal = bool(getattr(module, "is_causal", False))
+        if attention_mask is None or isinstance(attention_mask, BlockMask):
+            mask = prefixed_block_mask(attention_mask, keep, q_len, k_len, causal)
+        else:
+            mask = extend_mask(attention_mask, keep, q_len, k_len, causal, query.dtype, as_bool=False)
+        key = torch.cat([pk.to(key.dtype), key], dim=2)
+        value = torch.cat([pv.to(value.dtype), value], dim=2)
+        return delegate(module, query, key, value, mask, **kwargs)
+
+    return attention
+
+
 _INSTALLED = threading.Lock()
 _DONE: list[bool] = []
 
@@ -102,11 +128,19 @@ def _eager_delegate(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 
 def install_prefix_attention(lookup: PrefixLookup) -> None:
-    """Register prefix-aware "sdpa" and "eager" attention once, delegating to the originals."""
+    """Once: prefix-aware "sdpa", "eager" and "flex_attention"; every other registered implementation refuses."""
     with _INSTALLED:
         if _DONE:
             return
-        sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
-        ALL_ATTENTION_FUNCTIONS.register("sdpa", make_prefix_attention(sdpa, lookup, as_bool=True, cpu_kv_multiple=16))
-        ALL_ATTENTION_FUNCTIONS.register("eager", make_prefix_attention(_eager_delegate, lookup, as_bool=False))
+        registered = {name: ALL_ATTENTION_FUNCTIONS[name] for name in ALL_ATTENTION_FUNCTIONS}
+        wrapped = {
+            "sdpa": make_prefix_attention(registered["sdpa"], lookup, as_bool=True, cpu_kv_multiple=16),
+            "eager": make_prefix_attention(_eager_delegate, lookup, as_bool=False),
+            "flex_attention": make_flex_prefix_attention(registered["flex_attention"], lookup),
+        }
+        assert set(wrapped) == set(CARRIED)
+        for name, function in registered.items():
+            wrapped.setdefault(name, refusing_attention(name, function, lookup))
+        for name, function in wrapped.items():
+            ALL_ATTENTION_FUNCTIONS.register(name, function)
         _DONE.append(True)

@@ -11,13 +11,16 @@ import typing
 import torch
 from torch import nn
 
+from ...composition import AdapterCompositionBlock
 from ...configuration import AdapterConfigBase
+from ...routing import RowPlan
 from ..base import Holder, Host, Method, child_module, get_path
 from .attention import install_prefix_attention
 from .config import PrefixTuningConfig
 from .eject import EjectAPI
 from .module import PrefixTuningModule
 from .routing import ROOM, PrefixState, lookup, prefixes
+from .rule import check_implementation
 
 # AdapterHub's .bin files repeat every prefix tensor under each layer's attention pool; keep one copy.
 _PREFIX_ALIAS = ".prefix_tuning.pool.prefix_tunings."
@@ -58,6 +61,7 @@ class PrefixTuningMethod(Method):
 
     def add(self, host: Host, name: str, config: AdapterConfigBase) -> None:
         config = typing.cast(PrefixTuningConfig, config)
+        check_implementation(host.config._attn_implementation)
         layers = [i for i in range(host.n_layers) if i not in config.leave_out]
         if not layers:
             raise ValueError(f"prefix tuning config for {name!r} leaves out every layer")
@@ -72,6 +76,12 @@ class PrefixTuningMethod(Method):
         if name in state.prefix_tunings:
             del state.prefix_tunings[name]
         state.layer_index.pop(name, None)
+
+    def check_setup(self, host: Host, setup: AdapterCompositionBlock, plan: RowPlan | None) -> None:
+        """A prefix adapter in the setup needs an attention implementation that carries it (rule.py)."""
+        present = prefixes(host).prefix_tunings
+        if any(name in present for name in setup.flatten()):
+            check_implementation(host.config._attn_implementation)
 
     def translate_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return dedupe_prefix_aliases(state)
