@@ -91,6 +91,11 @@ class Settings(BaseSettings):
         "at every torch op and must win it back from a busy event loop; 0.1 ms instead of Python's 5 ms gave "
         "2-19% more throughput in paired runs of bench/serve_cpu.py. 0 keeps Python's default"
     )
+    kv_cache_mb: float = Field(256, gt=0, description="KV cache budget for running generation sequences; admission waits for room")
+    max_running_sequences: int = Field(32, ge=1, description="generation sequences in one decode step at most")
+    generation_queue_size: int = Field(256, ge=1, description="generation sequences waiting for room; beyond it: 429")
+    prefill_chunk_tokens: int = Field(256, ge=1, description="prompt tokens prefilled per step, so running streams keep their pace")
+    max_new_tokens: int = Field(2048, ge=1, description="the largest max_tokens a generation request may ask for")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
 
     @field_validator("log_level", mode="before")
@@ -116,6 +121,10 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return int(self.kv_cache_mb * 1024 * 1024)
 
     @property
     def adapter_cache_bytes(self) -> int:

@@ -14,6 +14,7 @@ from server.execution.worker import AnyEngine, WorkerEngine
 from server.metrics import Metrics
 from server.registry.store import AdapterStore
 from server.scheduling.batcher import Batcher, Job
+from server.scheduling.generation import GenerationScheduler, generation_scheduler
 from server.scheduling.resolve import FusionLookup, Resolved, resolve
 from server.scheduling.runner import Task, Work, group_key, make_runner
 from server.settings import Settings
@@ -42,6 +43,7 @@ class Runtime:
     residency: Residency
     batcher: Batcher
     started: float = field(default_factory=time.time)
+    generation: GenerationScheduler | None = None
 
     @property
     def max_input_tokens(self) -> int:
@@ -111,4 +113,7 @@ def build_runtime(settings: Settings, metrics: Metrics, engine: AnyEngine) -> Ru
     if isinstance(engine, WorkerEngine):
         engine.on_restart = metrics.worker_restarts.inc
         engine.on_lost = residency.drop
-    return Runtime(settings, store, metrics, engine, residency, batcher)
+    runtime = Runtime(settings, store, metrics, engine, residency, batcher)
+    if engine.causal_lm:
+        runtime.generation = generation_scheduler(settings, engine, residency, batcher.executor, metrics)
+    return runtime
