@@ -115,6 +115,7 @@ class SlotCache:
         self.keys = [torch.zeros(dims, device=device, dtype=dtype) for _ in range(shape.layers)]
         self.values = [torch.zeros(dims, device=device, dtype=dtype) for _ in range(shape.layers)]
         self.rows, self.length = rows, length
+        self._first = 0
         self._n = 0
         self._offset = 0
         self._positions: torch.Tensor | None = None
@@ -127,14 +128,15 @@ class SlotCache:
 
     def prepare_decode(self, positions: torch.Tensor) -> None:
         """Next forward: one token for each of the first len(positions) rows, written at its row's position."""
+        self._first = 0
         self._n = int(positions.shape[0])
         self._positions = positions
         self._index = torch.arange(self._n, device=positions.device)
         self._kv_len = int(positions.max()) + 1
 
-    def prepare_prefill(self, offset: int, tokens: int) -> None:
-        """Next forward: `tokens` tokens of row 0, written from `offset`."""
-        self._n, self._positions, self._index = 1, None, None
+    def prepare_prefill(self, first: int, rows: int, offset: int, tokens: int) -> None:
+        """Next forward: `tokens` tokens for each of rows first..first+rows-1, written from `offset`."""
+        self._first, self._n, self._positions, self._index = first, rows, None, None
         self._offset = offset
         self._kv_len = offset + tokens
 
@@ -145,14 +147,17 @@ class SlotCache:
             v[self._index, :, self._positions] = value_states[:, :, 0]
         else:
             end = self._offset + key_states.shape[2]
-            k[:1, :, self._offset : end] = key_states
-            v[:1, :, self._offset : end] = value_states
-        return k[: self._n, :, : self._kv_len], v[: self._n, :, : self._kv_len]
+            k[self._first : self._first + self._n, :, self._offset : end] = key_states
+            v[self._first : self._first + self._n, :, self._offset : end] = value_states
+        rows = slice(self._first, self._first + self._n)
+        return k[rows, :, : self._kv_len], v[rows, :, : self._kv_len]
 
     def get_seq_length(self, *_: Any) -> int:
         return self._kv_len
 
     def copy_row(self, src: SlotCache, src_row: int, dst_row: int, length: int) -> None:
+        if src is self and src_row == dst_row:
+            return
         for mine, theirs in ((self.keys, src.keys), (self.values, src.values)):
             for a, b in zip(mine, theirs, strict=True):
                 a[dst_row, :, :length] = b[src_row, :, :length]
@@ -165,7 +170,6 @@ class _Seq:
     last: int = -1  # sampled token not yet fed to the model
     generated: int = 0
     rng: torch.Generator | None = None
-    prefill: SlotCache | None = None
     reserve: int = 0
 
 
@@ -215,7 +219,11 @@ def setup_for_rows(blocks: list[Block]) -> Block | BatchSplit:
 
 
 class Generator:
-    """The running set of one backbone: admits, cancels and advances sequences one step at a time."""
+    """The running set of one backbone: admits, cancels and advances sequences one step at a time.
+
+    Slots 0..d-1 hold decoding sequences; slot d holds the sequence whose long prompt is being prefilled chunk by
+    chunk, if any. Short prompts waiting together are prefilled in one forward straight into slots d, d+1, ...
+    """
 
     def __init__(self, model: Any, model_path: str, device: torch.device, dtype: torch.dtype) -> None:
         self.model = model
@@ -224,36 +232,40 @@ class Generator:
         self.shape = KVShape.of(model.config, dtype)
         self.head = lm_head_weight(model, model_path)
         self.eos = eos_ids(model_path, model.config)
+        self.pad = int(getattr(model.config, "pad_token_id", None) or 0)
         self.additive = getattr(model.config, "_attn_implementation", "sdpa") not in ("sdpa",)
         self.cache: SlotCache | None = None
         self.decoding: list[_Seq] = []
-        self.prefilling: deque[_Seq] = deque()
+        self.partial: _Seq | None = None  # at slot len(decoding), prompt partly in the cache
+        self.prefilling: deque[_Seq] = deque()  # admitted, nothing in the cache yet
 
     # -- the step ----------------------------------------------------------------------------------
     def step(self, admit: list[SeqSpec], cancel: list[int], limits: Limits) -> StepResult:
-        """Cancel, admit, run at most one prefill chunk and one decode forward over every decoding sequence."""
+        """Cancel, admit, one prefill forward (a chunk of one long prompt, or several short prompts whole) and one
+        decode forward over every decoding sequence."""
         events: list[Emitted] = []
         for seq_id in cancel:
             self._drop(seq_id)
         for spec in admit:
             self._admit(spec)
-        if self.prefilling:
-            events += self._prefill_chunk(limits)
+        if self.partial is not None or self.prefilling:
+            events += self._prefill(limits)
         decoded = len(self.decoding)
         if self.decoding:
             events += self._decode()
-        if not self.decoding and self.cache is not None:
+        if not self.decoding and self.partial is None:
             self.cache = None
-        return StepResult(events, self.kv_bytes, len(self.decoding) + len(self.prefilling), decoded)
+        running = len(self.decoding) + len(self.prefilling) + (self.partial is not None)
+        return StepResult(events, self.kv_bytes, running, decoded)
 
     @property
     def kv_bytes(self) -> int:
-        total = self.cache.nbytes if self.cache is not None else 0
-        return total + sum(s.prefill.nbytes for s in self.prefilling if s.prefill is not None)
+        return self.cache.nbytes if self.cache is not None else 0
 
     def reset(self) -> None:
         self.cache = None
         self.decoding.clear()
+        self.partial = None
         self.prefilling.clear()
 
     # -- admission and leaving ----------------------------------------------------------------------
@@ -262,79 +274,112 @@ class Generator:
         if spec.sampling.temperature > 0:
             rng = torch.Generator(device=self.device)
             rng.manual_seed(spec.sampling.seed if spec.sampling.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-        seq = _Seq(spec, rng=rng, reserve=len(spec.prompt) + spec.max_tokens)
-        seq.prefill = SlotCache(self.shape, 1, len(spec.prompt), self.device, self.dtype)
-        self.prefilling.append(seq)
+        self.prefilling.append(_Seq(spec, rng=rng, reserve=len(spec.prompt) + spec.max_tokens))
 
     def _drop(self, seq_id: int) -> None:
         for seq in list(self.prefilling):
             if seq.spec.id == seq_id:
                 self.prefilling.remove(seq)
                 return
+        if self.partial is not None and self.partial.spec.id == seq_id:
+            self.partial = None
+            return
         for i, seq in enumerate(self.decoding):
             if seq.spec.id == seq_id:
                 self._leave(i)
                 return
 
     def _leave(self, i: int) -> None:
+        """Free slot i: the last decoding sequence moves into it, and the partial one down by one slot."""
         last = len(self.decoding) - 1
-        if i != last:
-            moved = self.decoding[last]
-            assert self.cache is not None
-            self.cache.copy_row(self.cache, last, i, moved.length)
-            self.decoding[i] = moved
+        assert self.cache is not None
+        moved = self.decoding[last]
+        self.cache.copy_row(self.cache, last, i, moved.length)
+        self.decoding[i] = moved
         self.decoding.pop()
+        if self.partial is not None:
+            self.cache.copy_row(self.cache, last + 1, last, self.partial.length)
 
-    def _join(self, seq: _Seq, limits: Limits) -> None:
-        """Move a prefilled sequence into the next slot of the shared buffers (growing them if needed)."""
-        rows = len(self.decoding) + 1
-        need = max(s.reserve for s in (*self.decoding, seq))
-        if self.cache is None or rows > self.cache.rows or need > self.cache.length:
-            self._grow(rows, need, limits)
-        assert self.cache is not None and seq.prefill is not None
-        self.cache.copy_row(seq.prefill, 0, rows - 1, seq.length)
-        seq.prefill = None
-        self.decoding.append(seq)
-
-    def _grow(self, rows: int, length: int, limits: Limits) -> None:
-        others = sum(s.prefill.nbytes for s in self.prefilling if s.prefill is not None)
+    def _room(self, rows: int, extra: list[_Seq], limits: Limits) -> None:
+        """Make the slot buffers hold `rows` rows and every live or incoming sequence's reserve (growing, copying)."""
+        live = [*self.decoding, *([self.partial] if self.partial is not None else [])]
+        need = max(s.reserve for s in (*live, *extra))
         old = self.cache
+        if old is not None and rows <= old.rows and need <= old.length:
+            return
         want_rows = max(rows, min(limits.max_rows, 2 * (old.rows if old else 1)))
-        want_len = -(-length // _ROUND) * _ROUND
-        if self.shape.bytes(want_rows, want_len) + others > limits.budget_bytes:
-            want_rows, want_len = rows, length
-        if old is not None:
-            want_rows, want_len = max(want_rows, min(old.rows, limits.max_rows)), max(want_len, length)
-            if self.shape.bytes(want_rows, want_len) + others > limits.budget_bytes:
-                want_rows, want_len = rows, length
-        self.cache = None  # free the old buffers' reference count before the copy finishes below
+        want_len = max(-(-need // _ROUND) * _ROUND, old.length if old else 0)
+        if self.shape.bytes(want_rows, want_len) > limits.budget_bytes:
+            want_rows, want_len = rows, max(need, old.length if old else 0)
+            if self.shape.bytes(want_rows, want_len) > limits.budget_bytes:
+                want_rows, want_len = rows, need
+        self.cache = None
         fresh = SlotCache(self.shape, want_rows, want_len, self.device, self.dtype)
         if old is not None:
-            for i, s in enumerate(self.decoding):
+            for i, s in enumerate(live):
                 fresh.copy_row(old, i, i, s.length)
         self.cache = fresh
 
     # -- forwards -----------------------------------------------------------------------------------
-    def _prefill_chunk(self, limits: Limits) -> list[Emitted]:
-        seq = self.prefilling[0]
-        assert seq.prefill is not None
+    def _prefill(self, limits: Limits) -> list[Emitted]:
+        if self.partial is None and len(self.prefilling[0].spec.prompt) > limits.prefill_chunk:
+            self.partial = self.prefilling.popleft()
+        if self.partial is not None:
+            return self._prefill_chunk(self.partial, limits)
+        batch = [self.prefilling.popleft()]
+        total = len(batch[0].spec.prompt)
+        while self.prefilling and total + len(self.prefilling[0].spec.prompt) <= limits.prefill_chunk:
+            total += len(self.prefilling[0].spec.prompt)
+            batch.append(self.prefilling.popleft())
+        return self._prefill_whole(batch, limits)
+
+    def _prefill_chunk(self, seq: _Seq, limits: Limits) -> list[Emitted]:
+        """The next chunk of one long prompt, written into slot d."""
+        slot = len(self.decoding)
+        self._room(slot + 1, [seq], limits)
+        assert self.cache is not None
         prompt = seq.spec.prompt
-        chunk = prompt[seq.length : seq.length + limits.prefill_chunk]
-        start, n = seq.length, len(chunk)
+        start = seq.length
+        chunk = prompt[start : start + limits.prefill_chunk]
+        n = len(chunk)
         ids = torch.tensor([chunk], device=self.device)
         pos = torch.arange(start, start + n, device=self.device)[None]
-        mask = torch.arange(start + n, device=self.device)[None, :] <= pos[0, :, None]
-        seq.prefill.prepare_prefill(start, n)
-        logits = self._forward(ids, pos, mask[None, None], seq.prefill, [seq.spec.block])
+        mask = (torch.arange(start + n, device=self.device)[None, :] <= pos[0, :, None])[None, None]
+        self.cache.prepare_prefill(slot, 1, start, n)
+        logits = self._forward(ids, pos, mask, self.cache, [seq.spec.block], None)
         seq.length += n
         if seq.length < len(prompt):
             return []
-        self.prefilling.popleft()
-        token = self._sample(logits, [seq])[0]
-        event = self._advance(seq, token)
-        if event.finish is None:
-            self._join(seq, limits)
-        return [event]
+        self.partial = None
+        self.decoding.append(seq)
+        return self._first_tokens([seq], logits)
+
+    def _prefill_whole(self, batch: list[_Seq], limits: Limits) -> list[Emitted]:
+        """Several whole prompts in one forward (right-padded), written into slots d, d+1, ..."""
+        first = len(self.decoding)
+        self._room(first + len(batch), batch, limits)
+        assert self.cache is not None
+        lengths = torch.tensor([len(s.spec.prompt) for s in batch], device=self.device)
+        width = int(lengths.max())
+        ids = torch.full((len(batch), width), self.pad, dtype=torch.long, device=self.device)
+        for r, s in enumerate(batch):
+            ids[r, : len(s.spec.prompt)] = torch.tensor(s.spec.prompt, device=self.device)
+        ar = torch.arange(width, device=self.device)
+        pos = ar[None].expand(len(batch), width)
+        mask = (ar[None, None, :] <= ar[None, :, None]) & (ar[None, None, :] < lengths[:, None, None])
+        self.cache.prepare_prefill(first, len(batch), 0, width)
+        logits = self._forward(ids, pos, mask[:, None], self.cache, [s.spec.block for s in batch], lengths - 1)
+        for s in batch:
+            s.length = len(s.spec.prompt)
+        self.decoding.extend(batch)
+        return self._first_tokens(batch, logits)
+
+    def _first_tokens(self, seqs: list[_Seq], logits: torch.Tensor) -> list[Emitted]:
+        events = [self._advance(s, t) for s, t in zip(seqs, self._sample(logits, seqs), strict=True)]
+        for e in events:
+            if e.finish is not None:
+                self._drop(e.id)
+        return events
 
     def _decode(self) -> list[Emitted]:
         assert self.cache is not None
@@ -344,19 +389,19 @@ class Generator:
         self.cache.prepare_decode(positions)
         kv_len = int(positions.max()) + 1
         mask = (torch.arange(kv_len, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
-        logits = self._forward(ids, positions[:, None], mask, self.cache, [s.spec.block for s in seqs])
+        logits = self._forward(ids, positions[:, None], mask, self.cache, [s.spec.block for s in seqs], None)
         for s in seqs:
             s.length += 1
         tokens = self._sample(logits, seqs)
-        events = [self._advance(s, t) for s, t in zip(seqs, tokens, strict=True)]
+        events = [self._advance(s, t) for s, t in zip(list(seqs), tokens, strict=True)]
         for e in events:
             if e.finish is not None:
                 self._drop(e.id)
         return events
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: SlotCache,
-                 blocks: list[Block]) -> torch.Tensor:
-        """Logits at each row's last position, under each row's composition."""
+                 blocks: list[Block], last: torch.Tensor | None) -> torch.Tensor:
+        """Logits at each row's last position (or at `last[row]`), under each row's composition."""
         from adapters_core import AdapterSetup
 
         if self.additive:
@@ -364,7 +409,9 @@ class Generator:
         setup = setup_for_rows(blocks)
         with torch.inference_mode(), AdapterSetup(setup) if setup is not None else nullcontext():
             out = self.base(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
-            return (out.last_hidden_state[:, -1] @ self.head.T).float()
+            hidden = out.last_hidden_state
+            rows = hidden[:, -1] if last is None else hidden[torch.arange(hidden.shape[0], device=self.device), last]
+            return (rows @ self.head.T).float()
 
     # -- sampling -----------------------------------------------------------------------------------
     def _sample(self, logits: torch.Tensor, seqs: list[_Seq]) -> list[int]:

@@ -26,7 +26,7 @@ def family(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="module")
 def gen_srv(family: str, lm_dirs: dict[str, Path], lm_adapters: dict[tuple[str, str], Path],
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    settings = settings_for(lm_dirs[family], tmp_path_factory.mktemp(f"store-{family}"), prefill_chunk_tokens=4, torch_threads=1)
+    settings = settings_for(lm_dirs[family], tmp_path_factory.mktemp(f"store-{family}"), prefill_chunk_tokens=16, torch_threads=1)
     with serve(settings) as running:
         with running.client() as c:
             for method in METHODS:

@@ -213,3 +213,30 @@ def test_a_killed_worker_ends_running_streams_with_an_error_and_the_next_request
 
 def llama_name(srv: Running) -> str:
     return Path(srv.settings.model_path).name
+
+
+def test_a_client_that_leaves_a_plain_request_cancels_it(srv: Running) -> None:
+    gen = srv.app.state.runtime.generation
+    steps = gen.steps
+    with srv.client(timeout=0.02) as c, pytest.raises(httpx.ReadTimeout):
+        c.post("/v1/completions", json=long_body("lora", 230))
+    with srv.client() as c:
+        wait_for(lambda: metric(c, "adapterserve_generation_running_sequences") == 0)
+        assert metric(c, "adapterserve_kv_cache_bytes") == 0
+    assert gen.steps - steps < 200
+
+
+def test_generation_metrics_and_tenancy(llama: Path, tmp_path: Path, keys_file: Path, lm_adapters: dict[tuple[str, str], Path]) -> None:
+    with serve(_settings(llama, tmp_path, api_keys_file=keys_file)) as running:
+        with running.client("acme-key") as acme, running.client("beta-key") as beta, running.client() as anon:
+            assert upload_files(acme, "mine", lm_adapters[("llama", "ia3")]).status_code == 201
+            body = {"model": "mine", "prompt": PROMPT, "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+            assert anon.post("/v1/completions", json=body).status_code == 401
+            assert beta.post("/v1/completions", json=body).status_code == 404
+            assert beta.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": "hi"}]}).status_code == 404
+            assert acme.post("/v1/completions", json=body).status_code == 200
+            text = acme.get("/metrics").text
+    assert "adapterserve_generation_ttft_seconds_count 1.0" in text
+    assert "adapterserve_generation_inter_token_seconds_count 4.0" in text
+    assert "adapterserve_generated_tokens_total 5.0" in text
+    assert 'adapterserve_tenant_generated_tokens_total{tenant="acme"} 5.0' in text

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
@@ -17,7 +18,7 @@ from server.execution.generator import Sampling
 from server.http.auth import Principal, authenticate
 from server.http.deps import runtime_of
 from server.http.gen_schemas import ChatRequest, ChatResponse, CompletionRequest, CompletionResponse
-from server.http.problems import problem_responses
+from server.http.problems import ProblemError, problem_responses
 from server.scheduling import gen_requests as gr
 from server.scheduling.generation import Delta, Done, Failed
 from server.scheduling.runtime import Runtime
@@ -26,6 +27,7 @@ router = APIRouter(tags=["openai"])
 Auth = Annotated[Principal, Depends(authenticate)]
 Rt = Annotated[Runtime, Depends(runtime_of)]
 ERRORS = problem_responses(400, 401, 404, 413, 422, 429, 503, 504)
+DISCONNECT_POLL_S = 0.05
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -42,7 +44,7 @@ def _usage(done: list[Done]) -> dict[str, int]:
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS,
              summary="OpenAI-compatible text completion; `model` names an adapter or the backbone")
-async def completions(body: CompletionRequest, principal: Auth, rt: Rt) -> Any:
+async def completions(body: CompletionRequest, principal: Auth, rt: Rt, request: Request) -> Any:
     gr.scheduler_of(rt)
     params = _params(body)
     prompts = gr.text_prompts(rt, body.prompt)
@@ -57,17 +59,14 @@ async def completions(body: CompletionRequest, principal: Auth, rt: Rt) -> Any:
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
         return _sse(run, chunk, None, head, usage)
-    try:
-        texts, done = await run.collect()
-    finally:
-        run.close()
+    texts, done = await _collect(request, run)
     choices = [{"index": d.index, "text": texts[d.index], "logprobs": None, "finish_reason": d.finish} for d in done]
     return JSONResponse({**head, "choices": choices, "usage": _usage(done)})
 
 
 @router.post("/v1/chat/completions", response_model=ChatResponse, responses=ERRORS,
              summary="OpenAI-compatible chat completion (the tokenizer's chat template)")
-async def chat_completions(body: ChatRequest, principal: Auth, rt: Rt) -> Any:
+async def chat_completions(body: ChatRequest, principal: Auth, rt: Rt, request: Request) -> Any:
     gr.scheduler_of(rt)
     params = _params(body)
     prompt = gr.chat_prompt(rt, [{"role": m.role, "content": m.text()} for m in body.messages])
@@ -84,13 +83,25 @@ async def chat_completions(body: ChatRequest, principal: Auth, rt: Rt) -> Any:
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
         return _sse(run, chunk, first, head, usage)
-    try:
-        texts, done = await run.collect()
-    finally:
-        run.close()
+    texts, done = await _collect(request, run)
     choices = [{"index": d.index, "message": {"role": "assistant", "content": texts[d.index]}, "logprobs": None,
                 "finish_reason": d.finish} for d in done]
     return JSONResponse({**head, "object": "chat.completion", "choices": choices, "usage": _usage(done)})
+
+
+async def _collect(request: Request, run: gr.Generation) -> tuple[list[str], list[Done]]:
+    """The whole answer; a client that disconnects before it is ready cancels its sequences."""
+    task = asyncio.ensure_future(run.collect())
+    try:
+        while True:
+            finished, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if finished:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise ProblemError(499, "client-closed-request", "the client disconnected before the completion was ready")
+    finally:
+        run.close()
 
 
 def _sse(run: gr.Generation, chunk: Callable[[int, str, str | None], dict[str, Any]], first: dict[str, Any] | None,
