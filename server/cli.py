@@ -29,6 +29,9 @@ _FLAGS: dict[str, str] = {
     "--drain-timeout-s": "drain_timeout_s", "--log-level": "log_level", "--torch-threads": "torch_threads",
     "--switch-interval-ms": "switch_interval_ms", "--inference-worker": "inference_worker",
     "--length-buckets": "length_buckets",
+    "--kv-cache-mb": "kv_cache_mb", "--max-running-sequences": "max_running_sequences",
+    "--generation-queue-size": "generation_queue_size", "--prefill-chunk-tokens": "prefill_chunk_tokens",
+    "--max-new-tokens": "max_new_tokens",
 }
 
 
