@@ -108,6 +108,22 @@ class SoloReference:
             if name is not None:
                 self.model.delete_adapter(name)
 
+    def composed(self, prompt: str, folders: dict[str, Path], setup: object, max_tokens: int) -> str:
+        """Greedy text under a composition over adapters loaded under the given names."""
+        from adapters_core import AdapterSetup
+
+        for name, folder in folders.items():
+            self.model.load_adapter(str(folder), load_as=name)
+        try:
+            ids = torch.tensor([self.tok(prompt)["input_ids"]])
+            with torch.inference_mode(), AdapterSetup(setup):
+                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                          do_sample=False, use_cache=True, pad_token_id=self.tok.pad_token_id)
+            return self.tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        finally:
+            for name in folders:
+                self.model.delete_adapter(name)
+
     def text(self, prompt: str, adapter: Path | None, max_tokens: int) -> str:
         return self.tok.decode(self.ids(self.tok(prompt)["input_ids"], adapter, max_tokens), skip_special_tokens=True)
 

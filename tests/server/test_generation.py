@@ -190,3 +190,23 @@ def test_the_official_openai_client_streams_a_chat_completion(gen_srv: Running) 
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     done = client.completions.create(model=backbone, prompt="the movie was", max_tokens=5, temperature=0)
     assert done.choices[0].finish_reason in ("stop", "length")
+
+
+def test_compositions_generate_as_the_library_does_also_beside_single_adapters(
+        gen_srv: Running, family: str, solo: SoloReference, lm_adapters: dict[tuple[str, str], Path]) -> None:
+    from adapters_core import Average, Stack
+
+    a = {"sa": lm_adapters[(family, "seq_bn")], "sb": lm_adapters[(family, "lora")]}
+    cases = [
+        ({"stack": ["seq-bn", "lora"]}, Stack("sa", "sb"), a),
+        ({"average": ["lora", "ia3"], "weights": [0.7, 0.3]},
+         Average("sb", "si", weights=[0.7, 0.3]), {"sb": a["sb"], "si": lm_adapters[(family, "ia3")]}),
+    ]
+    prompt = "the movie was"
+    want = [solo.composed(prompt, folders, setup, MAX_TOKENS) for _, setup, folders in cases]
+    want_single = solo.text(prompt, lm_adapters[(family, "par_bn")], MAX_TOKENS)
+    with gen_srv.client() as c, ThreadPoolExecutor(6) as pool:
+        bodies = [("x", {"adapters": spec}) for spec, _, _ in cases] * 2 + [("par-bn", {})] * 2
+        got = list(pool.map(lambda b: complete(c, b[0], prompt, **b[1]), bodies))
+    texts = [r.json()["choices"][0]["text"] for r in got]
+    assert texts == want * 2 + [want_single] * 2
