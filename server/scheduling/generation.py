@@ -284,7 +284,7 @@ class GenerationScheduler:
             if seq.detok.stopped:
                 self._emit(seq, text)
                 self._close(seq, "stop")
-                self.cancel_running(seq, ended=ev.finish is not None)
+                self._end_by_stop(seq, ended=ev.finish is not None)
                 continue
             if ev.finish is not None:
                 self._emit(seq, text + seq.detok.flush())
@@ -293,7 +293,7 @@ class GenerationScheduler:
                 continue
             self._emit(seq, text)
 
-    def cancel_running(self, seq: Sequence, ended: bool) -> None:
+    def _end_by_stop(self, seq: Sequence, ended: bool) -> None:
         """A running sequence we ended ourselves (stop string): if the generator still holds it, drop it next step."""
         if ended:
             self._finish(seq)

@@ -176,24 +176,30 @@ def test_a_full_queue_answers_429(llama: Path, tmp_path: Path) -> None:
 def test_hot_swap_during_a_stream_keeps_its_version_and_delete_waits(srv: Running, solo: SoloReference,
                                                                      lm_adapters: dict[tuple[str, str], Path]) -> None:
     v1, v2 = lm_adapters[("llama", "seq_bn")], lm_adapters[("llama", "prefix_tuning")]
-    tokens = 120
-    want1, want2 = (solo.text(PROMPT, v, tokens) for v in (v1, v2))
+    want1, want2 = (solo.text(PROMPT, v, 40) for v in (v1, v2))
     assert want1 != want2
-    body = {"model": "swap", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0}
+    body = {"model": "swap", "prompt": PROMPT, "max_tokens": 40, "temperature": 0}
+    long = {**body, "max_tokens": 230, "ignore_eos": True}  # the same greedy text, going on past any EOS
+    residency = srv.app.state.runtime.residency
     with srv.client() as c:
         assert upload_files(c, "swap", v1).status_code == 201
-        stream = Stream(srv, body)
+        stream = Stream(srv, long)
         assert stream.first.wait(30)
         assert upload_files(c, "swap", v2, path="/v1/adapters/swap/versions").status_code == 201
         fresh = c.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        assert not stream.done.is_set()
         stream.join()
-        assert stream.text == want1 and fresh == want2
-        stream = Stream(srv, body)
+        assert stream.text.startswith(want1) and fresh == want2
+        stream = Stream(srv, long)
         assert stream.first.wait(30)
+        meta = srv.app.state.runtime.store.find("default", "swap")
+        assert meta is not None and meta.version == 2
         assert c.delete("/v1/adapters/swap").status_code == 200
         assert c.post("/v1/completions", json=body).status_code == 404
+        assert residency.is_resident(meta.internal) and not stream.done.is_set()  # the delete waits for the stream
         stream.join()
-        assert stream.text == want2 and not stream.errors
+        assert stream.text.startswith(want2) and not stream.errors
+        wait_for(lambda: not residency.is_resident(meta.internal))  # then it is unloaded
 
 
 def test_a_killed_worker_ends_running_streams_with_an_error_and_the_next_requests_succeed(srv: Running, solo: SoloReference) -> None:
