@@ -91,11 +91,11 @@ class Settings(BaseSettings):
         "at every torch op and must win it back from a busy event loop; 0.1 ms instead of Python's 5 ms gave "
         "2-19% more throughput in paired runs of bench/serve_cpu.py. 0 keeps Python's default"
     )
-    kv_cache_mb: float = Field(256, gt=0, description="KV cache budget for running generation sequences; admission waits for room")
+    kv_cache_mb: float = Field(1024, gt=0, description="KV cache budget for running generation sequences: a sequence is admitted once its worst case (prompt + max_tokens) fits beside the running ones; the buffers grow as sequences get longer")
     max_running_sequences: int = Field(32, ge=1, description="generation sequences in one decode step at most")
     generation_queue_size: int = Field(256, ge=1, description="generation sequences waiting for room; beyond it: 429")
     prefill_chunk_tokens: int = Field(256, ge=1, description="prompt tokens prefilled per step, so running streams keep their pace")
-    max_new_tokens: int = Field(2048, ge=1, description="the largest max_tokens a generation request may ask for")
+    max_new_tokens: int = Field(1024, ge=1, description="the largest max_tokens a generation request may ask for")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
 
     @field_validator("log_level", mode="before")

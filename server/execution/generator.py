@@ -26,7 +26,7 @@ from adapters_core.composition import AdapterCompositionBlock, BatchSplit, Fuse,
 Block = AdapterCompositionBlock | str | None
 
 _CAUSAL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2"})
-_ROUND = 64  # capacity grows in multiples of this many tokens
+_ROUND = 64  # the smallest slot capacity, in tokens
 
 
 def is_causal_lm(config: Any) -> bool:
@@ -252,7 +252,7 @@ class Generator:
             events += self._prefill(limits)
         decoded = len(self.decoding)
         if self.decoding:
-            events += self._decode()
+            events += self._decode(limits)
         if not self.decoding and self.partial is None:
             self.cache = None
         running = len(self.decoding) + len(self.prefilling) + (self.partial is not None)
@@ -300,19 +300,21 @@ class Generator:
         if self.partial is not None:
             self.cache.copy_row(self.cache, last + 1, last, self.partial.length)
 
-    def _room(self, rows: int, extra: list[_Seq], limits: Limits) -> None:
-        """Make the slot buffers hold `rows` rows and every live or incoming sequence's reserve (growing, copying)."""
-        live = [*self.decoding, *([self.partial] if self.partial is not None else [])]
-        need = max(s.reserve for s in (*live, *extra))
+    def _room(self, rows: int, length: int, extra: list[_Seq], limits: Limits) -> None:
+        """Make the slot buffers hold `rows` rows of `length` tokens. They grow by doubling (copying the live rows),
+        never past the longest reserve (prompt + max_tokens) of the live and incoming sequences, nor the budget."""
         old = self.cache
-        if old is not None and rows <= old.rows and need <= old.length:
+        if old is not None and rows <= old.rows and length <= old.length:
             return
-        want_rows = max(rows, min(limits.max_rows, 2 * (old.rows if old else 1)))
-        want_len = max(-(-need // _ROUND) * _ROUND, old.length if old else 0)
+        live = [*self.decoding, *([self.partial] if self.partial is not None else [])]
+        cap = max(s.reserve for s in (*live, *extra))
+        old_rows, old_len = (old.rows, old.length) if old is not None else (0, 0)
+        want_rows = max(rows, min(limits.max_rows, 2 * old_rows))
+        want_len = max(old_len, min(cap, max(length, 2 * old_len, _ROUND)))
         if self.shape.bytes(want_rows, want_len) > limits.budget_bytes:
-            want_rows, want_len = rows, max(need, old.length if old else 0)
+            want_rows, want_len = max(rows, old_rows), max(length, old_len)
             if self.shape.bytes(want_rows, want_len) > limits.budget_bytes:
-                want_rows, want_len = rows, need
+                want_rows, want_len = rows, length
         self.cache = None
         fresh = SlotCache(self.shape, want_rows, want_len, self.device, self.dtype)
         if old is not None:
@@ -336,7 +338,7 @@ class Generator:
     def _prefill_chunk(self, seq: _Seq, limits: Limits) -> list[Emitted]:
         """The next chunk of one long prompt, written into slot d."""
         slot = len(self.decoding)
-        self._room(slot + 1, [seq], limits)
+        self._room(slot + 1, seq.length + min(limits.prefill_chunk, len(seq.spec.prompt) - seq.length), [seq], limits)
         assert self.cache is not None
         prompt = seq.spec.prompt
         start = seq.length
@@ -357,7 +359,7 @@ class Generator:
     def _prefill_whole(self, batch: list[_Seq], limits: Limits) -> list[Emitted]:
         """Several whole prompts in one forward (right-padded), written into slots d, d+1, ..."""
         first = len(self.decoding)
-        self._room(first + len(batch), batch, limits)
+        self._room(first + len(batch), max(len(s.spec.prompt) for s in batch), batch, limits)
         assert self.cache is not None
         lengths = torch.tensor([len(s.spec.prompt) for s in batch], device=self.device)
         width = int(lengths.max())
@@ -381,9 +383,10 @@ class Generator:
                 self._drop(e.id)
         return events
 
-    def _decode(self) -> list[Emitted]:
-        assert self.cache is not None
+    def _decode(self, limits: Limits) -> list[Emitted]:
         seqs = self.decoding
+        self._room(len(seqs) + (self.partial is not None), max(s.length for s in seqs) + 1, [], limits)
+        assert self.cache is not None
         ids = torch.tensor([[s.last] for s in seqs], device=self.device)
         positions = torch.tensor([s.length for s in seqs], device=self.device)
         self.cache.prepare_decode(positions)
