@@ -36,6 +36,9 @@ _FLAGS: dict[str, str] = {
     "--max-json-depth": "max_json_depth", "--tokenize-threads": "tokenize_threads",
     "--header-timeout-s": "header_timeout_s", "--body-timeout-s": "body_timeout_s",
     "--min-body-rate-kib-s": "min_body_rate_kib_s",
+    "--kv-cache-mb": "kv_cache_mb", "--max-running-sequences": "max_running_sequences",
+    "--generation-queue-size": "generation_queue_size", "--prefill-chunk-tokens": "prefill_chunk_tokens",
+    "--max-new-tokens": "max_new_tokens",
 }
 KEEP_ALIVE_S = 75  # above the idle timeout of common proxies and load balancers (nginx upstream keepalive: 60 s)
 

@@ -102,6 +102,25 @@ class InferenceFailed(DomainError):
     slug, status = "inference-failed", 500
 
 
+# -- generation ---------------------------------------------------------------------------------------
+class GenerationUnsupported(DomainError):
+    """The backbone, the composition or a parameter cannot be used to generate text."""
+
+    slug, status = "generation-unsupported", 422
+
+
+class ContextTooLong(DomainError):
+    """prompt + max_tokens do not fit the backbone's context (or the KV cache budget)."""
+
+    slug, status = "context-length-exceeded", 422
+
+
+class InvalidGenerationRequest(DomainError):
+    """Messages, sampling parameters or stop strings that are out of range."""
+
+    slug, status = "invalid-generation-request", 422
+
+
 # -- uploads ------------------------------------------------------------------------------------------
 class UploadRejected(DomainError):
     """An upload failed a check; the check names its own slug and status (422 invalid, 413 too large, 415 pickle)."""

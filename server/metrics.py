@@ -39,6 +39,13 @@ class Metrics:
         self.in_flight = Gauge(p + "requests_in_flight", "API (/v1) requests being handled now", registry=r)
         self.worker_restarts = Counter(p + "inference_worker_restarts", "Times the inference worker process died and was started again", registry=r)
         self.draining = Gauge(p + "draining", "1 while the server drains before exiting", registry=r)
+        self.ttft_seconds = Histogram(p + "generation_ttft_seconds", "Time from a generation request's arrival to its first token", buckets=_LATENCY, registry=r)
+        self.inter_token_seconds = Histogram(p + "generation_inter_token_seconds", "Time between consecutive tokens of one sequence", buckets=_LATENCY, registry=r)
+        self.generated_tokens = Counter(p + "generated_tokens", "Tokens generated", registry=r)
+        self.tenant_generated_tokens = Counter(p + "tenant_generated_tokens", "Tokens generated per tenant (tenants from the keys file only)", ["tenant"], registry=r)
+        self.sequences_running = Gauge(p + "generation_running_sequences", "Sequences holding KV cache (prefilling or decoding)", registry=r)
+        self.sequences_waiting = Gauge(p + "generation_waiting_sequences", "Sequences waiting for room in the KV cache", registry=r)
+        self.kv_cache_bytes = Gauge(p + "kv_cache_bytes", "Bytes of KV cache allocated for running sequences", registry=r)
         for result in ("ok", "error"):
             self.adapter_loads.labels(result=result)
 

@@ -97,6 +97,11 @@ class Settings(BaseSettings):
         "at every torch op and must win it back from a busy event loop; 0.1 ms instead of Python's 5 ms gave "
         "2-19% more throughput in paired runs of bench/serve_cpu.py. 0 keeps Python's default"
     )
+    kv_cache_mb: float = Field(1024, gt=0, description="KV cache budget for running generation sequences: a sequence is admitted once its worst case (prompt + max_tokens) fits beside the running ones; the buffers grow as sequences get longer")
+    max_running_sequences: int = Field(32, ge=1, description="generation sequences in one decode step at most")
+    generation_queue_size: int = Field(256, ge=1, description="generation sequences waiting for room; beyond it: 429")
+    prefill_chunk_tokens: int = Field(256, ge=1, description="prompt tokens prefilled per step, so running streams keep their pace")
+    max_new_tokens: int = Field(1024, ge=1, description="the largest max_tokens a generation request may ask for")
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     # -- what one request may ask of the server (server/scheduling/cost.py; over a limit: 413 naming it) ----
     max_composition_depth: int = Field(
@@ -161,6 +166,10 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return int(self.kv_cache_mb * 1024 * 1024)
 
     @property
     def adapter_cache_bytes(self) -> int:

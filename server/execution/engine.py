@@ -20,6 +20,7 @@ from transformers.utils import logging as hf_logging
 
 from adapters_core import FusionInfo, mean_pool
 from adapters_core.composition import AdapterCompositionBlock, BatchSplit, Fuse, Stack
+from server.execution.generator import Generator, Limits, SeqSpec, StepResult, is_causal_lm
 from server.registry.store import Upload
 
 log = logging.getLogger("adapterserve.engine")
@@ -89,6 +90,8 @@ class Backbone:
         """Sizes from the model's config; `model` (live or on the meta device) validates uploads."""
         self._shape_model = model
         cfg = model.config
+        self.config = cfg
+        self.causal_lm: bool = is_causal_lm(cfg)
         self.hidden_size: int = int(cfg.hidden_size)
         self.vocab_size: int = int(cfg.vocab_size)  # rows of the input embedding: the bound on token ids
         self.num_layers: int = int(cfg.num_hidden_layers)
@@ -158,6 +161,7 @@ class Engine(Backbone):
         self.model: Any = model.to(device=self.device, dtype=self.dtype)
         self.model.set_stack_cache_limit(stack_cache_bytes)
         self._fusions: dict[str, tuple[str, ...]] = {}  # loaded fusion -> the adapters it fuses
+        self._generator: Generator | None = None
         self._describe(self.model)
         log.info("backbone %s: hidden %d, %d layers, %s %s", model_path, self.hidden_size, self.num_layers, self.device, dtype)
 
@@ -184,6 +188,20 @@ class Engine(Backbone):
         self.model.delete_adapter(internal)
         for fusion in [f for f, members in self._fusions.items() if internal in members]:
             del self._fusions[fusion]
+
+    # -- generation ----------------------------------------------------------------------------
+    def generation_step(self, admit: list[SeqSpec], cancel: list[int], limits: Limits) -> StepResult:
+        """One iteration of the running set (see server.execution.generator); built on first use."""
+        if self._generator is None:
+            if not self.causal_lm:
+                raise ValueError(f"{self.name} is not a causal language model")
+            self._generator = Generator(self.model, self.model_path, self.device, self.dtype)
+        return self._generator.step(admit, cancel, limits)
+
+    def generation_reset(self) -> None:
+        """Forget every sequence (the scheduler failed them all)."""
+        if self._generator is not None:
+            self._generator.reset()
 
     # -- forward -------------------------------------------------------------------------------
     def _inputs(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from server.execution.engine import Backbone, Classified, Engine, Segment
+from server.execution.generator import Limits, SeqSpec, StepResult
 
 log = logging.getLogger("adapterserve.worker")
 
@@ -183,6 +184,15 @@ class WorkerEngine(Backbone):
         return list(self._call("classify", segments, labels))
 
 
+    def generation_step(self, admit: list[SeqSpec], cancel: list[int], limits: Limits) -> StepResult:
+        """One generation step in the child; a child started anew holds no sequences (the caller failed them)."""
+        return self._call("generation_step", admit, cancel, limits)  # type: ignore[no-any-return]
+
+    def generation_reset(self) -> None:
+        if self.alive:
+            self._call("generation_reset")
+
+
 AnyEngine = Engine | WorkerEngine
 
 
@@ -197,6 +207,8 @@ _OPS: dict[str, Callable[..., Any]] = {
     "unload": Engine.unload,
     "embed": Engine.embed,
     "classify": Engine.classify,
+    "generation_step": Engine.generation_step,
+    "generation_reset": Engine.generation_reset,
 }
 
 

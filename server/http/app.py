@@ -17,7 +17,7 @@ from server.http.auth import KeyRing
 from server.http.middleware import ServeMiddleware
 from server.http.problems import install_problem_handlers, rewrite_openapi_errors
 from server.http.read_deadlines import BodyDeadline
-from server.http.routes import adapters, health, inference, openai
+from server.http.routes import adapters, completions, health, inference, openai
 from server.metrics import Metrics
 from server.scheduling.runtime import Runtime, build_runtime
 from server.settings import Settings, env_settings
@@ -51,6 +51,8 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
             yield
         finally:
             app.state.runtime = None
+            if runtime.generation is not None:
+                await runtime.generation.stop()
             await runtime.batcher.stop()
             runtime.close()
             await asyncio.to_thread(engine.close)
@@ -66,7 +68,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     app.state.draining = False
     app.state.inflight = 0
     install_problem_handlers(app)
-    for module in (adapters, inference, openai, health):
+    for module in (adapters, inference, openai, completions, health):
         app.include_router(module.router)
     # JSON bodies: room for MAX_INPUTS texts of MAX_INPUT_TOKENS tokens at a generous 32 bytes per token
     max_json = settings.max_inputs * settings.max_input_tokens * 32 + 64 * 1024
@@ -99,6 +101,7 @@ async def drain(app: FastAPI) -> bool:
     end = loop.time() + settings.drain_timeout_s
     while loop.time() < end:
         busy = app.state.inflight > 0 or (runtime is not None and not runtime.batcher.idle)
+        busy = busy or (runtime is not None and runtime.generation is not None and not runtime.generation.idle)
         if not busy:
             return True
         await asyncio.sleep(0.05)

@@ -17,6 +17,7 @@ from server.metrics import Metrics
 from server.registry.store import AdapterStore
 from server.scheduling.batcher import Batcher, Job
 from server.scheduling.cost import Limits, check_request
+from server.scheduling.generation import GenerationScheduler, generation_scheduler
 from server.scheduling.resolve import FusionLookup, Resolved, resolve
 from server.scheduling.runner import Task, Work, group_key, make_runner
 from server.settings import Settings
@@ -36,6 +37,16 @@ class Tokenized:
 
 
 @dataclass
+
+def check_unicode(texts: list[str], what: str) -> None:
+    """InvalidInput naming the first text that holds a lone surrogate (not valid Unicode; tokenizers raise)."""
+    for i, text in enumerate(texts):
+        if (bad := _SURROGATE.search(text)) is not None:
+            raise InvalidInput(
+                f"{what} {i} holds a lone surrogate (U+{ord(bad.group()):04X}) at character {bad.start()}; "
+                f"{what}s must be valid Unicode text"
+            )
+
 class Runtime:
     """Everything one app instance owns (one backbone, one store, one queue)."""
 
@@ -47,6 +58,7 @@ class Runtime:
     batcher: Batcher
     tokenizers: ThreadPoolExecutor  # tokenization runs here, never on the event loop
     started: float = field(default_factory=time.time)
+    generation: GenerationScheduler | None = None
 
     @property
     def limits(self) -> Limits:
@@ -70,12 +82,7 @@ class Runtime:
         return await asyncio.get_running_loop().run_in_executor(self.tokenizers, self._tokenize, texts, truncate)
 
     def _tokenize(self, texts: list[str], truncate: bool) -> Tokenized:
-        for i, text in enumerate(texts):
-            if (bad := _SURROGATE.search(text)) is not None:
-                raise InvalidInput(
-                    f"input {i} holds a lone surrogate (U+{ord(bad.group()):04X}) at character {bad.start()}; "
-                    "inputs must be valid Unicode text"
-                )
+        check_unicode(texts, "input")
         limit = self.max_input_tokens
         rows: list[list[int]] = []
         truncated: list[bool] = []
@@ -160,4 +167,7 @@ def build_runtime(settings: Settings, metrics: Metrics, engine: AnyEngine) -> Ru
         engine.on_restart = metrics.worker_restarts.inc
         engine.on_lost = residency.drop
     tokenizers = ThreadPoolExecutor(settings.tokenize_threads, thread_name_prefix="tokenize")
-    return Runtime(settings, store, metrics, engine, residency, batcher, tokenizers)
+    runtime = Runtime(settings, store, metrics, engine, residency, batcher, tokenizers)
+    if engine.causal_lm:
+        runtime.generation = generation_scheduler(settings, engine, residency, batcher.executor, metrics)
+    return runtime

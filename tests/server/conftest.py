@@ -25,6 +25,7 @@ from server.cli import uvicorn_config
 from server.http.app import EngineFactory, create_app, default_engine
 from server.http.auth import hash_key
 from server.settings import Settings
+from tests.server.gen_support import lm_adapters, lm_dirs  # noqa: F401 (generation fixtures)
 
 WORDS = (
     "the a an good bad movie film great terrible plot actor acting story ending love hate was is very not "

@@ -10,7 +10,7 @@ import numpy as np
 from fastapi import APIRouter, Depends
 from starlette.concurrency import run_in_threadpool
 
-from server.errors import InvalidComposition, InvalidInput
+from server.errors import GenerationUnsupported, InvalidComposition, InvalidInput
 from server.http.auth import Principal, authenticate
 from server.http.deps import runtime_of
 from server.http.jsonbody import JSONBodyRoute
@@ -30,6 +30,11 @@ Rt = Annotated[Runtime, Depends(runtime_of)]
     summary="OpenAI-compatible embeddings; `model` names an adapter",
 )
 async def embeddings(body: EmbeddingsRequest, principal: Auth, rt: Rt) -> FastJSONResponse:
+    if rt.engine.causal_lm:
+        raise GenerationUnsupported(
+            f"the backbone {rt.engine.name!r} is a causal language model: its hidden states are not sentence embeddings "
+            "(use an embedding backbone such as minilm, or /v1/completions and /v1/chat/completions here)",
+        )
     if body.dimensions is not None and body.dimensions != rt.engine.hidden_size:
         raise InvalidInput(f"dimensions={body.dimensions} is not supported: this model's embeddings have "
                            f"{rt.engine.hidden_size} dimensions (omit the field or send {rt.engine.hidden_size})")
@@ -65,7 +70,8 @@ async def models(principal: Auth, rt: Rt) -> ModelList:
     own = await run_in_threadpool(rt.store.list, principal.tenant)
     shared = await run_in_threadpool(rt.store.list, SHARED_TENANT)
     own, shared = ([m for m in metas if m.method != "fusion"] for metas in (own, shared))  # a fusion is no model alone
-    cards = [ModelCard(id=m.name, created=_epoch(m.created), owned_by=principal.tenant) for m in own]
+    cards = [ModelCard(id=rt.engine.name, created=int(rt.started), owned_by="system")]  # the backbone itself
+    cards += [ModelCard(id=m.name, created=_epoch(m.created), owned_by=principal.tenant) for m in own]
     names = {m.name for m in own}
     cards += [ModelCard(id=m.name, created=_epoch(m.created), owned_by="shared") for m in shared if m.name not in names]
     return ModelList(data=cards)
