@@ -36,8 +36,6 @@ class Tokenized:
         return sum(len(r) for r in self.rows)
 
 
-@dataclass
-
 def check_unicode(texts: list[str], what: str) -> None:
     """InvalidInput naming the first text that holds a lone surrogate (not valid Unicode; tokenizers raise)."""
     for i, text in enumerate(texts):
@@ -47,6 +45,8 @@ def check_unicode(texts: list[str], what: str) -> None:
                 f"{what}s must be valid Unicode text"
             )
 
+
+@dataclass
 class Runtime:
     """Everything one app instance owns (one backbone, one store, one queue)."""
 
