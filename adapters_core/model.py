@@ -85,9 +85,12 @@ _BATCH_KWARGS = ("input_ids", "attention_mask", "token_type_ids", "position_ids"
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int:
-    for key in ("input_ids", "inputs_embeds"):
+    for key in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds"):
         if kwargs.get(key) is not None:
             return int(kwargs[key].shape[0])
+    encoded = kwargs.get("encoder_outputs")
+    if encoded is not None:
+        return int(encoded[0].shape[0])
     if args and isinstance(args[0], torch.Tensor):
         return int(args[0].shape[0])
     raise ValueError("cannot find input_ids or inputs_embeds to size the batch")
@@ -248,7 +251,12 @@ class AdapterModelMixin(*room_apis()):
 
     # -- state dicts and files ---------------------------------------------------------------------
     def _key_prefix(self) -> str:
-        return f"{self.adapter_base.base_model_prefix}."
+        """What AdapterHub puts before a base-model parameter's name in files: the base model's attribute
+        name, or nothing for an encoder-decoder that is its own base model (T5ForConditionalGeneration)."""
+        base = self.adapter_base
+        if base is self and getattr(self.config, "is_encoder_decoder", False):
+            return ""
+        return f"{base.base_model_prefix}."
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         if not self.has_adapter(name):
@@ -281,10 +289,13 @@ class AdapterModelMixin(*room_apis()):
 
     def _translate(self, files: AdapterFiles, name: str) -> dict[str, torch.Tensor]:
         prefix = self._key_prefix()
+        foreign = f"{self.adapter_base.base_model_prefix}."
         out: dict[str, torch.Tensor] = {}
         for key, value in files.state.items():
             key = self._rename_key(key, files.name, name)
-            if not key.startswith(prefix):
+            if not prefix and key.startswith(foreign):
+                key = key[len(foreign):]
+            elif not key.startswith(prefix):
                 key = prefix + key
             out[key] = value
         return out
@@ -460,12 +471,22 @@ def wire(model: AdapterModelMixin) -> None:
     if hasattr(base, "_adapterserve_registry"):
         return
     spec = spec_for(base.config.model_type)
-    host = Host(base, spec, tuple(get_path(base, spec.layers)))
+    layers: list[nn.Module] = []
+    sites: list[tuple[Any, ...]] = []
+    starts: list[int] = []
+    for group in spec.layer_groups():
+        starts.append(len(layers))
+        for layer in get_path(base, group.layers):
+            layers.append(layer)
+            sites.append(group.sites)
+    host = Host(base, spec, tuple(layers), layer_sites=tuple(sites), group_starts=tuple(starts))
     for room in METHODS:
         room.wire(host)
     base._adapterserve_registry = Registry(spec, host)
-    base.register_forward_pre_hook(_enter_hook(model), with_kwargs=True)
-    base.register_forward_hook(_exit_hook(model), always_call=True)
+    for entry in ("", *spec.entries):
+        module = get_path(base, entry)
+        module.register_forward_pre_hook(_enter_hook(model), with_kwargs=True)
+        module.register_forward_hook(_exit_hook(model), always_call=True)
 
 
 def init(model: nn.Module) -> nn.Module:
