@@ -81,7 +81,8 @@ def replicate_batch(value: Any, k: int) -> Any:
     return value.repeat(k, *([1] * (value.dim() - 1))) if isinstance(value, torch.Tensor) else value
 
 
-_BATCH_KWARGS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
+_BATCH_KWARGS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds",
+                 "decoder_input_ids", "decoder_attention_mask", "decoder_inputs_embeds", "labels")
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int:
@@ -442,10 +443,16 @@ def _enter_hook(model: AdapterModelMixin) -> Any:
             owned.append(None)
             return None
         ctx = model.build_forward_context(_batch_size(args, kwargs), _seq_len(args, kwargs))
+        k = ctx.replicate
+        if k > 1 and (kwargs.get("encoder_outputs") is not None or kwargs.get("past_key_values") is not None):
+            raise ValueError(
+                f"{ctx.setup!r}: Parallel replicates the whole batch, encoder included; it cannot start from given "
+                "encoder outputs or a KV cache (generate() with Parallel is not supported: repeat the rows "
+                "under BatchSplit instead)"
+            )
         cm = forward_context(ctx)
         cm.__enter__()
         owned.append(cm)
-        k = ctx.replicate
         if k > 1:
             args = tuple(replicate_batch(a, k) for a in args)
             kwargs = {key: replicate_batch(v, k) if key in _BATCH_KWARGS else v for key, v in kwargs.items()}
