@@ -81,7 +81,7 @@ def replicate_batch(value: Any, k: int) -> Any:
     return value.repeat(k, *([1] * (value.dim() - 1))) if isinstance(value, torch.Tensor) else value
 
 
-_BATCH_KWARGS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds",
+BATCH_KWARGS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds",
                  "decoder_input_ids", "decoder_attention_mask", "decoder_inputs_embeds", "labels")
 
 
@@ -455,7 +455,7 @@ def _enter_hook(model: AdapterModelMixin) -> Any:
         owned.append(cm)
         if k > 1:
             args = tuple(replicate_batch(a, k) for a in args)
-            kwargs = {key: replicate_batch(v, k) if key in _BATCH_KWARGS else v for key, v in kwargs.items()}
+            kwargs = {key: replicate_batch(v, k) if key in BATCH_KWARGS else v for key, v in kwargs.items()}
             return args, kwargs
         return None
     return hook
@@ -506,4 +506,4 @@ def init(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["AdapterModelMixin", "AdapterInfo", "init", "replicate_batch", "wire"]
+__all__ = ["BATCH_KWARGS", "AdapterModelMixin", "AdapterInfo", "init", "replicate_batch", "wire"]
