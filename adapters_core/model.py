@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .composition import AdapterCompositionBlock, parse_composition, validate_composition
+from .composition import AdapterCompositionBlock, Split, parse_composition, validate_composition
 from .configuration import AdapterConfigBase, method_kinds, method_name
 from .context import AdapterSetup
 from .formats import (
@@ -427,12 +427,19 @@ class AdapterModelMixin(*room_apis()):
         setup, head_setup = self.resolve_setup()
         if setup is not None:
             validate_composition(setup, self.adapter_methods(), batch_size=batch_size, seq_len=seq_len)
+            if getattr(self.config, "is_encoder_decoder", False) and _has_split(setup):
+                raise ValueError(f"{setup!r}: Split cuts the sequence, and an encoder-decoder's encoder and "
+                                 "decoder sequences differ; it is not supported on encoder-decoders")
         compiled = compile_setup(setup, batch_size)
         if setup is not None:
             host = self._host
             for room in METHODS:
                 room.check_setup(host, setup, compiled.plan)
         return ForwardContext(setup, compiled.plan, head_setup, compiled.replicate)
+
+
+def _has_split(block: AdapterCompositionBlock) -> bool:
+    return isinstance(block, Split) or any(isinstance(c, AdapterCompositionBlock) and _has_split(c) for c in block)
 
 
 def _enter_hook(model: AdapterModelMixin) -> Any:

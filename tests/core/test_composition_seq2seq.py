@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 
-from adapters_core import Average, BatchSplit, Fuse, Parallel, Stack
+from adapters_core import Average, BatchSplit, Fuse, Parallel, Split, Stack
 
 from .conftest import add_noise
 from .test_methods_seq2seq import METHODS
@@ -17,10 +17,10 @@ ARCHS = ("t5", "bart")
 
 
 @functools.cache
-def _zoo(arch: str) -> torch.nn.Module:
+def _zoo(arch: str, attn: str = "eager") -> torch.nn.Module:
     """Every method of test_methods_seq2seq as a noisy adapter named like its key ("+" -> "p"; never mutated), plus a second
     LoRA `lora_b` and a second seq_bn `seq_bn_b`, fused as Fuse('seq_bn', 'seq_bn_b')."""
-    model = build_seq2seq(arch)
+    model = build_seq2seq(arch, attn=attn)
     for seed, (name, config) in enumerate([*METHODS.items(), ("lora_b", "lora"), ("seq_bn_b", "seq_bn")]):
         name = _name(name)
         model.add_adapter(name, config)
@@ -49,10 +49,11 @@ def test_composition_changes_logits_and_generates_with_the_cache(arch: str, setu
     assert torch.equal(generate(model, x, setup), generate(model, x, setup, use_cache=False))
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_batch_split_generates_each_row_as_alone(arch: str) -> None:
+def test_batch_split_generates_each_row_as_alone(arch: str, attn: str) -> None:
     """One padded batch, one row per method (and a bare row), each with its own source length."""
-    model = _zoo(arch)
+    model = _zoo(arch, attn)
     names = [*map(_name, METHODS), None]
     n = len(names)
     x = seq2seq_inputs(batch=n, src=9, pad_last=0)
@@ -84,3 +85,8 @@ def test_parallel_replicates_the_batch(arch: str, pair: tuple[str, str]) -> None
 def test_parallel_generate_is_refused() -> None:
     with pytest.raises(ValueError, match="generate\\(\\) with Parallel is not supported"):
         generate(_zoo("t5"), seq2seq_inputs(), Parallel("seq_bn", "lora"))
+
+
+def test_split_is_refused_on_encoder_decoders() -> None:
+    with pytest.raises(ValueError, match="not supported on encoder-decoders"):
+        logits(_zoo("bart"), seq2seq_inputs(), Split("seq_bn", "double_seq_bn", splits=[3, 4]))
