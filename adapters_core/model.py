@@ -489,18 +489,31 @@ def wire(model: AdapterModelMixin) -> None:
     sites: list[tuple[Any, ...]] = []
     starts: list[int] = []
     for group in spec.layer_groups():
+        found = _find(base, group.layers)
+        if found is None:  # e.g. T5EncoderModel has no decoder
+            continue
         starts.append(len(layers))
-        for layer in get_path(base, group.layers):
+        for layer in found:
             layers.append(layer)
             sites.append(group.sites)
+    if not layers:
+        raise ValueError(f"{type(base).__name__} has none of the layer lists of {base.config.model_type!r} models")
     host = Host(base, spec, tuple(layers), layer_sites=tuple(sites), group_starts=tuple(starts))
     for room in METHODS:
         room.wire(host)
     base._adapterserve_registry = Registry(spec, host)
     for entry in ("", *spec.entries):
-        module = get_path(base, entry)
-        module.register_forward_pre_hook(_enter_hook(model), with_kwargs=True)
-        module.register_forward_hook(_exit_hook(model), always_call=True)
+        module = _find(base, entry)
+        if module is not None:
+            module.register_forward_pre_hook(_enter_hook(model), with_kwargs=True)
+            module.register_forward_hook(_exit_hook(model), always_call=True)
+
+
+def _find(base: nn.Module, path: str) -> Any:
+    try:
+        return get_path(base, path)
+    except AttributeError:
+        return None
 
 
 def init(model: nn.Module) -> nn.Module:

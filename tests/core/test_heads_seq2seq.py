@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM
 
-from adapters_core import AdapterSetup, AutoAdapterModel, BartAdapterModel, T5AdapterModel
+from adapters_core import AdapterSetup, AutoAdapterModel, BartAdapterModel, T5AdapterModel, init
 
 from .conftest import SHARED, add_noise
 from .tiny_seq2seq import copy_task, seq2seq_inputs, tiny_seq2seq_config
@@ -76,3 +76,22 @@ def test_reference_adapters_through_auto_adapter_model(arch: str) -> None:
         with torch.no_grad(), AdapterSetup(name, head_setup="lm"):
             got = model(**inputs).logits
         assert float((got - ref["logits"]).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_adapter_model_files_load_into_the_lm_model(arch: str, tmp_path: Path) -> None:
+    """Keys written by the AdapterModel carry `transformer.` (T5) / `model.` (BART); init()'s
+    T5ForConditionalGeneration has none and BartForConditionalGeneration has `model.`: both read them."""
+    model, lm = _pair(arch)
+    model.add_adapter("a", "seq_bn|lora|prefix_tuning[prefix_length=3,bottleneck_size=16]")
+    add_noise(model, "a", sigma=0.3)
+    model.save_adapter(tmp_path, "a", with_head=False)
+    init(lm)
+    assert lm.load_adapter(tmp_path) == "a"
+    prefix = {"t5": "transformer.", "bart": ""}[arch]
+    assert set(model.adapter_state_dict("a")) == {prefix + k for k in lm.adapter_state_dict("a")}
+    x = seq2seq_inputs()
+    with torch.no_grad(), AdapterSetup("a", head_setup="lm"):
+        want = model(**x).logits
+    with torch.no_grad(), AdapterSetup("a"):
+        assert float((lm(**x).logits - want).abs().max()) < 1e-5
