@@ -488,17 +488,20 @@ def wire(model: AdapterModelMixin) -> None:
     layers: list[nn.Module] = []
     sites: list[tuple[Any, ...]] = []
     starts: list[int] = []
+    paths: list[str] = []
     for group in spec.layer_groups():
         found = _find(base, group.layers)
         if found is None:  # e.g. T5EncoderModel has no decoder
             continue
         starts.append(len(layers))
-        for layer in found:
+        for j, layer in enumerate(found):
             layers.append(layer)
             sites.append(group.sites)
+            paths.append(f"{group.layers}.{j}")
     if not layers:
         raise ValueError(f"{type(base).__name__} has none of the layer lists of {base.config.model_type!r} models")
-    host = Host(base, spec, tuple(layers), layer_sites=tuple(sites), group_starts=tuple(starts))
+    host = Host(base, spec, tuple(layers), layer_sites=tuple(sites), group_starts=tuple(starts),
+                layer_paths=tuple(paths))
     for room in METHODS:
         room.wire(host)
     base._adapterserve_registry = Registry(spec, host)

@@ -58,6 +58,11 @@ class Host:
     rooms: dict[str, Any] = field(default_factory=dict)
     layer_sites: tuple[tuple[Any, ...], ...] = ()
     group_starts: tuple[int, ...] = (0,)
+    layer_paths: tuple[str, ...] = ()
+
+    def layer_path(self, layer: int) -> str:
+        """The dotted path of layer `layer` in the base model (e.g. ``decoder.block.0`` for layer 2 of a 2 + 2 T5)."""
+        return self.layer_paths[layer] if self.layer_paths else f"{self.arch.layers}.{layer}"
 
     def sites(self, kind: type[S]) -> list[tuple[int, nn.Module, S]]:
         """(AdapterHub's layer index, layer, site) for every declared site of one kind, in layer order.
@@ -157,6 +162,17 @@ def get_path(root: nn.Module, path: str) -> nn.Module:
                 raise
             continue
         return module
+    raise AttributeError(path)
+
+
+def resolve_path(root: nn.Module, path: str) -> str:
+    """The option of an "a|b" path that `get_path` takes (a plain path as it is)."""
+    for option in path.split("|"):
+        try:
+            get_path(root, option)
+        except AttributeError:
+            continue
+        return option
     raise AttributeError(path)
 
 
