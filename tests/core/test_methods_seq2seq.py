@@ -127,15 +127,21 @@ def test_train_adapter_trains_only_the_adapter(arch: str, method: str) -> None:
 
 @pytest.mark.parametrize("method", PREFIX)
 @arch_param
-def test_eject_prefix_tuning_keeps_the_output(arch: str, method: str) -> None:
+def test_eject_prefix_tuning_keeps_the_output(arch: str, method: str, tmp_path: Path) -> None:
     model = _with_adapter(arch, method)
     x = seq2seq_inputs()
     want = logits(model, x, "a")
     model.eject_prefix_tuning("a")
     keys = [k for k in model.adapter_state_dict("a") if ".prefix_tunings." in k]
     assert keys and all(k.endswith("control_trans") for k in keys)
-    assert _diff(logits(model, x, "a"), want) < 1e-5
+    assert {k.split(".")[-2] for k in keys} == {"encoder_prefix", "self_prefix", "cross_prefix"}
+    ejected = logits(model, x, "a")
+    assert _diff(ejected, want) < 1e-5
     assert torch.equal(generate(model, x, "a"), generate(model, x, "a", use_cache=False))
+    model.save_adapter(tmp_path, "a")
+    fresh = build_seq2seq(arch)
+    fresh.load_adapter(tmp_path)
+    assert torch.equal(logits(fresh, x, "a"), ejected)
 
 
 @pytest.mark.parametrize("arch", ["t5", "bart"])
