@@ -18,13 +18,17 @@ from .context import AdapterSetup
 from .heads import (
     AdapterModel,
     AutoAdapterModel,
+    BartAdapterModel,
     BertAdapterModel,
     GPT2AdapterModel,
     LlamaAdapterModel,
+    MBartAdapterModel,
     MistralAdapterModel,
+    MT5AdapterModel,
     MultiHeadOutput,
     Qwen2AdapterModel,
     RobertaAdapterModel,
+    T5AdapterModel,
     XLMRobertaAdapterModel,
     mean_pool,
 )
@@ -56,7 +60,7 @@ __all__ = [
     "HoulsbyConfig", "IA3Config", "LoRAConfig", "MAMConfig", "ParallelConfig", "ParBnConfig",
     "PfeifferConfig", "PrefixTuningConfig", "SeqBnConfig", "SeqBnInvConfig", "StaticAdapterFusionConfig",
     "method_kinds", "method_name", "AdapterSetup", "AdapterModel", "AutoAdapterModel",
-    "BertAdapterModel", "GPT2AdapterModel", "LlamaAdapterModel", "MistralAdapterModel", "Qwen2AdapterModel",
-    "RobertaAdapterModel", "XLMRobertaAdapterModel", "MultiHeadOutput", "mean_pool",
+    "BartAdapterModel", "BertAdapterModel", "GPT2AdapterModel", "LlamaAdapterModel", "MBartAdapterModel",
+    "MistralAdapterModel", "MT5AdapterModel", "Qwen2AdapterModel", "RobertaAdapterModel", "T5AdapterModel", "XLMRobertaAdapterModel", "MultiHeadOutput", "mean_pool",
     "AdapterInfo", "AdapterModelMixin", "FusionInfo", "init", "saved_fusion_names",
 ]

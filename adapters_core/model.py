@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .composition import AdapterCompositionBlock, parse_composition, validate_composition
+from .composition import AdapterCompositionBlock, Split, parse_composition, validate_composition
 from .configuration import AdapterConfigBase, method_kinds, method_name
 from .context import AdapterSetup
 from .formats import (
@@ -81,13 +81,17 @@ def replicate_batch(value: Any, k: int) -> Any:
     return value.repeat(k, *([1] * (value.dim() - 1))) if isinstance(value, torch.Tensor) else value
 
 
-_BATCH_KWARGS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
+BATCH_KWARGS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds",
+                 "decoder_input_ids", "decoder_attention_mask", "decoder_inputs_embeds", "labels")
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int:
-    for key in ("input_ids", "inputs_embeds"):
+    for key in ("input_ids", "inputs_embeds", "decoder_input_ids", "decoder_inputs_embeds"):
         if kwargs.get(key) is not None:
             return int(kwargs[key].shape[0])
+    encoded = kwargs.get("encoder_outputs")
+    if encoded is not None:
+        return int(encoded[0].shape[0])
     if args and isinstance(args[0], torch.Tensor):
         return int(args[0].shape[0])
     raise ValueError("cannot find input_ids or inputs_embeds to size the batch")
@@ -250,7 +254,12 @@ class AdapterModelMixin(*room_apis()):
 
     # -- state dicts and files ---------------------------------------------------------------------
     def _key_prefix(self) -> str:
-        return f"{self.adapter_base.base_model_prefix}."
+        """What AdapterHub puts before a base-model parameter's name in files: the base model's attribute
+        name, or nothing for an encoder-decoder that is its own base model (T5ForConditionalGeneration)."""
+        base = self.adapter_base
+        if base is self and getattr(self.config, "is_encoder_decoder", False):
+            return ""
+        return f"{base.base_model_prefix}."
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         if not self.has_adapter(name):
@@ -283,10 +292,13 @@ class AdapterModelMixin(*room_apis()):
 
     def _translate(self, files: AdapterFiles, name: str) -> dict[str, torch.Tensor]:
         prefix = self._key_prefix()
+        foreign = f"{self.adapter_base.base_model_prefix}."
         out: dict[str, torch.Tensor] = {}
         for key, value in files.state.items():
             key = self._rename_key(key, files.name, name)
-            if not key.startswith(prefix):
+            if not prefix and key.startswith(foreign):
+                key = key[len(foreign):]
+            elif not key.startswith(prefix):
                 key = prefix + key
             out[key] = value
         return out
@@ -417,6 +429,9 @@ class AdapterModelMixin(*room_apis()):
         setup, head_setup = self.resolve_setup()
         if setup is not None:
             validate_composition(setup, self.adapter_methods(), batch_size=batch_size, seq_len=seq_len)
+            if getattr(self.config, "is_encoder_decoder", False) and _has_split(setup):
+                raise ValueError(f"{setup!r}: Split cuts the sequence, and an encoder-decoder's encoder and "
+                                 "decoder sequences differ; it is not supported on encoder-decoders")
         compiled = compile_setup(setup, batch_size)
         if setup is not None:
             host = self._host
@@ -439,6 +454,10 @@ class AdapterModelMixin(*room_apis()):
         return hidden
 
 
+def _has_split(block: AdapterCompositionBlock) -> bool:
+    return isinstance(block, Split) or any(isinstance(c, AdapterCompositionBlock) and _has_split(c) for c in block)
+
+
 def _enter_hook(model: AdapterModelMixin) -> Any:
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         state = model.adapters_registry.hook_state
@@ -447,13 +466,19 @@ def _enter_hook(model: AdapterModelMixin) -> Any:
             owned.append(None)
             return None
         ctx = model.build_forward_context(_batch_size(args, kwargs), _seq_len(args, kwargs))
+        k = ctx.replicate
+        if k > 1 and (kwargs.get("encoder_outputs") is not None or kwargs.get("past_key_values") is not None):
+            raise ValueError(
+                f"{ctx.setup!r}: Parallel replicates the whole batch, encoder included; it cannot start from given "
+                "encoder outputs or a KV cache (generate() with Parallel is not supported: repeat the rows "
+                "under BatchSplit instead)"
+            )
         cm = forward_context(ctx)
         cm.__enter__()
         owned.append(cm)
-        k = ctx.replicate
         if k > 1:
             args = tuple(replicate_batch(a, k) for a in args)
-            kwargs = {key: replicate_batch(v, k) if key in _BATCH_KWARGS else v for key, v in kwargs.items()}
+            kwargs = {key: replicate_batch(v, k) if key in BATCH_KWARGS else v for key, v in kwargs.items()}
             return args, kwargs
         return None
     return hook
@@ -476,12 +501,38 @@ def wire(model: AdapterModelMixin) -> None:
     if hasattr(base, "_adapterserve_registry"):
         return
     spec = spec_for(base.config.model_type)
-    host = Host(base, spec, tuple(get_path(base, spec.layers)))
+    layers: list[nn.Module] = []
+    sites: list[tuple[Any, ...]] = []
+    starts: list[int] = []
+    paths: list[str] = []
+    for group in spec.layer_groups():
+        found = _find(base, group.layers)
+        if found is None:  # e.g. T5EncoderModel has no decoder
+            continue
+        starts.append(len(layers))
+        for j, layer in enumerate(found):
+            layers.append(layer)
+            sites.append(group.sites)
+            paths.append(f"{group.layers}.{j}")
+    if not layers:
+        raise ValueError(f"{type(base).__name__} has none of the layer lists of {base.config.model_type!r} models")
+    host = Host(base, spec, tuple(layers), layer_sites=tuple(sites), group_starts=tuple(starts),
+                layer_paths=tuple(paths))
     for room in METHODS:
         room.wire(host)
     base._adapterserve_registry = Registry(spec, host)
-    base.register_forward_pre_hook(_enter_hook(model), with_kwargs=True)
-    base.register_forward_hook(_exit_hook(model), always_call=True)
+    for entry in ("", *spec.entries):
+        module = _find(base, entry)
+        if module is not None:
+            module.register_forward_pre_hook(_enter_hook(model), with_kwargs=True)
+            module.register_forward_hook(_exit_hook(model), always_call=True)
+
+
+def _find(base: nn.Module, path: str) -> Any:
+    try:
+        return get_path(base, path)
+    except AttributeError:
+        return None
 
 
 def _output_embeddings_hook(model: AdapterModelMixin) -> Any:
@@ -510,4 +561,4 @@ def init(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["AdapterModelMixin", "AdapterInfo", "init", "replicate_batch", "wire"]
+__all__ = ["BATCH_KWARGS", "AdapterModelMixin", "AdapterInfo", "init", "replicate_batch", "wire"]

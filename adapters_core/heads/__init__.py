@@ -8,12 +8,16 @@ from .files import head_files, head_summary, load_head_files, unfreeze_head
 from .model import (
     AdapterModel,
     AutoAdapterModel,
+    BartAdapterModel,
     BertAdapterModel,
     GPT2AdapterModel,
     LlamaAdapterModel,
+    MBartAdapterModel,
     MistralAdapterModel,
+    MT5AdapterModel,
     Qwen2AdapterModel,
     RobertaAdapterModel,
+    T5AdapterModel,
     XLMRobertaAdapterModel,
     adapter_model_class,
 )
@@ -21,8 +25,8 @@ from .routing import HeadSpec
 from .types import HEAD_TYPES, MultiHeadOutput, mean_pool
 
 __all__ = [
-    "AdapterModel", "AutoAdapterModel", "BertAdapterModel", "GPT2AdapterModel", "LlamaAdapterModel",
-    "MistralAdapterModel", "MultiHeadOutput", "Qwen2AdapterModel", "RobertaAdapterModel",
-    "XLMRobertaAdapterModel", "HEAD_TYPES", "adapter_model_class", "head_files", "head_summary",
-    "HeadSpec", "load_head_files", "mean_pool", "unfreeze_head",
+    "AdapterModel", "AutoAdapterModel", "BartAdapterModel", "BertAdapterModel", "GPT2AdapterModel",
+    "LlamaAdapterModel", "MBartAdapterModel", "MistralAdapterModel", "MT5AdapterModel", "MultiHeadOutput",
+    "Qwen2AdapterModel", "RobertaAdapterModel", "T5AdapterModel", "XLMRobertaAdapterModel", "HEAD_TYPES",
+    "adapter_model_class", "head_files", "head_summary", "HeadSpec", "load_head_files", "mean_pool", "unfreeze_head",
 ]

@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from ..composition import BatchSplit, Parallel
 from ..context import default_head_setup
 from ..formats import AdapterFiles
-from ..model import AdapterModelMixin, _check_name, replicate_batch, wire
+from ..model import BATCH_KWARGS, AdapterModelMixin, _check_name, replicate_batch, wire
 from ..routing import forward_context
 from .files import head_files, load_head_files, unfreeze_head
 from .routing import HeadRun, HeadSpec, flatten_choices, head_leaves
@@ -35,15 +35,16 @@ from .types import (
     MultipleChoiceHead,
     PredictionHead,
     QuestionAnsweringHead,
+    Seq2SeqLMHead,
     TaggingHead,
     build_head,
     mean_pool,
 )
 
 __all__ = [
-    "AdapterModel", "AutoAdapterModel", "BertAdapterModel", "GPT2AdapterModel", "LlamaAdapterModel",
-    "MistralAdapterModel", "Qwen2AdapterModel", "RobertaAdapterModel", "XLMRobertaAdapterModel",
-    "adapter_model_class",
+    "AdapterModel", "AutoAdapterModel", "BartAdapterModel", "BertAdapterModel", "GPT2AdapterModel",
+    "LlamaAdapterModel", "MBartAdapterModel", "MistralAdapterModel", "MT5AdapterModel", "Qwen2AdapterModel",
+    "RobertaAdapterModel", "T5AdapterModel", "XLMRobertaAdapterModel", "adapter_model_class",
 ]
 
 _DECODER_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2"})
@@ -171,6 +172,14 @@ class AdapterModel(AdapterModelMixin, nn.Module):
                   "bias": bias, "shift_labels": shift_labels}
         self._add_head(CausalLMHead.from_config(head_name, self.config, config), overwrite_ok, set_active)
 
+    def add_seq2seq_lm_head(self, head_name: str, layers: int = 1, overwrite_ok: bool = False, *,
+                            set_active: bool = True) -> None:
+        """An encoder-decoder's LM head (AdapterHub's seq2seq_lm defaults); with tied embeddings (T5, BART) and
+        layers=1 it is the pretrained LM head of T5ForConditionalGeneration (BART: without final_logits_bias)."""
+        config = {"layers": layers, "activation_function": None, "layer_norm": False, "bias": False,
+                  "shift_labels": False}
+        self._add_head(Seq2SeqLMHead.from_config(head_name, self.config, config), overwrite_ok, set_active)
+
     def add_head_from_config(self, head_name: str, config: dict[str, Any], overwrite_ok: bool = False,
                              set_active: bool = True) -> None:
         """Add a head from a head config dict (the "config" object of a head_config.json)."""
@@ -264,6 +273,10 @@ class AdapterModel(AdapterModelMixin, nn.Module):
             raise ValueError("pass input_ids or inputs_embeds")
         ctx = self.build_forward_context(int(ref.shape[0]), int(ref.shape[1]))
         k = ctx.replicate
+        if getattr(self.config, "is_encoder_decoder", False):
+            kwargs = self._decoder_inputs(inputs, labels, kwargs)
+        if k > 1:
+            kwargs = {key: replicate_batch(v, k) if key in BATCH_KWARGS else v for key, v in kwargs.items()}
         with forward_context(ctx):
             base_inputs = {key: replicate_batch(v, k) for key, v in inputs.items()} if k > 1 else inputs
             base_out = self.base_model(**base_inputs, **kwargs)
@@ -282,6 +295,20 @@ class AdapterModel(AdapterModelMixin, nn.Module):
         if return_dict is False and not isinstance(out, MultiHeadOutput):
             return out.to_tuple()
         return out
+
+    def _decoder_inputs(self, inputs: dict, labels: torch.Tensor | None, kwargs: dict) -> dict:
+        """Encoder-decoders: decoder_input_ids from the labels (or, without labels, the input ids) shifted
+        right, as AdapterHub's T5/BART AdapterModels do, unless given."""
+        if kwargs.get("decoder_input_ids") is not None or kwargs.get("decoder_inputs_embeds") is not None:
+            return kwargs
+        source = labels if labels is not None else inputs.get("input_ids")
+        if source is None:
+            return kwargs
+        conf = self.config
+        shifted = source.new_full(source.shape, int(conf.decoder_start_token_id))
+        shifted[:, 1:] = source[:, :-1]
+        shifted = shifted.masked_fill(shifted == -100, int(conf.pad_token_id))
+        return {**kwargs, "decoder_input_ids": shifted}
 
     def embed(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
               **kwargs: Any) -> torch.Tensor:
@@ -326,10 +353,31 @@ class Qwen2AdapterModel(AdapterModel):
     pool_last_token = True
 
 
+class T5AdapterModel(AdapterModel):
+    model_types = ("t5",)
+    pool_last_token = False
+
+
+class MT5AdapterModel(AdapterModel):
+    model_types = ("mt5",)
+    pool_last_token = False
+
+
+class BartAdapterModel(AdapterModel):
+    model_types = ("bart",)
+    pool_last_token = False
+
+
+class MBartAdapterModel(AdapterModel):
+    model_types = ("mbart",)
+    pool_last_token = False
+
+
 _CLASSES: dict[str, type[AdapterModel]] = {
     t: cls
     for cls in (BertAdapterModel, RobertaAdapterModel, XLMRobertaAdapterModel, GPT2AdapterModel,
-                LlamaAdapterModel, MistralAdapterModel, Qwen2AdapterModel)
+                LlamaAdapterModel, MistralAdapterModel, Qwen2AdapterModel, T5AdapterModel, MT5AdapterModel,
+                BartAdapterModel, MBartAdapterModel)
     for t in cls.model_types
 }
 

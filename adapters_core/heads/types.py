@@ -24,6 +24,7 @@ from transformers.modeling_outputs import (
     CausalLMOutputWithPast,
     MultipleChoiceModelOutput,
     QuestionAnsweringModelOutput,
+    Seq2SeqLMOutput,
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
@@ -408,10 +409,39 @@ class CausalLMHead(PredictionHead):
         )
 
 
+class Seq2SeqLMHead(CausalLMHead):
+    """An encoder-decoder's LM head over the decoder states (AdapterHub's seq2seq_lm): labels are not shifted.
+
+    T5 with tied embeddings scales the decoder output by d_model**-0.5 first, as T5ForConditionalGeneration
+    and AdapterHub's T5AdapterModel do."""
+
+    head_type = "seq2seq_lm"
+    defaults = {**CausalLMHead.defaults, "shift_labels": False}
+
+    def __init__(self, name: str, model_config: Any, config: dict[str, Any]):
+        super().__init__(name, model_config, config)
+        t5_tied = model_config.model_type in ("t5", "mt5") and getattr(model_config, "tie_word_embeddings", False)
+        self.input_scale = float(model_config.d_model) ** -0.5 if t5_tied else 1.0
+
+    def forward(self, inp: HeadInput, labels: torch.Tensor | None = None, **_: Any) -> ModelOutput:
+        hidden = inp.hidden * self.input_scale if self.input_scale != 1.0 else inp.hidden
+        logits = self.mlp(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        base = inp.base
+        return Seq2SeqLMOutput(
+            loss=loss, logits=logits, cache=base.get("cache"),
+            decoder_hidden_states=base.get("decoder_hidden_states"), decoder_attentions=base.get("decoder_attentions"),
+            cross_attentions=base.get("cross_attentions"), encoder_last_hidden_state=base.get("encoder_last_hidden_state"),
+            encoder_hidden_states=base.get("encoder_hidden_states"), encoder_attentions=base.get("encoder_attentions"),
+        )
+
+
 _HEAD_CLASSES: dict[str, type[PredictionHead]] = {
     cls.head_type: cls
     for cls in (ClassificationHead, MultiLabelClassificationHead, TaggingHead, MultipleChoiceHead,
-                QuestionAnsweringHead, CausalLMHead)
+                QuestionAnsweringHead, CausalLMHead, Seq2SeqLMHead)
 }
 HEAD_TYPES: tuple[str, ...] = tuple(_HEAD_CLASSES)
 

@@ -34,6 +34,10 @@ class Architecture(Protocol):
         """The declared sites of one kind (a room's own site class, e.g. BottleneckSite)."""
         ...
 
+    def layer_groups(self) -> tuple[Any, ...]:
+        """The layer lists (encoder, decoder, ...), each with `.layers` (a path) and `.sites`."""
+        ...
+
     def n_kv_heads(self, config: Any) -> int: ...
 
     def head_dim(self, config: Any) -> int: ...
@@ -52,6 +56,25 @@ class Host:
     layers: tuple[nn.Module, ...]
     stack_cache: StackCache = field(default_factory=StackCache)
     rooms: dict[str, Any] = field(default_factory=dict)
+    layer_sites: tuple[tuple[Any, ...], ...] = ()
+    group_starts: tuple[int, ...] = (0,)
+    layer_paths: tuple[str, ...] = ()
+
+    def layer_path(self, layer: int) -> str:
+        """The dotted path of layer `layer` in the base model (e.g. ``decoder.block.0`` for layer 2 of a 2 + 2 T5)."""
+        return self.layer_paths[layer] if self.layer_paths else f"{self.arch.layers}.{layer}"
+
+    def sites(self, kind: type[S]) -> list[tuple[int, nn.Module, S]]:
+        """(AdapterHub's layer index, layer, site) for every declared site of one kind, in layer order.
+
+        Layers are counted over all layer lists (a decoder's continue after its encoder's)."""
+        per_layer = self.layer_sites or tuple(self.arch.sites_of(kind) for _ in self.layers)
+        return [(i, layer, site) for i, (layer, sites) in enumerate(zip(self.layers, per_layer, strict=True))
+                for site in sites if isinstance(site, kind)]
+
+    def group_start(self, layer: int) -> int:
+        """The index of the first layer of the layer list that holds `layer`."""
+        return max(s for s in self.group_starts if s <= layer)
 
     @property
     def config(self) -> Any:
@@ -145,8 +168,33 @@ def child_module(parent: nn.Module, name: str, factory: Callable[[], nn.Module])
 
 
 def get_path(root: nn.Module, path: str) -> nn.Module:
-    """The submodule at a dotted path ("" is `root` itself)."""
-    module = root
-    for part in path.split(".") if path else ():
-        module = getattr(module, part)
-    return module
+    """The submodule at a dotted path ("" is `root` itself); "a|b" is the first of the paths that exists."""
+    options = path.split("|")
+    for n, option in enumerate(options):
+        module = root
+        try:
+            for part in option.split(".") if option else ():
+                module = getattr(module, part)
+        except AttributeError:
+            if n == len(options) - 1:
+                raise
+            continue
+        return module
+    raise AttributeError(path)
+
+
+def resolve_path(root: nn.Module, path: str) -> str:
+    """The option of an "a|b" path that `get_path` takes (a plain path as it is)."""
+    for option in path.split("|"):
+        try:
+            get_path(root, option)
+        except AttributeError:
+            continue
+        return option
+    raise AttributeError(path)
+
+
+def container(layer: nn.Module, path: str) -> nn.Module:
+    """The module at `path` in `layer`, its last segment created as an empty Holder when missing."""
+    parent, _, last = path.rpartition(".")
+    return child_module(get_path(layer, parent), last, Holder)

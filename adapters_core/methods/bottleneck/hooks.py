@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ...routing import ForwardContext, TreeRows
-from ..base import Holder, child_module, get_path
+from ..base import child_module, container, get_path
 from ..stack_cache import StackCache
 from .apply import BottleneckResult, add_rows, apply_bottlenecks, merge_rows
 from .site import BottleneckSite
@@ -45,10 +45,12 @@ class BottleneckLocation:
 def wire_location(i: int, layer: nn.Module, site: BottleneckSite, stack_cache: StackCache) -> BottleneckLocation:
     """Create the containers of one site in layer `i` and install its hooks (`stack_cache`: the model's)."""
     sublayer = get_path(layer, site.sublayer)
-    container = child_module(layer, site.container, Holder) if site.container != site.sublayer else sublayer
-    adapters = child_module(container, "adapters", nn.ModuleDict)
-    fusions = child_module(container, "adapter_fusion_layer", nn.ModuleDict)
-    ln = get_path(sublayer, site.layer_norm) if site.post_ln else None
+    holder = container(layer, site.container) if site.container != site.sublayer else sublayer
+    adapters = child_module(holder, "adapters", nn.ModuleDict)
+    fusions = child_module(holder, "adapter_fusion_layer", nn.ModuleDict)
+    ln = None
+    if site.post_ln:
+        ln = get_path(layer, site.layer_ln) if site.layer_ln else get_path(sublayer, site.layer_norm)
     loc = BottleneckLocation(i, site, adapters, ln, fusions, stack_cache)
     if site.post_ln:
         def residual(args: tuple, kwargs: dict) -> Any:
@@ -56,7 +58,8 @@ def wire_location(i: int, layer: nn.Module, site: BottleneckSite, stack_cache: S
             return args[n] if len(args) > n else kwargs.get(site.residual_kwarg)
 
         sublayer.register_forward_pre_hook(_capture(loc, "x", residual), with_kwargs=True)
-        get_path(sublayer, site.h_module).register_forward_hook(_capture(loc, "h", lambda args, output: output))
+        if site.h_module:
+            get_path(sublayer, site.h_module).register_forward_hook(_capture(loc, "h", lambda args, output: output))
         ln.register_forward_pre_hook(_post_ln_pre_hook(loc))
         ln.register_forward_hook(_post_ln_override(loc))
     else:
@@ -119,7 +122,8 @@ def _post_ln_pre_hook(loc: BottleneckLocation) -> Callable:
         ctx = _has_work(loc)
         if ctx is None:
             return None
-        h, x = ctx.stash.pop((key, "h")), ctx.stash.pop((key, "x"))
+        x = ctx.stash.pop((key, "x"))
+        h = ctx.stash.pop((key, "h")) if loc.site.h_module else args[0] - x
         results = _routed(loc, h, x, hx=args[0])
         if not results:
             return None

@@ -88,10 +88,9 @@ class BottleneckMethod(Method):
 
     def wire(self, host: Host) -> None:
         state = BottleneckState()
-        for i, layer in enumerate(host.layers):
-            for site in host.arch.sites_of(BottleneckSite):
-                loc = wire_location(i, layer, site, host.stack_cache)
-                state.locations[loc.key] = loc
+        for i, layer, site in host.sites(BottleneckSite):
+            loc = wire_location(i, layer, site, host.stack_cache)
+            state.locations[loc.key] = loc
         host.rooms[self.name] = state
 
     def add(self, host: Host, name: str, config: AdapterConfigBase) -> None:

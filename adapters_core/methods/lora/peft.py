@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ...formats import AdapterFiles, PeftFiles
-from ..base import Host
+from ..base import Host, resolve_path
 from .config import LoRAConfig
 from .targets import LoRATarget, lora_targets
 
@@ -24,8 +24,8 @@ PEFT_ADAPTER_NAME = "peft_adapter"
 
 def target_paths(host: Host) -> dict[str, LoRATarget]:
     """Every LoRA target of the model by its dotted path relative to the base model."""
-    layers = host.arch.layers
-    return {f"{layers}.{t.layer}.{t.site.module}": t for t in lora_targets(host)}
+    return {f"{host.layer_path(t.layer)}.{resolve_path(host.layers[t.layer], t.site.module)}": t
+            for t in lora_targets(host)}
 
 
 def _strip(key: str, base_prefix: str) -> str:

@@ -75,12 +75,11 @@ def lora_targets(host: Host) -> list[LoRATarget]:
 
 def wire_targets(host: Host) -> LoRAState:
     state = LoRAState()
-    for i, layer in enumerate(host.layers):
-        for site in host.arch.sites_of(LoRASite):
-            module = get_path(layer, site.module)
-            target = LoRATarget(i, site, module, child_module(module, "loras", nn.ModuleDict), host.stack_cache)
-            module.register_forward_hook(_hook(target))
-            state.targets.append(target)
+    for i, layer, site in host.sites(LoRASite):
+        module = get_path(layer, site.module)
+        target = LoRATarget(i, site, module, child_module(module, "loras", nn.ModuleDict), host.stack_cache)
+        module.register_forward_hook(_hook(target))
+        state.targets.append(target)
     return state
 
 

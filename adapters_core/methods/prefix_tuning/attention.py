@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .bias import extend_position_bias
 from .flex import prefixed_block_mask
 from .rule import CARRIED, PrefixLookup, refuse_packed, refusing_attention
 
@@ -79,6 +80,9 @@ def make_prefix_attention(delegate: Callable[..., Any], lookup: PrefixLookup, as
             front_k.insert(0, zeros)
             front_v.insert(0, zeros)
             keep = torch.cat([keep.new_zeros(()).expand(keep.shape[0], pad), keep], dim=1)
+        if kwargs.get("position_bias") is not None:
+            kwargs["position_bias"] = extend_position_bias(module, kwargs["position_bias"], keep, query.shape[2],
+                                                           key.shape[2])
         causal = bool(getattr(module, "is_causal", False))
         if attention_mask is None and not (causal and query.shape[2] > 1):
             if bool(keep.all()):

@@ -27,16 +27,19 @@ class EjectAPI:
         state = prefixes(self._host)
         if name not in state.prefix_tunings:
             raise ValueError(f"adapter {name!r} has no prefix tuning to eject")
-        old = state.module(name)
-        if old.flat:
+        group = state.prefix_tunings[name]
+        if all(m.flat for m in group.values()):
             return
         members = [m.replace(flat=True) if isinstance(m, PrefixTuningConfig) else m for m in cfg.methods()]
         new_cfg = members[0] if len(members) == 1 else ConfigUnion(*members)
         pcfg = next(m for m in members if isinstance(m, PrefixTuningConfig))
-        with torch.no_grad():
-            flat = old.flat_weights().detach().clone()
-        new = PrefixTuningModule(old.n_layers, old.n_kv_heads, old.head_dim, self._host.hidden, pcfg)
-        new.control_trans = nn.Parameter(flat.to(device=flat.device, dtype=flat.dtype))
-        new.train(self.training)
-        state.prefix_tunings[name] = nn.ModuleDict({"self_prefix": new})
+        ejected: dict[str, PrefixTuningModule] = {}
+        for key, old in group.items():
+            with torch.no_grad():
+                flat = old.flat_weights().detach().clone()
+            new = PrefixTuningModule(old.n_layers, old.n_kv_heads, old.head_dim, self._host.hidden, pcfg)
+            new.control_trans = nn.Parameter(flat.to(device=flat.device, dtype=flat.dtype))
+            new.train(self.training)
+            ejected[key] = new
+        state.prefix_tunings[name] = nn.ModuleDict(ejected)
         self.adapters_registry.configs[name] = new_cfg

@@ -1,7 +1,7 @@
 """Which prefixes each row of the current forward pass attends to: the lookup the attention wrapper calls.
 
-A model's prefixes hang at ``<base>.prefix_tuning.prefix_tunings.<name>.self_prefix`` (AdapterHub's key
-path); `PrefixState` holds them and answers, per attention layer, the padded [batch, heads, P, head_dim]
+A model's prefixes hang at ``<base>.prefix_tuning.prefix_tunings.<name>.<location>_prefix`` (AdapterHub's
+key path: self_prefix, and encoder_prefix / cross_prefix in encoder-decoders); `PrefixState` holds them and answers, per attention layer, the padded [batch, heads, P, head_dim]
 keys and values and the keep mask of the rows the routing plan gives a prefix. Results are cached in the
 ForwardContext: all layers come from one gather when every row has at most one full-depth prefix.
 """
@@ -25,71 +25,82 @@ ROOM = "prefix_tuning"
 
 @dataclass
 class PrefixState:
-    """A model's prefix modules and, per adapter, its layers' positions in them (leave_out skips layers)."""
+    """A model's prefix modules and, per adapter and location, its layers' positions in them.
+
+    `locations` lists, per location ("self", "encoder", "cross"), the model's layer indices with such an
+    attention module; `layer_index[name][location][layer]` is that layer's position in adapter `name`'s
+    module for the location (leave_out and the encoder/cross switches skip layers or whole locations).
+    """
 
     prefix_tunings: nn.ModuleDict
-    n_layers: int
-    layer_index: dict[str, dict[int, int]] = field(default_factory=dict)
+    locations: dict[str, list[int]] = field(default_factory=dict)
+    layer_index: dict[str, dict[str, dict[int, int]]] = field(default_factory=dict)
 
-    def module(self, name: str) -> PrefixTuningModule:
-        return self.prefix_tunings[name]["self_prefix"]
+    def module(self, name: str, location: str = "self") -> PrefixTuningModule:
+        return self.prefix_tunings[name][f"{location}_prefix"]
 
-    def prefix_for(self, layer: int, batch: int) -> PrefixKV | None:
-        """(keys, values, keep) for attention layer `layer` under the current context, or None."""
+    def prefix_for(self, location: str, layer: int, batch: int) -> PrefixKV | None:
+        """(keys, values, keep) for one attention module under the current context, or None."""
         ctx = ForwardContext.current()
         if ctx is None or ctx.plan is None or not len(self.prefix_tunings):
             return None
         cache = ctx.prefix_states
-        if layer in cache:
-            return cache[layer]
-        present = frozenset(self.prefix_tunings.keys())
+        if (location, layer) in cache:
+            return cache[(location, layer)]
+        present = {n for n, index in self.layer_index.items() if location in index}
         rows = [tuple(n for n in stack if n in present) for stack in ctx.plan.rows]
         if not any(rows):
-            cache[layer] = None
+            cache[(location, layer)] = None
             return None
         if len(rows) != batch:
             raise ValueError(f"prefix routing expected {len(rows)} rows, attention got {batch}")
-        fast = self._all_layers(ctx, rows)
+        fast = self._all_layers(ctx, location, rows)
         if fast is not None:
             kv, keep = fast
-            found = (kv[:, layer, 0], kv[:, layer, 1], keep)
-            cache[layer] = found
+            j = self.locations[location].index(layer)
+            found = (kv[:, j, 0], kv[:, j, 1], keep)
+            cache[(location, layer)] = found
             return found
-        kvs = {n: self.module(n).key_values() for n in {n for r in rows for n in r}}
+        kvs = {n: self.module(n, location).key_values() for n in {n for r in rows for n in r}}
         per_row = []
         for stack in rows:
             entries = []
             for n in stack:
-                idx = self.layer_index[n].get(layer)
+                idx = self.layer_index[n][location].get(layer)
                 if idx is not None:
                     entries.append(kvs[n][idx])
             per_row.append(entries)
         ref = next(iter(self.prefix_tunings.parameters()))
         found = gather_prefixes(per_row, ref.device, ref.dtype)
-        cache[layer] = found
+        cache[(location, layer)] = found
         return found
 
-    def _all_layers(self, ctx: ForwardContext, rows: list[tuple[str, ...]]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The one-gather path when each row has at most one prefix that covers every layer."""
-        if "_all" in ctx.prefix_states:
-            return ctx.prefix_states["_all"]
+    def _all_layers(self, ctx: ForwardContext, location: str,
+                    rows: list[tuple[str, ...]]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The one-gather path when each row has at most one prefix that covers every layer of the location."""
+        key = ("_all", location)
+        if key in ctx.prefix_states:
+            return ctx.prefix_states[key]
         names = sorted({n for r in rows for n in r})
-        full = all(len(self.layer_index[n]) == self.n_layers for n in names)
+        n_layers = len(self.locations[location])
+        full = all(len(self.layer_index[n][location]) == n_layers for n in names)
         if not full or any(len(r) > 1 for r in rows):
-            ctx.prefix_states["_all"] = None
+            ctx.prefix_states[key] = None
             return None
-        modules = [self.module(n) for n in names]
+        modules = [self.module(n, location) for n in names]
         slot = [names.index(r[0]) if r else -1 for r in rows]
         ref = next(iter(self.prefix_tunings.parameters()))
         result = gather_all_layers(modules, slot, ref.device, ref.dtype)
-        ctx.prefix_states["_all"] = result
+        ctx.prefix_states[key] = result
         return result
 
 
 def lookup(module: nn.Module, batch: int) -> PrefixKV | None:
     """The attention wrapper's lookup: the prefixes of a wired attention module's layer (None elsewhere)."""
     state: PrefixState | None = getattr(module, "_adapterserve_prefix", None)
-    return state.prefix_for(module._adapterserve_layer, batch) if state is not None else None
+    if state is None:
+        return None
+    return state.prefix_for(module._adapterserve_location, module._adapterserve_layer, batch)
 
 
 def prefixes(host: Host) -> PrefixState:
