@@ -106,7 +106,8 @@ def test_every_registered_implementation_carries_or_refuses() -> None:
     found = (torch.zeros(2, 4, 3, 8), torch.zeros(2, 4, 3, 8), torch.ones(2, 3, dtype=torch.bool))
     prefixed = nn.Module()
     prefixed._adapterserve_layer = 0
-    prefixed._adapterserve_prefix = types.SimpleNamespace(prefix_for=lambda layer, batch: found)
+    prefixed._adapterserve_location = "self"
+    prefixed._adapterserve_prefix = types.SimpleNamespace(prefix_for=lambda location, layer, batch: found)
     for name in set(ALL_ATTENTION_FUNCTIONS) - set(CARRIED):
         with pytest.raises(ValueError, match=f"'{name}'"):
             ALL_ATTENTION_FUNCTIONS[name](prefixed, query, key, value, None, scaling=0.3)
