@@ -17,7 +17,8 @@ from ...routing import ForwardContext
 from ..base import Host
 from .module import PrefixTuningModule, gather_all_layers, gather_prefixes
 
-PrefixKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+#: (keys, values, keep, every row keeps every prefix position: decided on the host from the plan).
+PrefixKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]
 
 #: The key of the prefix tuning room's state in `Host.rooms`.
 ROOM = "prefix_tuning"
@@ -52,7 +53,8 @@ class PrefixState:
         fast = self._all_layers(ctx, rows)
         if fast is not None:
             kv, keep = fast
-            found = (kv[:, layer, 0], kv[:, layer, 1], keep)
+            lengths = [self.module(r[0]).prefix_length if r else 0 for r in rows]
+            found = (kv[:, layer, 0], kv[:, layer, 1], keep, min(lengths) == max(lengths))
             cache[layer] = found
             return found
         kvs = {n: self.module(n).key_values() for n in {n for r in rows for n in r}}
@@ -65,7 +67,9 @@ class PrefixState:
                     entries.append(kvs[n][idx])
             per_row.append(entries)
         ref = next(iter(self.prefix_tunings.parameters()))
-        found = gather_prefixes(per_row, ref.device, ref.dtype)
+        gathered = gather_prefixes(per_row, ref.device, ref.dtype)
+        lengths = [sum(k.shape[1] for k, _ in row) for row in per_row]
+        found = None if gathered is None else (*gathered, min(lengths) == max(lengths))
         cache[layer] = found
         return found
 
