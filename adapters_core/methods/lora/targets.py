@@ -41,7 +41,7 @@ class LoRATarget:
     loras: nn.ModuleDict
     stack_cache: StackCache
     cover: dict[str, tuple[int, ...] | None] = field(default_factory=dict)
-    placed: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = field(default_factory=dict)
+    placed: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = field(default_factory=dict)  # model-wide
     merged: str | None = None
     saved: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
@@ -62,7 +62,8 @@ class LoRATarget:
         return len(self.site.attn_keys) > 1
 
     def out_index(self, name: str, device: torch.device) -> torch.Tensor | None:
-        """The output columns adapter `name` covers as an index on `device` (None: all); built once per device."""
+        """The output columns adapter `name` covers as an index on `device` (None: all); built once per device
+        and shared by the model's targets."""
         cover = self.cover.get(name)
         if cover is None:
             return None
@@ -78,6 +79,7 @@ class LoRAState:
     """A model's LoRA/IA3 targets, in layer order."""
 
     targets: list[LoRATarget] = field(default_factory=list)
+    placed: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = field(default_factory=dict)
 
 
 def lora_targets(host: Host) -> list[LoRATarget]:
@@ -90,7 +92,8 @@ def wire_targets(host: Host) -> LoRAState:
     for i, layer in enumerate(host.layers):
         for site in host.arch.sites_of(LoRASite):
             module = get_path(layer, site.module)
-            target = LoRATarget(i, site, module, child_module(module, "loras", nn.ModuleDict), host.stack_cache)
+            target = LoRATarget(i, site, module, child_module(module, "loras", nn.ModuleDict), host.stack_cache,
+                                placed=state.placed)
             module.register_forward_hook(_hook(target))
             state.targets.append(target)
     return state
