@@ -175,14 +175,20 @@ def _one_cpu_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-#: ADAPTERSERVE_DEVICE_CHECK=1 runs every test here under the device check, not only those marked `device_check`.
+#: ADAPTERSERVE_DEVICE_CHECK=1 runs every test here under the device check, not only those marked
+#: `device_check` (flex_attention tests aside: torch.compile refuses a dispatch mode).
 DEVICE_CHECK_ALL = os.environ.get("ADAPTERSERVE_DEVICE_CHECK") == "1"
+
+
+def _module_marked(module: object) -> bool:
+    marks = getattr(module, "pytestmark", [])
+    return any(m.name == "device_check" for m in (marks if isinstance(marks, list) else [marks]))
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _device_check_module(request: pytest.FixtureRequest) -> Iterator[None]:
     """A module marked `device_check` runs under it whole, its module-scoped models built inside it too."""
-    if DEVICE_CHECK_ALL or request.node.get_closest_marker("device_check") is not None:
+    if _module_marked(request.module):
         with device_check():
             yield
     else:
@@ -191,16 +197,11 @@ def _device_check_module(request: pytest.FixtureRequest) -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _device_check_function(request: pytest.FixtureRequest) -> Iterator[None]:
-    """A test marked `device_check` in a module that is not runs under it."""
-    marked = request.node.get_closest_marker("device_check") is not None
-    module_marked = DEVICE_CHECK_ALL or any(m.name == "device_check" for m in _marks(request.module))
-    if marked and not module_marked:
+    """A test marked `device_check` (or every test, with ADAPTERSERVE_DEVICE_CHECK=1) in a module that is not."""
+    wanted = request.node.get_closest_marker("device_check") is not None or (
+        DEVICE_CHECK_ALL and "flex" not in request.node.nodeid)
+    if wanted and not _module_marked(request.module):
         with device_check():
             yield
     else:
         yield
-
-
-def _marks(module: object) -> list[pytest.Mark]:
-    marks = getattr(module, "pytestmark", [])
-    return list(marks) if isinstance(marks, list) else [marks]

@@ -3,13 +3,15 @@
 `device_check()` runs two torch modes, so the suite's mixed-batch tests catch what only a GPU would show:
 
 - the host is played by the `meta` device: a tensor the library builds from host data (`torch.tensor` or
-  `torch.as_tensor` called from `adapters_core`) lands on `meta`, as it would sit on the host beside CUDA
-  weights. The routing plan's own copies are built in `adapters_core.routing` and placed on the weights'
+  `torch.as_tensor` called from `adapters_core.methods`, or from any library code during a forward) lands
+  on `meta`, as it would sit on the host beside CUDA weights. The routing plan's own copies are built in `adapters_core.routing` and placed on the weights'
   device by `routing.place`, the one host->device copy, so they stay on the CPU;
 - every aten op whose tensor arguments live on more than one device (0-dim CPU scalars aside, which CUDA
   kernels accept too) fails, naming the op and the library line that issued it; so does a host sync
   (`.item()`, `bool(t)`, `int(t)`, `torch.equal`, `Tensor.tolist`) issued by `adapters_core.methods`
   while a forward pass runs.
+
+flex_attention cannot run under it (torch.compile refuses a Python dispatch mode).
 
 `DeviceCheck.created` counts the host->device tensors of each forward (the routing plan's placements plus
 host-data tensors built by the library): a forward's count must not grow with the number of layers.
@@ -38,6 +40,7 @@ _BUILDERS = (torch.tensor, torch.as_tensor)
 _SYNCS = frozenset({
     torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default, torch.ops.aten.is_nonzero.default,
 })
+_TRANSFERS = frozenset({torch.ops.aten.copy_.default})  # dst.copy_(src) copies across devices on CUDA too
 _OWN = (__name__, "torch.", "torch")
 
 
@@ -93,6 +96,14 @@ class DeviceCheck:
         return [n for _, n in self.created]
 
 
+def _builds_for_kernels(module: str) -> bool:
+    """Host data turned into a tensor here feeds kernels: the methods' code, or any library code in a forward
+    (loading copies files into parameters with copy_, a real host->device copy)."""
+    if module == routing.__name__:
+        return False
+    return module.startswith("adapters_core.methods") or ForwardContext.current() is not None
+
+
 class _HostAsMeta(TorchFunctionMode):
     def __init__(self, check: DeviceCheck, redirect: bool) -> None:
         super().__init__()
@@ -101,7 +112,7 @@ class _HostAsMeta(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = dict(kwargs or {})
         frame = _library_frame() if func in _BUILDERS else None
-        if frame is not None and frame.f_globals["__name__"] != routing.__name__:
+        if frame is not None and _builds_for_kernels(frame.f_globals["__name__"]):
             self.check.count()
             if self.redirect:
                 kwargs["device"] = HOST
@@ -115,7 +126,7 @@ class _SameDevice(TorchDispatchMode):
         kwargs = kwargs or {}
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         devices = {t.device for t in tensors if not (t.dim() == 0 and t.device.type == "cpu")}
-        if len(devices) > 1:
+        if len(devices) > 1 and func not in _TRANSFERS:
             names = ", ".join(sorted(str(d) for d in devices))
             raise DeviceCheckError(f"{func} mixes devices ({names}) at {_call_site()}")
         if func in _SYNCS and _in_layers():

@@ -23,13 +23,13 @@ def _library_code(source: str, module: str, **names: object) -> dict:
 
 def test_a_host_tensor_reaching_a_kernel_fails_naming_the_op_and_the_line() -> None:
     weight = torch.randn(4, 3)
-    with device_check(), pytest.raises(DeviceCheckError, match=r"aten\.index.*mixes devices.*adapters_core/fake\.py:1"):
-        _library_code("out = w[torch.tensor([0, 2])]", "adapters_core.fake", w=weight)
+    with device_check(), pytest.raises(DeviceCheckError, match=r"aten\.index.*mixes devices.*adapters_core/methods/fake\.py:1"):
+        _library_code("out = w[torch.tensor([0, 2])]", "adapters_core.methods.fake", w=weight)
 
 
 def test_host_data_built_by_the_library_lands_on_the_host_device() -> None:
     with device_check():
-        assert _library_code("t = torch.tensor([1])", "adapters_core.fake")["t"].device.type == "meta"
+        assert _library_code("t = torch.tensor([1])", "adapters_core.methods.fake")["t"].device.type == "meta"
         assert torch.tensor([1]).device.type == "cpu"  # the tests' own tensors are left alone
 
 
