@@ -6,9 +6,9 @@ composition cannot be flattened this way (it holds Fuse, Split or Average) is ke
 own rows (`RowPlan.trees`) and interpreted by the methods' fallback; the other rows of a BatchSplit stay
 on the fast path.
 
-Index tensors derived from the plan (row and slot indices, mixing weights) are built on the host once per
-forward and copied to a device once (`shared_tensor`, through `place`); every layer reuses them, so a
-layer never copies host data to the device or waits on it.
+Tensors derived from the plan (row and slot indices, LoRA scalings, Average weights) are built on the host
+and copied to a device once per forward, by the first layer that needs each (`shared_tensor`, through
+`place`, keyed by device in the ForwardContext); every other layer reuses them.
 """
 
 from __future__ import annotations
