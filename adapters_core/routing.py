@@ -5,15 +5,21 @@ row i runs the stack of adapter names `rows[i]` (empty = the bare backbone). A p
 composition cannot be flattened this way (it holds Fuse, Split or Average) is kept as a tree over its
 own rows (`RowPlan.trees`) and interpreted by the methods' fallback; the other rows of a BatchSplit stay
 on the fast path.
+
+Tensors derived from the plan (row and slot indices, LoRA scalings, Average weights) are built on the host
+and copied to a device once per forward, by the first layer that needs each (`shared_tensor`, through
+`place`, keyed by device in the ForwardContext); every other layer reuses them.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from .composition import (
     AdapterCompositionBlock,
@@ -27,6 +33,32 @@ from .composition import (
 )
 
 Rows = tuple[tuple[str, ...], ...]
+
+
+def place(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The one host->device copy of routing state: `t` (built on the host) on `device`."""
+    return t if t.device == device else t.to(device, non_blocking=True)
+
+
+def host_to_device(values: Sequence[Any], device: torch.device | str, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """`values` built on the host as a tensor and placed on `device` (no caching)."""
+    return place(torch.tensor(values, dtype=dtype, device="cpu"), torch.device(device))
+
+
+def shared_tensor(values: Sequence[Any], device: torch.device | str, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """`values` as a tensor on `device`, built and copied once per forward and shared by every layer.
+
+    Keyed by (values, dtype, device) in the current ForwardContext; outside a forward it is built anew.
+    """
+    device = torch.device(device)
+    ctx = ForwardContext.current()
+    if ctx is None:
+        return host_to_device(values, device, dtype)
+    key = (tuple(values), dtype, device)
+    hit = ctx.tensors.get(key)
+    if hit is None:
+        hit = ctx.tensors[key] = host_to_device(key[0], device, dtype)
+    return hit
 
 
 @dataclass(frozen=True)
@@ -206,6 +238,7 @@ class ForwardContext:
     stash: dict[Any, Any] = field(default_factory=dict)
     prefix_states: dict[str, Any] = field(default_factory=dict)
     group_cache: dict[frozenset[str], Any] = field(default_factory=dict)
+    tensors: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict)
 
     _local = threading.local()
 

@@ -12,6 +12,8 @@ from typing import TypeVar
 
 import torch
 
+from ..routing import shared_tensor
+
 __all__ = ["SEGMENT_MAX_RUNS", "row_index", "row_slices", "segment_runs"]
 
 # Up to this many contiguous runs of rows per group of same-shaped adapters, inference updates each run
@@ -50,7 +52,7 @@ def row_slices(rows: Sequence[int], n_rows: int) -> list[slice | None]:
 
 
 def row_index(rows: Sequence[int], n_rows: int, device: torch.device) -> torch.Tensor | None:
-    """Index tensor of `rows`, or None when they are simply all rows in order (no gather needed)."""
+    """Index tensor of `rows` (shared by the forward's layers), or None when they are simply all rows in order."""
     if _all_in_order(rows, n_rows):
         return None
-    return torch.tensor(list(rows), device=device)
+    return shared_tensor(rows, device)

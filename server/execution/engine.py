@@ -308,11 +308,14 @@ class Engine(Backbone):
 
     @staticmethod
     def _classified(logits: torch.Tensor, names: dict[int, str]) -> list[Classified]:
-        probs = torch.softmax(logits, dim=-1)
+        """Per row: the top label, its probability and the logits, read from one host copy of the block."""
+        host = logits.cpu()
+        probs = torch.softmax(host, dim=-1)
+        top = probs.argmax(dim=-1)
+        best = probs.gather(-1, top[:, None])[:, 0]
         results: list[Classified] = []
-        for row_logits, row_probs in zip(logits.tolist(), probs, strict=True):
-            idx = int(row_probs.argmax())
-            results.append(Classified(names.get(idx, str(idx)), float(row_probs[idx]), row_logits))
+        for row_logits, idx, p in zip(host.tolist(), top.tolist(), best.tolist(), strict=True):
+            results.append(Classified(names.get(idx, str(idx)), p, row_logits))
         return results
 
     def _hidden(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -6,6 +6,7 @@ arguments give bit-identical weights; dropout is switched off so training steps 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from transformers import (
 )
 
 from adapters_core import AdapterSetup, AutoAdapterModel, init
+
+from .device_check import device_check
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"  # ../shared beside the checkout (also in CI)
 REFERENCE = SHARED / "reference"
@@ -170,3 +173,35 @@ def _one_cpu_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+#: ADAPTERSERVE_DEVICE_CHECK=1 runs every test here under the device check, not only those marked
+#: `device_check` (flex_attention tests aside: torch.compile refuses a dispatch mode).
+DEVICE_CHECK_ALL = os.environ.get("ADAPTERSERVE_DEVICE_CHECK") == "1"
+
+
+def _module_marked(module: object) -> bool:
+    marks = getattr(module, "pytestmark", [])
+    return any(m.name == "device_check" for m in (marks if isinstance(marks, list) else [marks]))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _device_check_module(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A module marked `device_check` runs under it whole, its module-scoped models built inside it too."""
+    if _module_marked(request.module):
+        with device_check():
+            yield
+    else:
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _device_check_function(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test marked `device_check` (or every test, with ADAPTERSERVE_DEVICE_CHECK=1) in a module that is not."""
+    wanted = request.node.get_closest_marker("device_check") is not None or (
+        DEVICE_CHECK_ALL and "flex" not in request.node.nodeid)
+    if wanted and not _module_marked(request.module):
+        with device_check():
+            yield
+    else:
+        yield

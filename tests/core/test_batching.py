@@ -3,7 +3,8 @@
 A row's output must never depend on the other rows: not on their adapters, not on their padding, not on
 the attention implementation. Checked for every method on BERT, GPT-2 and Llama (GQA), under eager and
 sdpa attention, with right padding (and left padding for the decoders), comparing only a row's valid
-positions against the same row run alone without padding (tolerance 1e-5).
+positions against the same row run alone without padding (tolerance 1e-5). Every test here runs under
+the device check (device_check.py): index tensors on the weights' device, no host syncs in the layers.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from .tiny_models import (
     run,
     zoo,
 )
+
+pytestmark = pytest.mark.device_check
 
 TOL = 1e-5
 CHANGED = 1e-3  # an adapter that is applied moves the output by far more than this

@@ -282,6 +282,7 @@ MIXED_PAIRS = {
 }
 
 
+@pytest.mark.device_check
 @pytest.mark.parametrize("order", ["ab", "ba"])
 @pytest.mark.parametrize("pair", list(MIXED_PAIRS))
 @pytest.mark.parametrize("arch", ["bert", "llama"])

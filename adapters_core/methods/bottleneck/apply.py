@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...routing import shared_tensor
 from ..batching import row_index, segment_runs
 from ..stack_cache import StackCache, stack_params
 from .adapter import BottleneckAdapter
@@ -171,7 +172,7 @@ def apply_bottlenecks(
         hxs = hx if idx is None or hx is None else hx[idx]
         lead = members[0][0]
         slots = [i for i, (_, rows) in enumerate(members) for _ in rows]
-        slot = None if len(members) == 1 else torch.tensor(slots, device=h.device)
+        slot = None if len(members) == 1 else shared_tensor(slots, h.device)
         if delta:
             z = lead.delta_input(hs, xs, hxs, layer_norm)
             if slot is None:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ...composition import AdapterCompositionBlock, Average, BatchSplit, Fuse, Split, Stack
-from ...routing import touches
+from ...routing import shared_tensor, touches
 from .adapter import BottleneckAdapter
 
 Block = AdapterCompositionBlock | str | None
@@ -83,7 +83,7 @@ class BottleneckTree:
                 by_last.setdefault(name, []).append(row)
         out = []
         for name, rows in by_last.items():
-            idx = torch.tensor(rows, device=h.device)
+            idx = shared_tensor(rows, h.device)
             last = self.adapters[name]
             out.append((idx, last.pre_final(state.hidden[idx], h[idx]), last))
         return out
@@ -127,7 +127,7 @@ class BottleneckTree:
             return _per_part(s, block.children, block.splits, 1, self._prepared)
         if isinstance(block, Average):
             outs = [self._prepared(c, s) for c in block.children]
-            weights = torch.tensor(block.weights, dtype=s.hidden.dtype, device=s.hidden.device)
+            weights = shared_tensor(block.weights, s.hidden.device, s.hidden.dtype)
             hidden = sum(w * o.hidden for w, o in zip(weights, outs, strict=True))
             last = next((o.last for o in reversed(outs) if any(n is not None for n in o.last)), s.last)
             return replace(s, hidden=hidden, last=last)

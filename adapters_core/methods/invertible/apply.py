@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ...composition import AdapterCompositionBlock, BatchSplit, Parallel, Stack, parse_composition
+from ...routing import shared_tensor
 from .layer import InvertibleAdapter
 
 #: Up to this many contiguous runs per adapter its rows are read and written as slices (views); beyond
@@ -86,7 +87,7 @@ def apply_invertible(
             for sl in rows:
                 out[sl] = module(x[sl], rev=rev)
         else:
-            index = torch.tensor(rows, device=x.device)
+            index = shared_tensor(rows, x.device)
             out.index_copy_(0, index, module(x.index_select(0, index), rev=rev))
     return out
 

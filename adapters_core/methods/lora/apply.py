@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from ...routing import shared_tensor
 from ..batching import row_index, segment_runs
 from ..stack_cache import StackCache, stack_params
 from .layer import LinearAdapter
@@ -65,7 +66,7 @@ def apply_loras(
         else:
             slots = [i for i, (_, rows) in enumerate(members) for _ in rows]
             one_each = slots == list(range(len(members)))  # one row per adapter, in order: no gather
-            hidden = _gathered(mods, None if one_each else torch.tensor(slots, device=out.device), xs, cache)
+            hidden = _gathered(mods, None if one_each else shared_tensor(slots, out.device), xs, cache)
         result = combine_rows(result, idx, hidden, mods[0].kind, out_index)
     return result
 
@@ -113,7 +114,7 @@ def _gathered(mods: Sequence[LinearAdapter], slot: torch.Tensor | None, xs: torc
     stack = cache.get if cache is not None and not torch.is_grad_enabled() else stack_params
     a_t, _ = stack([(m.lora_A, None) for m in mods])  # [S, in, r]
     b_t, _ = stack([(m.b_effective(), None) for m in mods])  # [S, r, out]
-    s = torch.tensor([m.scaling for m in mods], dtype=xs.dtype, device=xs.device)
+    s = shared_tensor([m.scaling for m in mods], xs.device, xs.dtype)
     if slot is not None:
         a_t, b_t, s = a_t[slot], b_t[slot], s[slot]
     flat = xs.reshape(xs.shape[0], -1, xs.shape[-1])

@@ -19,8 +19,8 @@ def merge_target(target: LoRATarget, name: str) -> None:
     w = target.module.weight
     b = getattr(target.module, "bias", None)
     target.saved = (w.detach().clone(), None if b is None else b.detach().clone())
-    idx = target.out_index.get(name)
-    rows = torch.arange(target.out_features, device=w.device) if idx is None else idx.to(w.device)
+    idx = target.out_index(name, w.device)
+    rows = torch.arange(target.out_features, device=w.device) if idx is None else idx
     with torch.no_grad():
         mod.merge_into(w.t() if target.fan_in_fan_out else w, b, rows)  # the (out, in) view
     target.merged = name

@@ -1,8 +1,9 @@
 """Where LoRA and (IA)^3 attach: one `LoRATarget` per declared linear layer, its forward hook and placement.
 
 A fused projection (GPT-2's c_attn computes q, k and v) is split in equal thirds: an adapter covers the
-thirds its `attn_matrices` enable, recorded in `out_index` (None: every output). The hook adds each
-routed row's update to the layer's output; rows sharing a kind and shape share one batched kernel.
+thirds its `attn_matrices` enable, recorded in `cover` (None: every output) and indexed by `out_index` on
+the layer's device. The hook adds each routed row's update to the layer's output; rows sharing a kind and
+shape share one batched kernel.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ...routing import ForwardContext, TreeRows
+from ...routing import ForwardContext, TreeRows, host_to_device
 from ..base import Host, child_module, get_path
 from ..stack_cache import StackCache
 from .apply import apply_loras, combine_rows
@@ -39,8 +40,8 @@ class LoRATarget:
     module: nn.Module
     loras: nn.ModuleDict
     stack_cache: StackCache
-    out_index: dict[str, torch.Tensor | None] = field(default_factory=dict)
-    cover: dict[str, tuple[int, ...] | None] = field(default_factory=dict)  # out_index as a hashable key
+    cover: dict[str, tuple[int, ...] | None] = field(default_factory=dict)
+    placed: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = field(default_factory=dict)  # model-wide
     merged: str | None = None
     saved: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
@@ -60,12 +61,25 @@ class LoRATarget:
     def fused(self) -> bool:
         return len(self.site.attn_keys) > 1
 
+    def out_index(self, name: str, device: torch.device) -> torch.Tensor | None:
+        """The output columns adapter `name` covers as an index on `device` (None: all); built once per device
+        and shared by the model's targets."""
+        cover = self.cover.get(name)
+        if cover is None:
+            return None
+        key = (cover, device)
+        idx = self.placed.get(key)
+        if idx is None:
+            idx = self.placed[key] = host_to_device(cover, device)
+        return idx
+
 
 @dataclass
 class LoRAState:
     """A model's LoRA/IA3 targets, in layer order."""
 
     targets: list[LoRATarget] = field(default_factory=list)
+    placed: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = field(default_factory=dict)
 
 
 def lora_targets(host: Host) -> list[LoRATarget]:
@@ -77,7 +91,8 @@ def wire_targets(host: Host) -> LoRAState:
     state = LoRAState()
     for i, layer, site in host.sites(LoRASite):
         module = get_path(layer, site.module)
-        target = LoRATarget(i, site, module, child_module(module, "loras", nn.ModuleDict), host.stack_cache)
+        target = LoRATarget(i, site, module, child_module(module, "loras", nn.ModuleDict), host.stack_cache,
+                            placed=state.placed)
         module.register_forward_hook(_hook(target))
         state.targets.append(target)
     return state
@@ -106,11 +121,9 @@ def place_linear_adapters(host: Host, name: str, config: LoRAConfig, factory: Mo
             third = out_all // len(site.attn_keys)
             idx = [j for j, on in enumerate(enabled) for j in range(j * third, (j + 1) * third) if on]
             out_enabled = len(idx)
-            target.out_index[name] = None if all(enabled) else torch.tensor(idx)
             target.cover[name] = None if all(enabled) else tuple(idx)
         else:
             out_enabled = out_all
-            target.out_index[name] = None
             target.cover[name] = None
         groups = sum(enabled) if target.fused else 1
         target.loras[name] = factory(config, target.in_features, out_enabled, groups)
@@ -139,7 +152,6 @@ def remove_linear_adapters(host: Host, name: str) -> None:
             if target.merged == name:
                 unmerge_target(target)
             del target.loras[name]
-        target.out_index.pop(name, None)
         target.cover.pop(name, None)
 
 
@@ -183,7 +195,7 @@ def _fused(target: LoRATarget, groups: tuple, x: torch.Tensor, output: torch.Ten
                 "is not supported (AdapterHub refuses it as well)"
             )
         if live:
-            idx = target.out_index.get(live[0])
+            idx = target.out_index(live[0], output.device)
             by_cover.setdefault(target.cover.get(live[0]), (idx, []))[1].append((stack, rows))
     result = output
     for out_index, sub in by_cover.values():
@@ -199,7 +211,7 @@ def _tree(target: LoRATarget, part: TreeRows, x: torch.Tensor, output: torch.Ten
     names = {id(m): n for n, m in target.loras.items()}
 
     def combine(out: torch.Tensor, hidden: torch.Tensor, last: LinearAdapter) -> torch.Tensor:
-        return combine_rows(out, None, hidden, last.kind, target.out_index.get(names[id(last)]))
+        return combine_rows(out, None, hidden, last.kind, target.out_index(names[id(last)], out.device))
 
     if part.start == 0 and part.stop == output.shape[0]:
         got = lora_tree(target.loras, part.block, x, output, combine)

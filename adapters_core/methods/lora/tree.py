@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ...composition import AdapterCompositionBlock, Average, BatchSplit, Stack
-from ...routing import touches
+from ...routing import shared_tensor, touches
 from .layer import LinearAdapter
 
 Block = AdapterCompositionBlock | str | None
@@ -41,7 +41,7 @@ def lora_tree(
             return hidden, last
         if isinstance(block, Average):
             outs = [hidden_of(c, xs, hidden) for c in block.children]
-            weights = torch.tensor(block.weights, dtype=xs.dtype, device=xs.device)
+            weights = shared_tensor(block.weights, xs.device, xs.dtype)
             mixed = sum(w * o for w, (o, _) in zip(weights, outs, strict=True) if o is not None)
             return mixed, next((g for _, g in reversed(outs) if g is not None), None)
         raise ValueError(f"{block!r} cannot be applied by LoRA adapters inside this composition")

@@ -51,6 +51,11 @@ def extend_mask(
     return torch.cat([cols, mask.expand(b, mask.shape[1], mask.shape[2], mask.shape[3])], dim=-1)
 
 
+def _all_kept(found: tuple) -> bool:
+    """Whether every row keeps every prefix position: the lookup's host-side flag (read from keep without one)."""
+    return bool(found[3]) if len(found) > 3 else bool(found[2].all())
+
+
 def _to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     zero = torch.zeros((), dtype=dtype, device=mask.device)
     neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=mask.device)
@@ -72,7 +77,8 @@ def make_prefix_attention(delegate: Callable[..., Any], lookup: PrefixLookup, as
         if found is None:
             return delegate(module, query, key, value, attention_mask, **kwargs)
         refuse_packed(kwargs, "sdpa" if as_bool else "eager")
-        pk, pv, keep = found
+        pk, pv, keep = found[:3]
+        full = _all_kept(found)
         pad = -(key.shape[2] + pk.shape[2]) % cpu_kv_multiple if key.device.type == "cpu" else 0
         front_k, front_v = [pk.to(key.dtype)], [pv.to(value.dtype)]
         if pad:
@@ -80,12 +86,13 @@ def make_prefix_attention(delegate: Callable[..., Any], lookup: PrefixLookup, as
             front_k.insert(0, zeros)
             front_v.insert(0, zeros)
             keep = torch.cat([keep.new_zeros(()).expand(keep.shape[0], pad), keep], dim=1)
+            full = False
         if kwargs.get("position_bias") is not None:
             kwargs["position_bias"] = extend_position_bias(module, kwargs["position_bias"], keep, query.shape[2],
                                                            key.shape[2])
         causal = bool(getattr(module, "is_causal", False))
         if attention_mask is None and not (causal and query.shape[2] > 1):
-            if bool(keep.all()):
+            if full:
                 mask = None  # every key visible to every query: keep the mask-free kernel
             else:  # only prefix columns are hidden, alike for every query: one broadcast row per batch row
                 cols = torch.cat([keep, keep.new_ones(()).expand(keep.shape[0], key.shape[2])], dim=1)
@@ -109,11 +116,11 @@ def make_flex_prefix_attention(delegate: Callable[..., Any], lookup: PrefixLooku
         if found is None:
             return delegate(module, query, key, value, attention_mask, **kwargs)
         refuse_packed(kwargs, "flex_attention")
-        pk, pv, keep = found
+        pk, pv, keep = found[:3]
         q_len, k_len = query.shape[2], key.shape[2]
         causal = bool(getattr(module, "is_causal", False))
         if attention_mask is None or isinstance(attention_mask, BlockMask):
-            mask = prefixed_block_mask(attention_mask, keep, q_len, k_len, causal)
+            mask = prefixed_block_mask(attention_mask, keep, q_len, k_len, causal, _all_kept(found))
         else:
             mask = extend_mask(attention_mask, keep, q_len, k_len, causal, query.dtype, as_bool=False)
         key = torch.cat([pk.to(key.dtype), key], dim=2)

@@ -25,20 +25,21 @@ def _causal(offset: int) -> MaskMod:
 
 
 def prefixed_block_mask(
-    mask: BlockMask | None, keep: torch.Tensor, q_len: int, k_len: int, causal: bool
+    mask: BlockMask | None, keep: torch.Tensor, q_len: int, k_len: int, causal: bool, full: bool | None = None
 ) -> BlockMask | None:
     """The BlockMask for [prefix ; keys] (keep: [batch, P] visible prefix columns); None where all is visible.
 
     Built once per (mask, keep): the layers of one forward share the model's BlockMask, which carries the result.
+    `full` (every row keeps every prefix position) comes from the host; None reads it from `keep`.
     """
     if mask is not None:
         cached = getattr(mask, _CACHE_ATTR, None)
-        if cached is not None and cached[0].shape == keep.shape and torch.equal(cached[0], keep):
+        if cached is not None and (cached[0] is keep or cached[0].shape == keep.shape and torch.equal(cached[0], keep)):
             return cached[1]
         inner: MaskMod | None = mask.mask_mod
     else:
         inner = _causal(k_len - q_len) if causal and q_len > 1 else None
-        if inner is None and bool(keep.all()):
+        if inner is None and (bool(keep.all()) if full is None else full):
             return None
     b, p = keep.shape
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ...routing import shared_tensor
 from ..activations import Activation
 from .config import PrefixTuningConfig
 
@@ -94,7 +95,7 @@ def gather_all_layers(
             st = torch.nn.functional.pad(st, (0, 0, p_max - m.prefix_length, 0))
         padded.append(st)
         keeps.append(keep)
-    index = torch.tensor([s + 1 for s in slot], device=device)
+    index = shared_tensor([s + 1 for s in slot], device)
     # index_select copies whole [L, 2, H, P, D] blocks; advanced indexing goes element by element (2-7x slower)
     return torch.stack(padded).index_select(0, index), torch.stack(keeps).index_select(0, index)
 

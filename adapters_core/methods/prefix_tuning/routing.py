@@ -17,7 +17,8 @@ from ...routing import ForwardContext
 from ..base import Host
 from .module import PrefixTuningModule, gather_all_layers, gather_prefixes
 
-PrefixKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+#: (keys, values, keep, every row keeps every prefix position: decided on the host from the plan).
+PrefixKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]
 
 #: The key of the prefix tuning room's state in `Host.rooms`.
 ROOM = "prefix_tuning"
@@ -58,7 +59,8 @@ class PrefixState:
         if fast is not None:
             kv, keep = fast
             j = self.locations[location].index(layer)
-            found = (kv[:, j, 0], kv[:, j, 1], keep)
+            lengths = [self.module(r[0], location).prefix_length if r else 0 for r in rows]
+            found = (kv[:, j, 0], kv[:, j, 1], keep, min(lengths) == max(lengths))
             cache[(location, layer)] = found
             return found
         kvs = {n: self.module(n, location).key_values() for n in {n for r in rows for n in r}}
@@ -71,7 +73,9 @@ class PrefixState:
                     entries.append(kvs[n][idx])
             per_row.append(entries)
         ref = next(iter(self.prefix_tunings.parameters()))
-        found = gather_prefixes(per_row, ref.device, ref.dtype)
+        gathered = gather_prefixes(per_row, ref.device, ref.dtype)
+        lengths = [sum(k.shape[1] for k, _ in row) for row in per_row]
+        found = None if gathered is None else (*gathered, min(lengths) == max(lengths))
         cache[(location, layer)] = found
         return found
 

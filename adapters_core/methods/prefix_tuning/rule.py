@@ -16,7 +16,8 @@ from torch import nn
 #: The attention implementations the prefix wrapper carries prefixes through.
 CARRIED = ("eager", "sdpa", "flex_attention")
 
-PrefixLookup = Callable[[nn.Module, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]
+#: (module, batch) -> (keys, values, keep[, every position kept]) or None; without the flag it is read from keep.
+PrefixLookup = Callable[[nn.Module, int], tuple[torch.Tensor, ...] | tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool] | None]
 
 
 def check_implementation(name: object) -> None:
