@@ -157,3 +157,30 @@ def test_packed_sequences_are_refused() -> None:
     module.is_causal = True
     with pytest.raises(ValueError, match="packed"):
         attention(module, query, key, value, None, cu_seq_lens_q=torch.tensor([0, 2, 6]), scaling=0.3)
+
+
+
+def test_flex_attention_carries_bart_prefixes() -> None:
+    """BART's encoder, decoder-self and cross prefixes under flex_attention equal eager's."""
+    from .tiny_seq2seq import build_seq2seq, logits, seq2seq_inputs
+
+    inputs = seq2seq_inputs(pad_last=0)
+    runs = {}
+    for attn in ("eager", "flex_attention"):
+        model = build_seq2seq("bart", attn=attn)
+        add_adapter(model, "p", PREFIX, seed=1)
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+            runs[attn] = logits(model, inputs, "p")
+        bare = logits(model, inputs)
+    assert max_abs(runs["flex_attention"], runs["eager"]) < 1e-5
+    assert max_abs(runs["flex_attention"], bare) > 1e-3
+
+
+def test_flex_attention_with_t5_relative_bias_refuses_a_prefix() -> None:
+    """T5 passes a relative position bias that flex would index over keys only: refused, never misapplied."""
+    from .tiny_seq2seq import build_seq2seq, logits, seq2seq_inputs
+
+    model = build_seq2seq("t5", attn="flex_attention")
+    add_adapter(model, "p", PREFIX, seed=1)
+    with pytest.raises(ValueError, match="flex_attention' with a relative position bias"):
+        logits(model, seq2seq_inputs(pad_last=0), "p")

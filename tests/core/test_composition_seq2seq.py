@@ -49,6 +49,7 @@ def test_composition_changes_logits_and_generates_with_the_cache(arch: str, setu
     assert torch.equal(generate(model, x, setup), generate(model, x, setup, use_cache=False))
 
 
+@pytest.mark.device_check
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_batch_split_generates_each_row_as_alone(arch: str, attn: str) -> None:

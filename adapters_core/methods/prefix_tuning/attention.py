@@ -123,6 +123,11 @@ def make_flex_prefix_attention(delegate: Callable[..., Any], lookup: PrefixLooku
             mask = prefixed_block_mask(attention_mask, keep, q_len, k_len, causal, _all_kept(found))
         else:
             mask = extend_mask(attention_mask, keep, q_len, k_len, causal, query.dtype, as_bool=False)
+        if kwargs.get("position_bias") is not None:
+            raise ValueError(
+                "prefix tuning under attn_implementation 'flex_attention' with a relative position bias (T5) is not "
+                "supported: use 'sdpa' or 'eager' (torch's CPU flex kernels fail on T5 even without adapters)"
+            )
         key = torch.cat([pk.to(key.dtype), key], dim=2)
         value = torch.cat([pv.to(value.dtype), value], dim=2)
         return delegate(module, query, key, value, mask, **kwargs)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...routing import ForwardContext
+from ...routing import ForwardContext, shared_tensor
 
 
 def extend_position_bias(module: nn.Module, bias: torch.Tensor, keep: torch.Tensor, q_len: int,
@@ -21,8 +21,9 @@ def extend_position_bias(module: nn.Module, bias: torch.Tensor, keep: torch.Tens
     source = module.__dict__.get("_adapterserve_bias")
     if source is None:
         return F.pad(bias, (p, 0))
-    offsets = tuple(int(d) for d in (p - keep.sum(dim=1)).tolist())
     ctx = ForwardContext.current()
+    lengths = _host_lengths(module, ctx)
+    offsets = tuple(p - n for n in lengths) if lengths is not None else tuple(int(d) for d in (p - keep.sum(dim=1)).tolist())
     key = ("relative_bias", id(source), q_len, k_len, offsets, bias.dtype)
     cached = ctx.prefix_states.get(key) if ctx is not None else None
     if cached is None:
@@ -32,6 +33,14 @@ def extend_position_bias(module: nn.Module, bias: torch.Tensor, keep: torch.Tens
     return cached
 
 
+def _host_lengths(module: nn.Module, ctx: ForwardContext | None) -> list[int] | None:
+    """Each row's prefix length, as the routing computed it on the host for this attention module's layer."""
+    if ctx is None:
+        return None
+    return ctx.prefix_states.get(("lengths", getattr(module, "_adapterserve_location", None),
+                                  getattr(module, "_adapterserve_layer", None)))
+
+
 def _compute(source: nn.Module, q_len: int, k_len: int, p: int, offsets: tuple[int, ...],
              bias: torch.Tensor) -> torch.Tensor:
     past = k_len - q_len
@@ -39,5 +48,5 @@ def _compute(source: nn.Module, q_len: int, k_len: int, p: int, offsets: tuple[i
     blocks = [source.compute_bias(q_len, p + k_len, device=bias.device, past_seen_tokens=past + d) for d in distinct]
     if len(blocks) == 1:
         return blocks[0].to(bias.dtype)
-    index = torch.tensor([distinct.index(d) for d in offsets], device=bias.device)
+    index = shared_tensor([distinct.index(d) for d in offsets], bias.device)
     return torch.cat(blocks).index_select(0, index).to(bias.dtype)

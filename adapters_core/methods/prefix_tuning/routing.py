@@ -62,6 +62,7 @@ class PrefixState:
             lengths = [self.module(r[0], location).prefix_length if r else 0 for r in rows]
             found = (kv[:, j, 0], kv[:, j, 1], keep, min(lengths) == max(lengths))
             cache[(location, layer)] = found
+            cache[("lengths", location, layer)] = lengths
             return found
         kvs = {n: self.module(n, location).key_values() for n in {n for r in rows for n in r}}
         per_row = []
@@ -77,6 +78,7 @@ class PrefixState:
         lengths = [sum(k.shape[1] for k, _ in row) for row in per_row]
         found = None if gathered is None else (*gathered, min(lengths) == max(lengths))
         cache[(location, layer)] = found
+        cache[("lengths", location, layer)] = lengths
         return found
 
     def _all_layers(self, ctx: ForwardContext, location: str,
