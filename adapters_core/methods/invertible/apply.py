@@ -18,6 +18,7 @@ import torch
 
 from ...composition import AdapterCompositionBlock, BatchSplit, Parallel, Stack, parse_composition
 from ...routing import shared_tensor
+from ..batching import row_slices
 from .layer import InvertibleAdapter
 
 #: Up to this many contiguous runs per adapter its rows are read and written as slices (views); beyond
@@ -50,17 +51,10 @@ class InvertibleRouting:
 
 
 def _selection(idx: list[int], n: int, max_runs: int) -> RowSelection:
-    if len(idx) == n:
+    runs = row_slices(idx, n)
+    if runs == [None]:
         return None
-    runs: list[slice] = []
-    start = prev = idx[0]
-    for r in idx[1:]:
-        if r != prev + 1:
-            runs.append(slice(start, prev + 1))
-            start = r
-        prev = r
-    runs.append(slice(start, prev + 1))
-    return tuple(runs) if len(runs) <= max_runs else tuple(idx)
+    return tuple(r for r in runs if r is not None) if len(runs) <= max_runs else tuple(idx)
 
 
 def apply_invertible(
