@@ -101,12 +101,7 @@ class Batcher:
         executor, or running) with Draining, so no caller waits forever. A forward pass already running ends on
         the inference thread; nobody waits for its result."""
         self.accepting = False
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         unanswered = [job for jobs in self._flights.values() for job in jobs]
         for task in list(self._flights):
             task.cancel()
@@ -319,6 +314,17 @@ class Batcher:
         for i, result in zip(live, out, strict=True):
             results[i] = result
         return results, time.perf_counter() - start
+
+
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a driver task and wait until it has ended (its CancelledError is the expected outcome)."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
 
 
 def _late(job: Job, now: float) -> DeadlineExceeded:

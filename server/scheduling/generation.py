@@ -34,6 +34,7 @@ from server.errors import (
 from server.execution.generator import KVShape, Limits, Sampling, SeqSpec, StepResult
 from server.execution.residency import Residency
 from server.metrics import Metrics
+from server.scheduling.batcher import cancel_and_wait
 from server.scheduling.detokenize import Detokenizer
 from server.scheduling.resolve import Resolved
 from server.settings import Settings
@@ -183,12 +184,7 @@ class GenerationScheduler:
     async def stop(self) -> None:
         """Fail everything not finished with Draining and end the driver."""
         self.accepting = False
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         for seq in [*self._waiting, *self._running.values()]:
             self._fail(seq, Draining("the server stopped before this sequence finished"))
         self._waiting.clear()
