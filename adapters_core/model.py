@@ -155,10 +155,10 @@ class AdapterModelMixin(*room_apis()):
             self._remove_modules(name)
             raise
         self.adapters_registry.configs[name] = cfg
-        self.train(self.training)  # new modules follow the model's train/eval mode
         ref = host.reference()
-        for p in self.adapter_parameters(name):
-            p.data = p.data.to(device=ref.device, dtype=ref.dtype)
+        for _, module in self.adapter_modules(name):
+            module.train(self.training)  # new modules follow the model's train/eval mode
+            module.to(device=ref.device, dtype=ref.dtype)
         if set_active:
             self.set_active_adapters(name)
 
@@ -204,12 +204,21 @@ class AdapterModelMixin(*room_apis()):
 
     def adapter_named_parameters(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:
         """(AdapterHub key, parameter) for every parameter of adapter `name`."""
-        marks = tuple(f".{slot}.{name}." for slot in _NAME_SLOTS)
         prefix = self._key_prefix()
-        for key, param in self.adapter_base.named_parameters():
-            dotted = "." + key
-            if any(m in dotted for m in marks):
-                yield prefix + key, param
+        seen: set[int] = set()  # a parameter shared by several modules counts once, at its first place
+        for path, module in self.adapter_modules(name):
+            for key, param in module.named_parameters():
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    yield f"{prefix}{path}.{key}", param
+
+    def adapter_modules(self, name: str) -> Iterator[tuple[str, nn.Module]]:
+        """(dotted path, module) of adapter `name` in every per-adapter container of the model.
+
+        The walk never enters a container, so its cost follows the backbone's size, not the number of
+        adapters loaded (a server with a thousand adapters loads and unloads each in the same time).
+        """
+        yield from _modules_named(self.adapter_base, name, "")
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return [p for _, p in self.adapter_named_parameters(name)]
@@ -562,3 +571,16 @@ def init(model: nn.Module) -> nn.Module:
 
 
 __all__ = ["BATCH_KWARGS", "AdapterModelMixin", "AdapterInfo", "init", "replicate_batch", "wire"]
+
+
+def _modules_named(module: nn.Module, name: str, path: str) -> Iterator[tuple[str, nn.Module]]:
+    """Depth first under `module`: adapter `name`'s entry of every container named in _NAME_SLOTS."""
+    for child_name, child in module._modules.items():
+        if child is None:
+            continue
+        child_path = f"{path}{child_name}"
+        if child_name in _NAME_SLOTS and isinstance(child, nn.ModuleDict):
+            if (entry := child._modules.get(name)) is not None:
+                yield f"{child_path}.{name}", entry
+            continue
+        yield from _modules_named(child, name, child_path + ".")

@@ -177,7 +177,6 @@ class Engine(Backbone):
         name = self.model.load_adapter(str(path), load_as=internal, allow_pickle=False)
         if name != internal:
             raise RuntimeError(f"load_adapter returned {name!r}, expected {internal!r}")
-        self.model.to(device=self.device, dtype=self.dtype)
         return int(self.model.adapter_nbytes(internal))
 
     def unload(self, internal: str) -> None:

@@ -156,16 +156,17 @@ class Residency:
                 return
             path = self._moved.get(internal) or self._path_of(meta)
         self._make_room(meta.nbytes)
+        method = self.metrics.method_label(meta.method)
         start = time.perf_counter()
         try:
             self._verify(meta, path)
             nbytes = self.loader.load(path, internal, meta.fused_internals)
         except Exception as exc:
-            self.metrics.adapter_loads.labels(result="error").inc()
+            self.metrics.adapter_loads.labels(result="error", method=method).inc()
             log.error("loading %s/%s v%d failed: %s", meta.tenant, meta.name, meta.version, exc)
             raise AdapterUnavailable(f"adapter {meta.name!r} (version {meta.version}) cannot be loaded: {exc}") from exc
-        self.metrics.adapter_loads.labels(result="ok").inc()
-        self.metrics.adapter_load_seconds.observe(time.perf_counter() - start)
+        self.metrics.adapter_loads.labels(result="ok", method=method).inc()
+        self.metrics.adapter_load_seconds.labels(method=method).observe(time.perf_counter() - start)
         with self._lock:
             self._resident[internal] = _Entry(meta, nbytes)
             self._publish()
@@ -189,7 +190,9 @@ class Residency:
                 if victim is None:  # everything resident is pinned by this batch: exceed the budget briefly
                     log.warning("adapter cache over budget: all %d resident adapters are in use", len(self._resident))
                     return
+                method = self.metrics.method_label(self._resident[victim].meta.method)
             self._unload(victim)
+            self.metrics.adapter_evictions.labels(method=method).inc()
 
     def _unload(self, internal: str) -> None:
         try:
