@@ -38,6 +38,7 @@ from .formats import (
 )
 from .methods.base import Host, OutputRows, get_path
 from .methods.registry import METHODS, key_slots, methods_for, room_apis
+from .methods.staging import copy_into
 from .models import ArchSpec, spec_for
 from .routing import ForwardContext, compile_setup, forward_context
 
@@ -159,12 +160,19 @@ class AdapterModelMixin(*room_apis()):
         for _, module in self.adapter_modules(name):
             module.train(self.training)  # new modules follow the model's train/eval mode
             module.to(device=ref.device, dtype=ref.dtype)
+        if host.stack_cache.slots.enabled:
+            host.stack_cache.slots.place(self._slot_parameters(name))
         if set_active:
             self.set_active_adapters(name)
+
+    def _slot_parameters(self, name: str) -> list[nn.Parameter]:
+        return [p for _, module in self.adapter_modules(name) for m in module.modules()
+                if callable(slotted := getattr(m, "slot_parameters", None)) for p in slotted()]
 
     def _remove_modules(self, name: str) -> None:
         host = self._host
         host.stack_cache.forget(self.adapter_parameters(name))
+        host.stack_cache.slots.release(self._slot_parameters(name))
         for room in METHODS:
             room.remove(host, name)
 
@@ -185,9 +193,24 @@ class AdapterModelMixin(*room_apis()):
     def set_stack_cache_limit(self, nbytes: int) -> None:
         """Bound the stacked-weight cache of all sites together to `nbytes` (default 64 MiB; 0 keeps nothing).
 
-        Least recently used stacks are evicted at once and whenever a new one needs room.
+        Least recently used stacks are evicted at once and whenever a new one needs room. With adapter slots
+        on, the same bound applies to the slot pools' free rows (stacks and free rows share it).
         """
         self._host.stack_cache.set_limit(nbytes)
+
+    def enable_adapter_slots(self, enabled: bool = True) -> None:
+        """Keep adapters loaded from now on in stacked per-shape slot pools (see methods.slots), so mixed
+        batches gather their weights by slot index instead of stacking them per combination of adapters.
+
+        For serving: call it after the model has its final device and dtype. Adapters already loaded stay
+        where they are.
+        """
+        self._host.stack_cache.slots.enabled = enabled
+
+    def adapter_slot_stats(self) -> dict[str, int]:
+        """The slot pools' size: pools, rows held, rows allocated, bytes (free rows included)."""
+        slots = self._host.stack_cache.slots
+        return {**slots.stats(), "nbytes": slots.nbytes, "free_nbytes": slots.free_nbytes}
 
     # -- activation and training -------------------------------------------------------------------
     def set_active_adapters(self, setup: Any) -> None:
@@ -378,9 +401,7 @@ class AdapterModelMixin(*room_apis()):
                 )
             if not value.dtype.is_floating_point:
                 raise ValueError(f"{key} must be a floating-point tensor, got {value.dtype}")
-        with torch.no_grad():
-            for key, value in state.items():
-                params[key].copy_(value)
+        copy_into([(params[key], value) for key, value in state.items()])
 
     # -- inspection on a meta-device copy ----------------------------------------------------------
     def inspect_adapter_dir(self, path: str | os.PathLike[str], allow_pickle: bool = False) -> AdapterInfo:

@@ -160,6 +160,7 @@ class Engine(Backbone):
         model.eval()
         self.model: Any = model.to(device=self.device, dtype=self.dtype)
         self.model.set_stack_cache_limit(stack_cache_bytes)
+        self.model.enable_adapter_slots()  # resident adapters live in stacked slot pools (methods.slots)
         self._fusions: dict[str, tuple[str, ...]] = {}  # loaded fusion -> the adapters it fuses
         self._generator: Generator | None = None
         self._describe(self.model)
