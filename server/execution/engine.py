@@ -20,6 +20,7 @@ from transformers.utils import logging as hf_logging
 
 from adapters_core import FusionInfo, mean_pool
 from adapters_core.composition import AdapterCompositionBlock, BatchSplit, Fuse, Stack
+from server.execution.backbone_head import find_backbone_head
 from server.execution.generator import Generator, Limits, SeqSpec, StepResult, is_causal_lm
 from server.registry.store import Upload
 
@@ -92,6 +93,7 @@ class Backbone:
         cfg = model.config
         self.config = cfg
         self.causal_lm: bool = is_causal_lm(cfg)
+        self.lm_head = find_backbone_head(self.model_path, model) if self.causal_lm else None  # uploads' LM heads
         self.hidden_size: int = int(cfg.hidden_size)
         self.vocab_size: int = int(cfg.vocab_size)  # rows of the input embedding: the bound on token ids
         self.num_layers: int = int(cfg.num_hidden_layers)
