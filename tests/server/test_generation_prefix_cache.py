@@ -273,3 +273,19 @@ def test_through_the_server_a_raising_adapter_fails_its_request_and_a_running_st
         finally:
             handle.remove()
     assert stream.done.is_set() and not stream.errors and stream.text.startswith(want)  # it went on past any EOS
+
+
+def test_a_sampling_error_ends_only_its_sequence(engine: Engine, reference: Reference,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import server.execution.generator as generator
+
+    def broken(logits: torch.Tensor, p: Sampling, rng: torch.Generator) -> int:
+        raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+
+    monkeypatch.setattr(generator, "sample_row", broken)
+    sampled = SeqSpec(100, reference.prompt("hello there"), "p30", MAX_TOKENS, Sampling(temperature=1.0, seed=3))
+    greedy = specs(reference, [0, 2])
+    got = run(engine, [[greedy[0], sampled, greedy[1]]])
+    assert got[100].finish == "error" and "probability" in (got[100].error or "") and not got[100].tokens
+    for i in (0, 2):
+        assert got[i].error is None and got[i].tokens == reference.ids(*CASES[i]), i
