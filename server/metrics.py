@@ -52,6 +52,7 @@ class Metrics:
         self.sequences_running = Gauge(p + "generation_running_sequences", "Sequences holding KV cache (prefilling or decoding)", registry=r)
         self.sequences_waiting = Gauge(p + "generation_waiting_sequences", "Sequences waiting for room in the KV cache", registry=r)
         self.kv_cache_bytes = Gauge(p + "kv_cache_bytes", "Bytes of KV cache allocated for running sequences", registry=r)
+        self.kv_cache_used_bytes = Gauge(p + "kv_cache_used_bytes", "Bytes of the allocated KV cache that running sequences hold (their prefixes and tokens so far)", registry=r)
         for method in LOAD_METHODS:  # every series exists from the start, so increase() sees a first error
             for result in ("ok", "error"):
                 self.adapter_loads.labels(result=result, method=method)

@@ -223,6 +223,7 @@ class GenerationScheduler:
                     self._finish(seq)
             self._dispatch(result)
             self.metrics.kv_cache_bytes.set(result.kv_bytes)
+            self.metrics.kv_cache_used_bytes.set(result.kv_used_bytes)
             self._publish()
 
     def _on_thread(self, admit: list[Sequence], cancels: list[int]) -> tuple[StepResult, list[tuple[Sequence, DomainError]]]:
@@ -338,6 +339,7 @@ class GenerationScheduler:
         except RuntimeError:
             pass
         self.metrics.kv_cache_bytes.set(0)
+        self.metrics.kv_cache_used_bytes.set(0)
         self._publish()
 
     def _publish(self) -> None:

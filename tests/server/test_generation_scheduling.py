@@ -122,10 +122,11 @@ def test_a_disconnected_stream_leaves_the_running_set_and_frees_its_cache(srv: R
     with srv.client() as c:
         assert metric(c, "adapterserve_generation_running_sequences") == 1
         assert metric(c, "adapterserve_kv_cache_bytes") > 0
+        assert 0 < metric(c, "adapterserve_kv_cache_used_bytes") <= metric(c, "adapterserve_kv_cache_bytes")
         long.stop.set()
         long.join()
         wait_for(lambda: metric(c, "adapterserve_generation_running_sequences") == 0)
-        assert metric(c, "adapterserve_kv_cache_bytes") == 0
+        assert metric(c, "adapterserve_kv_cache_bytes") == 0 and metric(c, "adapterserve_kv_cache_used_bytes") == 0
     assert gen.steps - steps < 200  # it stopped long before its 230 tokens
     assert not long.done.is_set()
 
