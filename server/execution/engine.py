@@ -138,7 +138,10 @@ class Backbone:
         head = None
         if info.has_head:
             head = read_head_labels(folder / "head_config.json")
-        return Upload(method=str(info.method), methods=methods, has_head=bool(info.has_head), nbytes=int(info.nbytes), head=head)
+        prefix = sum(int(getattr(c, "prefix_length", 0)) for c in info.config.methods() if c.architecture == "prefix_tuning")
+        extra = {"prefix_tokens": prefix} if prefix else {}
+        return Upload(method=str(info.method), methods=methods, has_head=bool(info.has_head), nbytes=int(info.nbytes),
+                      head=head, extra=extra)
 
     def inspect_fusion(self, folder: Path, adapter_dirs: Sequence[Path]) -> FusionInfo:
         """Validate an AdapterFusion folder over the given stored adapters (meta device, any thread)."""
