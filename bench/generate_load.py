@@ -589,6 +589,12 @@ def main() -> None:
             request_rate, open_rate, changed = run_async(measure())
         finally:
             codes = {label: stop_server(srv) for label, srv in servers.items()}
+        for label, srv in servers.items():  # the servers' own errors (log level warning), e.g. a failed step
+            text = srv.log.read_text(errors="replace")
+            problems = [line for line in text.splitlines() if " ERROR " in line or line.startswith(("ERROR", "Traceback"))]
+            if problems:
+                print(f"warning: the {label} server logged {len(problems)} error(s); the last: {problems[-1][:300]}",
+                      file=sys.stderr)
         for label, code in codes.items():
             if code != 0:
                 print(f"warning: the {label} server exited with {code}; its log:\n{servers[label].log.read_text()[-3000:]}",
