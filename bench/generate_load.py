@@ -633,7 +633,7 @@ def report(args: argparse.Namespace, t: dict[str, Tally], request_rate: float, o
         rounds = [x / y for x, y in zip(t[num].slice_rates, t[den].slice_rates, strict=False) if y]
         spread = f", per round {min(rounds):.2f}-{max(rounds):.2f}" if rounds else ""
         verdict = "met" if ratio >= target else "NOT met"
-        print(f"- ({num})/({den}) = {ratio:.2f}{spread} (target >= {target:g}: {verdict})")
+        print(f"- ({num})/({den}) = {ratio:.3f}{spread} (target >= {target:g}: {verdict})")
     print(f"- adapters whose 8-token greedy answer to prompt 0 differs from the backbone's: {changed}/{args.adapters}")
     if t["e"].seconds:
         print(f"- (e) sent {t['e'].offered} requests in {t['e'].seconds:.0f}s ({t['e'].offered / t['e'].seconds:.2f}/s offered)")
