@@ -496,7 +496,13 @@ async def warm_up(server: Server, models: list[str], prompts: list[str], tokens:
             raise SystemExit(f"warm-up of {model} failed: {status} {body[:300]!r}")
         return str(json.loads(body)["choices"][0]["message"]["content"])
 
-    texts = list(await asyncio.gather(*(one(m) for m in models)))
+    gate = asyncio.Semaphore(4)  # a few at a time: 33 loads and prefills at once can outwait the server's deadline
+
+    async def gated(model: str) -> str:
+        async with gate:
+            return await one(model)
+
+    texts = list(await asyncio.gather(*(gated(m) for m in models)))
     return texts
 
 

@@ -45,8 +45,15 @@ def thread_cpu(pid: int) -> dict[str, float]:
     ticks = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
     for proc in (pid, *children(pid)):
-        for tid in os.listdir(f"/proc/{proc}/task"):
-            fields = _stat_fields(f"/proc/{proc}/task/{tid}/stat")
+        try:
+            tids = os.listdir(f"/proc/{proc}/task")
+        except OSError:
+            continue  # the process ended meanwhile
+        for tid in tids:
+            try:
+                fields = _stat_fields(f"/proc/{proc}/task/{tid}/stat")
+            except OSError:
+                continue  # a thread that ended between the listing and the read (its ticks are gone with it)
             out[f"{proc}/{tid}"] = (int(fields[11]) + int(fields[12])) / ticks
     return out
 
