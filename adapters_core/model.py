@@ -38,6 +38,7 @@ from .formats import (
 )
 from .methods.base import Host, OutputRows, get_path
 from .methods.registry import METHODS, key_slots, methods_for, room_apis
+from .methods.staging import copy_into
 from .models import ArchSpec, spec_for
 from .routing import ForwardContext, compile_setup, forward_context
 
@@ -155,16 +156,23 @@ class AdapterModelMixin(*room_apis()):
             self._remove_modules(name)
             raise
         self.adapters_registry.configs[name] = cfg
-        self.train(self.training)  # new modules follow the model's train/eval mode
         ref = host.reference()
-        for p in self.adapter_parameters(name):
-            p.data = p.data.to(device=ref.device, dtype=ref.dtype)
+        for _, module in self.adapter_modules(name):
+            module.train(self.training)  # new modules follow the model's train/eval mode
+            module.to(device=ref.device, dtype=ref.dtype)
+        if host.stack_cache.slots.enabled:
+            host.stack_cache.slots.place(self._slot_parameters(name))
         if set_active:
             self.set_active_adapters(name)
+
+    def _slot_parameters(self, name: str) -> list[nn.Parameter]:
+        return [p for _, module in self.adapter_modules(name) for m in module.modules()
+                if callable(slotted := getattr(m, "slot_parameters", None)) for p in slotted()]
 
     def _remove_modules(self, name: str) -> None:
         host = self._host
         host.stack_cache.forget(self.adapter_parameters(name))
+        host.stack_cache.slots.release(self._slot_parameters(name))
         for room in METHODS:
             room.remove(host, name)
 
@@ -185,9 +193,24 @@ class AdapterModelMixin(*room_apis()):
     def set_stack_cache_limit(self, nbytes: int) -> None:
         """Bound the stacked-weight cache of all sites together to `nbytes` (default 64 MiB; 0 keeps nothing).
 
-        Least recently used stacks are evicted at once and whenever a new one needs room.
+        Least recently used stacks are evicted at once and whenever a new one needs room. With adapter slots
+        on, the same bound applies to the slot pools' free rows (stacks and free rows share it).
         """
         self._host.stack_cache.set_limit(nbytes)
+
+    def enable_adapter_slots(self, enabled: bool = True) -> None:
+        """Keep adapters loaded from now on in stacked per-shape slot pools (see methods.slots), so mixed
+        batches gather their weights by slot index instead of stacking them per combination of adapters.
+
+        For serving: call it after the model has its final device and dtype. Adapters already loaded stay
+        where they are.
+        """
+        self._host.stack_cache.slots.enabled = enabled
+
+    def adapter_slot_stats(self) -> dict[str, int]:
+        """The slot pools' size: pools, rows held, rows allocated, bytes (free rows included)."""
+        slots = self._host.stack_cache.slots
+        return {**slots.stats(), "nbytes": slots.nbytes, "free_nbytes": slots.free_nbytes}
 
     # -- activation and training -------------------------------------------------------------------
     def set_active_adapters(self, setup: Any) -> None:
@@ -204,12 +227,21 @@ class AdapterModelMixin(*room_apis()):
 
     def adapter_named_parameters(self, name: str) -> Iterator[tuple[str, nn.Parameter]]:
         """(AdapterHub key, parameter) for every parameter of adapter `name`."""
-        marks = tuple(f".{slot}.{name}." for slot in _NAME_SLOTS)
         prefix = self._key_prefix()
-        for key, param in self.adapter_base.named_parameters():
-            dotted = "." + key
-            if any(m in dotted for m in marks):
-                yield prefix + key, param
+        seen: set[int] = set()  # a parameter shared by several modules counts once, at its first place
+        for path, module in self.adapter_modules(name):
+            for key, param in module.named_parameters():
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    yield f"{prefix}{path}.{key}", param
+
+    def adapter_modules(self, name: str) -> Iterator[tuple[str, nn.Module]]:
+        """(dotted path, module) of adapter `name` in every per-adapter container of the model.
+
+        The walk never enters a container, so its cost follows the backbone's size, not the number of
+        adapters loaded (a server with a thousand adapters loads and unloads each in the same time).
+        """
+        yield from _modules_named(self.adapter_base, name, "")
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return [p for _, p in self.adapter_named_parameters(name)]
@@ -369,9 +401,7 @@ class AdapterModelMixin(*room_apis()):
                 )
             if not value.dtype.is_floating_point:
                 raise ValueError(f"{key} must be a floating-point tensor, got {value.dtype}")
-        with torch.no_grad():
-            for key, value in state.items():
-                params[key].copy_(value)
+        copy_into([(params[key], value) for key, value in state.items()])
 
     # -- inspection on a meta-device copy ----------------------------------------------------------
     def inspect_adapter_dir(self, path: str | os.PathLike[str], allow_pickle: bool = False) -> AdapterInfo:
@@ -562,3 +592,16 @@ def init(model: nn.Module) -> nn.Module:
 
 
 __all__ = ["BATCH_KWARGS", "AdapterModelMixin", "AdapterInfo", "init", "replicate_batch", "wire"]
+
+
+def _modules_named(module: nn.Module, name: str, path: str) -> Iterator[tuple[str, nn.Module]]:
+    """Depth first under `module`: adapter `name`'s entry of every container named in _NAME_SLOTS."""
+    for child_name, child in module._modules.items():
+        if child is None:
+            continue
+        child_path = f"{path}{child_name}"
+        if child_name in _NAME_SLOTS and isinstance(child, nn.ModuleDict):
+            if (entry := child._modules.get(name)) is not None:
+                yield f"{child_path}.{name}", entry
+            continue
+        yield from _modules_named(child, name, child_path + ".")

@@ -1,14 +1,19 @@
-"""Shared benchmark helpers: the MiniLM backbone, fixed inputs, round-robin timing, table printing."""
+"""Shared benchmark helpers: the MiniLM backbone, fixed inputs, round-robin timing, table printing, multipart
+bodies and the Prometheus text format (samples, histograms and their quantiles)."""
 
 from __future__ import annotations
 
 import importlib.util
+import io
+import math
 import os
 import random
+import re
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -168,3 +173,126 @@ def setup_threads(n: int) -> None:
 
 def median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000.0
+
+
+def multipart_body(fields: dict[str, str], files: list[tuple[str, str, bytes]]) -> tuple[bytes, str]:
+    """A multipart/form-data body and its Content-Type: form `fields`, then (part name, file name, bytes) files."""
+    boundary = f"bench{random.getrandbits(64):016x}"
+    out = io.BytesIO()
+    for name, value in fields.items():
+        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    for part, filename, data in files:
+        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{part}"; filename="{filename}"\r\n'
+                  "Content-Type: application/octet-stream\r\n\r\n".encode())
+        out.write(data + b"\r\n")
+    out.write(f"--{boundary}--\r\n".encode())
+    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+# -- Prometheus text exposition (what GET /metrics answers) ------------------------------------------------
+_SAMPLE_RE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})?\s+(\S+)(?:\s+-?\d+)?$")
+_LABEL_RE = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"')
+
+Labels = tuple[tuple[str, str], ...]  # sorted (name, value) pairs
+Buckets = list[tuple[float, float]]  # (upper bound `le`, cumulative count), ascending, ending with +Inf
+
+
+def prom_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """Every sample of metric `name` (exact sample name, e.g. `x_bucket`) as (labels, value), whatever labels
+    it carries."""
+    out = []
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        m = _SAMPLE_RE.match(line.strip())
+        if m is None or m.group(1) != name:
+            continue
+        labels = {k: v.replace('\\"', '"').replace("\\\\", "\\") for k, v in _LABEL_RE.findall(m.group(2) or "")}
+        out.append((labels, float(m.group(3))))
+    return out
+
+
+def prom_value(text: str, name: str, **match: str) -> float:
+    """The sum of the samples of `name` whose labels include `match` (0.0 when there are none)."""
+    return sum(v for labels, v in prom_samples(text, name) if all(labels.get(k) == x for k, x in match.items()))
+
+
+@dataclass
+class Histogram:
+    """One Prometheus histogram, summed over the label sets it was split into."""
+
+    buckets: Buckets
+    total: float  # _count
+    sum: float  # _sum
+
+    def quantile(self, q: float) -> float:
+        return histogram_quantile(q, self.buckets)
+
+    def bucket_of(self, q: float) -> tuple[float, float]:
+        """The (lower, upper] bucket that the q-quantile falls in."""
+        return quantile_bucket(q, self.buckets)
+
+    def __add__(self, other: Histogram) -> Histogram:
+        mine, theirs = dict(self.buckets), dict(other.buckets)
+        if mine and theirs and set(mine) != set(theirs):
+            raise ValueError("histograms with different buckets cannot be added")
+        les = sorted(set(mine) | set(theirs))
+        return Histogram([(le, mine.get(le, 0.0) + theirs.get(le, 0.0)) for le in les],
+                         self.total + other.total, self.sum + other.sum)
+
+    def __sub__(self, earlier: Histogram) -> Histogram:
+        """What was observed since `earlier` (a scrape of the same histogram before this one)."""
+        return self + Histogram([(le, -c) for le, c in earlier.buckets], -earlier.total, -earlier.sum)
+
+
+def histograms(text: str, name: str, by: Sequence[str] = ()) -> dict[Labels, Histogram]:
+    """Histogram `name` from a /metrics text, grouped by the labels in `by` and summed over every other label
+    (so labels added later, e.g. a per-method one, change nothing for a caller that does not ask for them)."""
+    def key(labels: dict[str, str]) -> Labels:
+        return tuple(sorted((k, labels.get(k, "")) for k in by))
+
+    cum: dict[Labels, dict[float, float]] = {}
+    for labels, value in prom_samples(text, name + "_bucket"):
+        le = float(labels["le"])  # "+Inf" parses as inf
+        group = cum.setdefault(key(labels), {})
+        group[le] = group.get(le, 0.0) + value
+    totals: dict[Labels, list[float]] = {}
+    for suffix, i in (("_count", 0), ("_sum", 1)):
+        for labels, value in prom_samples(text, name + suffix):
+            totals.setdefault(key(labels), [0.0, 0.0])[i] += value
+    return {k: Histogram(sorted(b.items()), *totals.get(k, [b.get(math.inf, 0.0), math.nan])) for k, b in cum.items()}
+
+
+def _quantile_index(q: float, buckets: Buckets) -> tuple[int, float]:
+    """Index of the bucket holding the q-quantile and the rank it must reach, as histogram_quantile finds it."""
+    if len(buckets) < 2 or buckets[-1][0] != math.inf or not 0 <= q <= 1:
+        raise ValueError("need 0 <= q <= 1 and at least one finite bucket and +Inf")
+    total = buckets[-1][1]
+    if total <= 0:
+        return -1, 0.0
+    rank = q * total
+    return next(i for i, (_, c) in enumerate(buckets) if c >= rank), rank
+
+
+def histogram_quantile(q: float, buckets: Buckets) -> float:
+    """The q-quantile of a cumulative histogram as Prometheus' histogram_quantile computes it: linear
+    interpolation inside the bucket the rank falls in (the first bucket starts at 0); a rank in the +Inf
+    bucket answers the largest finite bound. NaN for an empty histogram."""
+    i, rank = _quantile_index(q, buckets)
+    if i < 0:
+        return math.nan
+    if i == len(buckets) - 1:
+        return buckets[-2][0]
+    upper, count = buckets[i]
+    lower, below = buckets[i - 1] if i > 0 else (0.0, 0.0)
+    if i == 0 and upper <= 0:
+        return upper
+    return lower + (upper - lower) * (rank - below) / (count - below) if count > below else upper
+
+
+def quantile_bucket(q: float, buckets: Buckets) -> tuple[float, float]:
+    """The (lower, upper] bounds of the bucket the q-quantile falls in ((nan, nan) when empty)."""
+    i, _ = _quantile_index(q, buckets)
+    if i < 0:
+        return math.nan, math.nan
+    return (buckets[i - 1][0] if i > 0 else 0.0), buckets[i][0]

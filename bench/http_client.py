@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 
@@ -41,6 +42,45 @@ class KeepAliveClient:
                 await self.close()
                 raise HTTPError(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
 
+    async def post_stream(self, path: str, body: bytes, on_chunk: Callable[[bytes], None],
+                          timeout: float | None = None) -> tuple[int, bytes]:
+        """POST a JSON body and hand each chunk of a 200 chunked answer (one write of the server: one server-sent
+        event, usually) to `on_chunk` as it arrives; returns (200, b"") then, or (status, body) for any other
+        answer (an error's problem JSON). HTTPError on a failed connection or after `timeout` seconds (default:
+        the client's); a caller cancelled mid-answer leaves the connection closed (its state is unknown)."""
+        async with self._lock:
+            try:
+                async with asyncio.timeout(self.timeout if timeout is None else timeout):
+                    return await self._stream(path, body, on_chunk)
+            except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
+                await self.close()
+                raise HTTPError(f"POST {path} (stream): {type(exc).__name__}: {exc}") from exc
+            except BaseException:
+                self.abort()
+                raise
+
+    async def _stream(self, path: str, body: bytes, on_chunk: Callable[[bytes], None]) -> tuple[int, bytes]:
+        reader, writer = await self._connect()
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        await writer.drain()
+        status, headers = _parse_head(await reader.readuntil(b"\r\n\r\n"))
+        if headers.get("transfer-encoding", "").lower() != "chunked":
+            data = await reader.readexactly(int(headers.get("content-length", "0")))
+        elif status != 200:
+            data = await _read_chunked(reader)
+        else:
+            data = b""
+            while True:
+                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                if size == 0:
+                    await reader.readuntil(b"\r\n")
+                    break
+                on_chunk((await reader.readexactly(size + 2))[:-2])  # the chunk and its CRLF in one read
+        if headers.get("connection", "").lower() == "close":
+            await self.close()
+        return status, data
+
     async def post_json(self, path: str, payload: Any) -> tuple[int, bytes]:
         return await self.request("POST", path, json.dumps(payload).encode())
 
@@ -62,6 +102,12 @@ class KeepAliveClient:
         if headers.get("connection", "").lower() == "close":
             await self.close()
         return status_line, data
+
+    def abort(self) -> None:
+        """Drop the connection now, without waiting (a cancelled exchange)."""
+        writer, self._writer, self._reader = self._writer, None, None
+        if writer is not None:
+            writer.close()
 
     async def close(self) -> None:
         writer, self._writer, self._reader = self._writer, None, None

@@ -27,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +89,7 @@ class Tally:
     rows: float = 0.0  # summed rows over `batches` forward passes
     batches: float = 0.0
     slice_rates: list[float] = field(default_factory=list)
+    failures: Counter[str] = field(default_factory=Counter)  # what each error was: a status, or no HTTP answer
 
     @property
     def rate(self) -> float:
@@ -186,15 +189,18 @@ class Server:
     url: str
 
 
-def start_server(model_path: str, store: Path, max_batch_size: int, log: Path, threads: int, length_buckets: int = 2) -> Server:
+def start_server(model_path: str, store: Path, max_batch_size: int, log: Path, threads: int, length_buckets: int = 2,
+                 extra_args: Sequence[str] = (), ready_timeout_s: float = 180.0) -> Server:
+    """`adapterserve serve` on a free port of 127.0.0.1; `extra_args` are this server's own flags (after
+    EXTRA_SERVER_ARGS, which every server gets)."""
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--store", str(store),
            "--model", model_path, "--device", "cpu", "--max-batch-size", str(max_batch_size), "--log-level", "warning",
-           "--torch-threads", str(threads), "--length-buckets", str(length_buckets), *EXTRA_SERVER_ARGS]
+           "--torch-threads", str(threads), "--length-buckets", str(length_buckets), *EXTRA_SERVER_ARGS, *extra_args]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    wait_ready(url, proc, log)
+    wait_ready(url, proc, log, ready_timeout_s)
     return Server(proc, url)
 
 
@@ -224,12 +230,15 @@ def metric(text: str, name: str) -> float:
 class Load:
     """Closed-loop load on one server: `clients` keep-alive connections (bench.http_client, so that the load
     generator takes little CPU from the server's cores), each sending its next request when the last answer
-    arrives. Every 200 answer is parsed and must hold one result per input."""
+    arrives. Every 200 answer is parsed and must hold one result per input. `names` in popularity order (the
+    first is the most popular) with shuffle=False; by default they are shuffled first."""
 
-    def __init__(self, server: Server, names: list[str], texts: list[str], args: argparse.Namespace, seed: int = 2) -> None:
+    def __init__(self, server: Server, names: list[str], texts: list[str], args: argparse.Namespace, seed: int = 2,
+                 shuffle: bool = True) -> None:
         self.server, self.texts, self.args = server, texts, args
         self.order = names[:]
-        random.Random(seed).shuffle(self.order)  # popularity does not follow the config cycle
+        if shuffle:
+            random.Random(seed).shuffle(self.order)  # popularity does not follow the config cycle
         self.weights = zipf_weights(len(self.order), args.zipf)
         self.rng = random.Random(seed * 1000)
         host, port = server.url.removeprefix("http://").rsplit(":", 1)
@@ -267,12 +276,17 @@ class Load:
                 t = time.perf_counter()
                 try:
                     status, body = await client.post_json("/v1/infer", {"inputs": inputs, "adapters": name})
-                except HTTPError:
+                except HTTPError as exc:
                     tally.errors += 1
+                    tally.failures[f"no answer: {exc}"[:160]] += 1
                     continue
                 now = time.perf_counter()
-                if status != 200 or len(json.loads(body)["results"]) != per_request:
+                if status != 200:
                     tally.errors += 1
+                    tally.failures[f"{status}: {body[:120].decode(errors='replace')}"] += 1
+                elif len(json.loads(body)["results"]) != per_request:
+                    tally.errors += 1
+                    tally.failures["200 with a wrong number of results"] += 1
                 elif now <= end:
                     tally.latencies.append(now - t)
                     done += per_request

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bz2
-import io
 import json
 import random
 import statistics
@@ -35,7 +34,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import minilm_path  # noqa: E402
+from bench.common import minilm_path, multipart_body  # noqa: E402
 from bench.http_client import HTTPError, KeepAliveClient  # noqa: E402
 from bench.serve_load import (  # noqa: E402
     Server,
@@ -75,19 +74,6 @@ class Tally:
         self.statuses.setdefault(kind, Counter())[status] += 1
         if status >= 500:
             self.five_xx.append(f"{kind} {status} {body[:200]!r}")
-
-
-def _multipart(fields: dict[str, str], files: list[tuple[str, str, bytes]]) -> tuple[bytes, str]:
-    boundary = f"soak{random.getrandbits(64):016x}"
-    out = io.BytesIO()
-    for name, value in fields.items():
-        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
-    for part, filename, data in files:
-        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{part}"; filename="{filename}"\r\n'
-                  "Content-Type: application/octet-stream\r\n\r\n".encode())
-        out.write(data + b"\r\n")
-    out.write(f"--{boundary}--\r\n".encode())
-    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
 
 
 def _bz2_tar_bomb(claimed: int = 1 << 30) -> bytes:
@@ -172,7 +158,7 @@ class Soak:
 
     async def _upload(self, client: KeepAliveClient, path: str, fields: dict[str, str], folder: Path) -> tuple[int, bytes]:
         files = [("files", p.name, p.read_bytes()) for p in sorted(folder.iterdir())]
-        body, ctype = _multipart(fields, files)
+        body, ctype = multipart_body(fields, files)
         return await client.request("POST", path, body, ctype)
 
     async def _wide_parallel(self, client: KeepAliveClient) -> tuple[int, bytes]:
@@ -189,7 +175,7 @@ class Soak:
         files = [("files", p.name, p.read_bytes()) for p in sorted(folder.iterdir()) if not p.name.startswith("head")]
         head = {"head_type": "classification", "num_labels": 100_000_000, "layers": 2, "activation_function": "tanh"}
         files.append(("files", "head_config.json", json.dumps({"config": head, "hidden_size": 384}).encode()))
-        body, ctype = _multipart({"name": "hostile-head"}, files)
+        body, ctype = multipart_body({"name": "hostile-head"}, files)
         return await client.request("POST", "/v1/adapters", body, ctype)
 
     async def _nan_weights(self, client: KeepAliveClient) -> tuple[int, bytes]:
@@ -203,11 +189,11 @@ class Soak:
             weights = Path(f"{tmp}/w.safetensors").read_bytes()
         files = [("files", "adapter_config.json", (folder / "adapter_config.json").read_bytes()),
                  ("files", "adapter.safetensors", weights)]
-        body, ctype = _multipart({"name": "hostile-nan"}, files)
+        body, ctype = multipart_body({"name": "hostile-nan"}, files)
         return await client.request("POST", "/v1/adapters", body, ctype)
 
     async def _tar_bomb(self, client: KeepAliveClient) -> tuple[int, bytes]:
-        body, ctype = _multipart({"name": "hostile-bomb"}, [("archive", "bomb.tar", self.bomb)])
+        body, ctype = multipart_body({"name": "hostile-bomb"}, [("archive", "bomb.tar", self.bomb)])
         return await client.request("POST", "/v1/adapters", body, ctype)
 
     async def _unfinished_headers(self, client: KeepAliveClient) -> tuple[int, bytes]:

@@ -7,8 +7,11 @@ the method rooms' business.
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,39 @@ class AdapterFiles:
     head_state: dict[str, torch.Tensor] | None = None
 
 
+_CONFIGS: OrderedDict[str, tuple[AdapterConfigBase, tuple[str, ...]]] = OrderedDict()
+_CONFIGS_LOCK = threading.Lock()
+_CONFIGS_MAX = 1024
+
+
+def _parse_config(data: Any) -> tuple[AdapterConfigBase, tuple[str, ...]]:
+    """The config of an adapter_config.json "config" object and the warnings parsing it gave.
+
+    Configs are frozen values, so one parse per distinct JSON serves every later read of it: a server
+    reloading an evicted adapter does not check the same config again (the checks cost about as much as
+    reading the weights).
+    """
+    try:
+        key = json.dumps(data, sort_keys=True)
+    except (TypeError, ValueError):
+        key = None
+    with _CONFIGS_LOCK:
+        hit = _CONFIGS.get(key) if key is not None else None
+        if hit is not None:
+            _CONFIGS.move_to_end(key)  # type: ignore[arg-type]
+            return hit
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = AdapterConfigBase.from_dict(data, strict=False)
+    parsed = (config, tuple(str(w.message) for w in caught))
+    if key is not None:
+        with _CONFIGS_LOCK:
+            _CONFIGS[key] = parsed
+            while len(_CONFIGS) > _CONFIGS_MAX:
+                _CONFIGS.popitem(last=False)
+    return parsed
+
+
 def read_adapter_dir(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> AdapterFiles:
     """Read an AdapterHub-layout folder; ValueError says which file or key is wrong."""
     folder = Path(path)
@@ -50,11 +86,9 @@ def read_adapter_dir(path: str | os.PathLike[str], *, allow_pickle: bool = False
     meta = read_json(folder / ADAPTER_CONFIG)
     if "config" not in meta or "name" not in meta:
         raise ValueError(f"{ADAPTER_CONFIG} needs the keys 'config' and 'name' (AdapterHub layout)")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        config = AdapterConfigBase.from_dict(meta["config"], strict=False)
-    for w in caught:
-        warnings.warn(f"{folder.name}: {w.message}", stacklevel=2)
+    config, messages = _parse_config(meta["config"])
+    for message in messages:
+        warnings.warn(f"{folder.name}: {message}", stacklevel=2)
     state = read_tensors(folder, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_PICKLE, allow_pickle)
     if state is None:
         raise ValueError(f"{ADAPTER_WEIGHTS} is missing in {folder}")

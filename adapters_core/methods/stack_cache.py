@@ -1,10 +1,12 @@
-"""The model-wide cache of stacked adapter weights, bounded by bytes.
+"""The model-wide cache of stacked adapter weights, bounded by bytes (with the slot pools' free rows).
 
 A mixed batch runs same-shaped adapters as one batched matmul over their weights stacked into one
 [S, in, out] tensor. Building that stack copies the weights, so inference keeps it across forward passes
 while no weight changed. Those copies are memory the model holds beyond the adapters themselves: one
 `StackCache` per model counts them, holds at most `limit` bytes (least recently used entries go first)
-and tells a server how much it holds (`nbytes`), so a residency budget can include it.
+and tells a server how much it holds (`nbytes`), so a residency budget can include it. With slot pools on
+(methods.slots) resident adapters are gathered from their pools and nothing is stacked for them; the same
+limit then bounds the pools' free rows, so stacks and free rows together stay near `limit`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .slots import SlotPools
 
 __all__ = ["DEFAULT_STACK_CACHE_BYTES", "StackCache", "stack_params"]
 
@@ -56,7 +60,8 @@ class StackCache:
     weights (Compacter's PHM products) are never kept. Thread-safe: forward passes on several threads share it.
     """
 
-    def __init__(self, limit: int = DEFAULT_STACK_CACHE_BYTES) -> None:
+    def __init__(self, limit: int = DEFAULT_STACK_CACHE_BYTES, slots: SlotPools | None = None) -> None:
+        self.slots = slots if slots is not None else SlotPools()
         self._entries: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()
         self._nbytes = 0
         self._limit = 0
@@ -78,6 +83,7 @@ class StackCache:
             raise ValueError(f"the stack cache limit must be a number of bytes >= 0, got {nbytes!r}")
         with self._lock:
             self._limit = nbytes
+            self.slots.slack_limit = nbytes
             self._evict(0)
 
     def get(self, params: Sequence[Pair]) -> Pair:
@@ -98,11 +104,22 @@ class StackCache:
             old = self._entries.pop(key, None)
             if old is not None:
                 self._nbytes -= old.nbytes
-            if entry.nbytes <= self._limit:
+            if entry.nbytes + self.slots.free_nbytes <= self._limit:
                 self._evict(entry.nbytes)
                 self._entries[key] = entry
                 self._nbytes += entry.nbytes
         return value
+
+    def gather(self, params: Sequence[Pair], row_slot: torch.Tensor | None) -> Pair:
+        """The stacked (weights, biases) of `params` with row r taken from member row_slot[r] (None: the members
+        in order): one index_select from the slot pools when they all live there, else the cached stack."""
+        hit = self.slots.gather(params, row_slot)
+        if hit is not None:
+            return hit
+        w_t, b = self.get(params)
+        if row_slot is None:
+            return w_t, b
+        return w_t[row_slot], None if b is None else b[row_slot]
 
     def forget(self, tensors: Iterable[torch.Tensor]) -> None:
         """Drop every entry that stacks one of `tensors` (an adapter being deleted)."""
@@ -118,6 +135,7 @@ class StackCache:
 
     def _evict(self, room: int) -> None:
         """Evict least recently used entries until `room` more bytes fit under the limit (lock held)."""
-        while self._entries and self._nbytes + room > self._limit:
+        spare = self.slots.free_nbytes  # the slot pools' free rows share the bound
+        while self._entries and self._nbytes + room + spare > self._limit:
             _, entry = self._entries.popitem(last=False)
             self._nbytes -= entry.nbytes

@@ -20,6 +20,7 @@ from transformers.utils import logging as hf_logging
 
 from adapters_core import FusionInfo, mean_pool
 from adapters_core.composition import AdapterCompositionBlock, BatchSplit, Fuse, Stack
+from server.execution.backbone_head import find_backbone_head
 from server.execution.generator import Generator, Limits, SeqSpec, StepResult, is_causal_lm
 from server.execution.seq2seq_generator import Seq2SeqGenerator, is_seq2seq_lm, position_limits
 from server.registry.store import Upload
@@ -94,6 +95,7 @@ class Backbone:
         self.config = cfg
         self.causal_lm: bool = is_causal_lm(cfg)
         self.seq2seq_lm: bool = is_seq2seq_lm(cfg)  # generates too: prompt into the encoder, text out of the decoder
+        self.lm_head = find_backbone_head(self.model_path, model) if self.causal_lm else None  # uploads' LM heads
         self.hidden_size: int = int(cfg.hidden_size)
         self.vocab_size: int = int(cfg.vocab_size)  # rows of the input embedding: the bound on token ids
         self.num_layers: int = int(cfg.num_hidden_layers)
@@ -141,7 +143,10 @@ class Backbone:
         head = None
         if info.has_head:
             head = read_head_labels(folder / "head_config.json")
-        return Upload(method=str(info.method), methods=methods, has_head=bool(info.has_head), nbytes=int(info.nbytes), head=head)
+        prefix = sum(int(getattr(c, "prefix_length", 0)) for c in info.config.methods() if c.architecture == "prefix_tuning")
+        extra = {"prefix_tokens": prefix} if prefix else {}
+        return Upload(method=str(info.method), methods=methods, has_head=bool(info.has_head), nbytes=int(info.nbytes),
+                      head=head, extra=extra)
 
     def inspect_fusion(self, folder: Path, adapter_dirs: Sequence[Path]) -> FusionInfo:
         """Validate an AdapterFusion folder over the given stored adapters (meta device, any thread)."""
@@ -165,6 +170,7 @@ class Engine(Backbone):
         model.eval()
         self.model: Any = model.to(device=self.device, dtype=self.dtype)
         self.model.set_stack_cache_limit(stack_cache_bytes)
+        self.model.enable_adapter_slots()  # resident adapters live in stacked slot pools (methods.slots)
         self._fusions: dict[str, tuple[str, ...]] = {}  # loaded fusion -> the adapters it fuses
         self._generator: Generator | Seq2SeqGenerator | None = None
         self._describe(self.model)
@@ -182,7 +188,6 @@ class Engine(Backbone):
         name = self.model.load_adapter(str(path), load_as=internal, allow_pickle=False)
         if name != internal:
             raise RuntimeError(f"load_adapter returned {name!r}, expected {internal!r}")
-        self.model.to(device=self.device, dtype=self.dtype)
         return int(self.model.adapter_nbytes(internal))
 
     def unload(self, internal: str) -> None:

@@ -3,9 +3,19 @@
 Layout: per layer one key and one value tensor [slots, kv_heads, capacity, head_dim]. Decoding sequences sit in
 slots 0..d-1, each with its own length; a decode step feeds one token per row, writes each row's key/value at
 that row's own position, and attends over [:d, :, :max_len+1] (a view, no copy) with a per-row mask. A sequence
-that leaves is replaced by the last slot's sequence (one sequence copied). A new sequence is prefilled in chunks
-into a small cache of its own and copied into the next free slot once (O(prompt)). The buffers grow (copying the
-live rows) when a sequence needs more rows or length than allocated, and are freed when nothing runs.
+that leaves is replaced by the last slot's sequence (one sequence copied). New sequences are prefilled straight
+into the next free slots (short prompts together in one forward, a long one in chunks, one per step). The buffers
+grow (copying the live rows) when a sequence needs more rows or length than allocated, and are freed when nothing
+runs.
+
+Prefix tuning: a sequence's prefix keys and values are written into the front of its cache row once, before its
+first prompt token (the library's `cached_prefix`); every forward then runs with the attention wrapper told that
+those rows' prefixes are in the cache (`prefixes_in_cache`), so nothing is prepended or copied per step. A row's
+cache holds [its prefix (P columns, possibly 0) ; its tokens]; its tokens keep positions 0, 1, ... (RoPE and
+learned position embeddings see no prefix), and the per-row mask shows every row exactly its own columns.
+
+A forward that raises is retried on smaller parts of its rows (per composition, then per sequence), so a
+library error attributable to one sequence (an adapter that raises) ends that sequence alone with an error.
 
 Every method here runs on the thread (or process) that owns the model.
 """
@@ -13,6 +23,7 @@ Every method here runs on the thread (or process) that owns the model.
 from __future__ import annotations
 
 import json
+import logging
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,6 +35,7 @@ import torch
 from adapters_core.composition import AdapterCompositionBlock, BatchSplit, Fuse, Stack
 
 Block = AdapterCompositionBlock | str | None
+log = logging.getLogger("adapterserve.generation")
 
 _CAUSAL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2"})
 _ROUND = 64  # the smallest slot capacity, in tokens
@@ -93,9 +105,10 @@ class Emitted:
 @dataclass(frozen=True)
 class StepResult:
     events: list[Emitted]
-    kv_bytes: int  # slot buffers plus prefill caches allocated now
+    kv_bytes: int  # slot buffers allocated now
     running: int  # sequences holding cache after the step
     decoded: int  # rows in this step's decode forward (0: none ran)
+    kv_used_bytes: int = 0  # of those, the columns live rows hold (prefixes and tokens)
 
 
 @dataclass(frozen=True)
@@ -120,35 +133,60 @@ class SlotCache:
         self._offset = 0
         self._positions: torch.Tensor | None = None
         self._index: torch.Tensor | None = None
+        self._gather = False
+        self._mode = "slice"  # slice: prefill from one column; scatter: prefill from per-row columns; decode
         self._kv_len = 0
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
-    def prepare_decode(self, positions: torch.Tensor) -> None:
-        """Next forward: one token for each of the first len(positions) rows, written at its row's position."""
-        self._first = 0
+    def prepare_decode(self, positions: torch.Tensor, rows: torch.Tensor | None = None, kv_len: int | None = None) -> None:
+        """Next forward: one token for each of the first len(positions) rows (or for slots `rows`, gathered: a
+        retry on some rows), written at its row's cache column `positions[i]`; `kv_len`: max(positions) + 1, when
+        the caller knows it on the host."""
+        self._first, self._mode = 0, "decode"
         self._n = int(positions.shape[0])
         self._positions = positions
-        self._index = torch.arange(self._n, device=positions.device)
-        self._kv_len = int(positions.max()) + 1
+        self._gather = rows is not None
+        self._index = rows if rows is not None else torch.arange(self._n, device=positions.device)
+        self._kv_len = int(positions.max()) + 1 if kv_len is None else kv_len
 
-    def prepare_prefill(self, first: int, rows: int, offset: int, tokens: int) -> None:
-        """Next forward: `tokens` tokens for each of rows first..first+rows-1, written from `offset`."""
-        self._first, self._n, self._positions, self._index = first, rows, None, None
-        self._offset = offset
-        self._kv_len = offset + tokens
+    def prepare_prefill(self, first: int, rows: int, offsets: list[int], tokens: int) -> None:
+        """Next forward: `tokens` tokens for each of rows first..first+rows-1, row i's written from column
+        `offsets[i]` (after its prefix)."""
+        self._first, self._n, self._gather = first, rows, False
+        self._kv_len = max(offsets) + tokens
+        if len(set(offsets)) == 1:
+            self._mode, self._positions, self._index, self._offset = "slice", None, None, offsets[0]
+            return
+        device = self.keys[0].device
+        self._mode = "scatter"
+        self._index = torch.arange(first, first + rows, device=device)[:, None]
+        self._positions = torch.tensor(offsets, device=device)[:, None] + torch.arange(tokens, device=device)
+
+    def write_prefix(self, row: int, kv: torch.Tensor) -> None:
+        """A sequence's prefix [layers, 2, kv_heads, P, head_dim] into columns 0..P-1 of slot `row`, every layer."""
+        p = kv.shape[3]
+        for layer, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
+            k[row, :, :p] = kv[layer, 0]
+            v[row, :, :p] = kv[layer, 1]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_: Any, **__: Any) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self.keys[layer_idx], self.values[layer_idx]
-        if self._positions is not None:
+        if self._mode == "scatter":  # prefill, rows starting at different columns (after prefixes of their own)
+            k[self._index, :, self._positions] = key_states.transpose(1, 2)
+            v[self._index, :, self._positions] = value_states.transpose(1, 2)
+        elif self._mode == "decode":
             k[self._index, :, self._positions] = key_states[:, :, 0]
             v[self._index, :, self._positions] = value_states[:, :, 0]
         else:
             end = self._offset + key_states.shape[2]
             k[self._first : self._first + self._n, :, self._offset : end] = key_states
             v[self._first : self._first + self._n, :, self._offset : end] = value_states
+        if self._gather:
+            assert self._index is not None
+            return k.index_select(0, self._index)[:, :, : self._kv_len], v.index_select(0, self._index)[:, :, : self._kv_len]
         rows = slice(self._first, self._first + self._n)
         return k[rows, :, : self._kv_len], v[rows, :, : self._kv_len]
 
@@ -156,7 +194,7 @@ class SlotCache:
         return self._kv_len
 
     def copy_row(self, src: SlotCache, src_row: int, dst_row: int, length: int) -> None:
-        if src is self and src_row == dst_row:
+        if (src is self and src_row == dst_row) or length <= 0:  # a row with nothing yet may have no slot in `src`
             return
         for mine, theirs in ((self.keys, src.keys), (self.values, src.values)):
             for a, b in zip(mine, theirs, strict=True):
@@ -166,11 +204,19 @@ class SlotCache:
 @dataclass(eq=False)
 class _Seq:
     spec: SeqSpec
-    length: int = 0  # tokens in the cache
+    length: int = 0  # columns of its cache row in use: its prefix, then its tokens
     last: int = -1  # sampled token not yet fed to the model
     generated: int = 0
     rng: torch.Generator | None = None
-    reserve: int = 0
+    reserve: int = 0  # the most columns it can need: prefix + prompt + max_tokens
+    prefix: int = 0  # prefix columns at the front of its cache row (written once, before its first token)
+    kv: torch.Tensor | None = None  # that prefix, until it is written
+    started: bool = False  # its prefix looked up (at its first prefill)
+
+    @property
+    def tokens(self) -> int:
+        """Its tokens in the cache (their positions are 0..tokens-1)."""
+        return self.length - self.prefix
 
 
 def lm_head_weight(model: Any, model_path: str) -> torch.Tensor:
@@ -256,11 +302,19 @@ class Generator:
         if not self.decoding and self.partial is None:
             self.cache = None
         running = len(self.decoding) + len(self.prefilling) + (self.partial is not None)
-        return StepResult(events, self.kv_bytes, running, decoded)
+        return StepResult(events, self.kv_bytes, running, decoded, self.kv_used_bytes)
 
     @property
     def kv_bytes(self) -> int:
         return self.cache.nbytes if self.cache is not None else 0
+
+    @property
+    def kv_used_bytes(self) -> int:
+        """Bytes of the columns the live rows hold (each row's prefix and tokens), all layers."""
+        if self.cache is None:
+            return 0
+        live = sum(s.length for s in self.decoding) + (self.partial.length if self.partial is not None else 0)
+        return live * self.shape.token_bytes
 
     def reset(self) -> None:
         self.cache = None
@@ -271,6 +325,27 @@ class Generator:
     # -- admission and leaving ----------------------------------------------------------------------
     def _admit(self, spec: SeqSpec) -> None:
         self.prefilling.append(_Seq(spec, rng=sequence_rng(spec.sampling, self.device), reserve=len(spec.prompt) + spec.max_tokens))
+
+    def _start(self, seq: _Seq) -> None:
+        """At a sequence's first prefill: the prefix its cache row starts with. None when its composition has no
+        prefix, or one the library cannot hand over whole (different lengths per layer): the attention wrapper
+        then prepends it at every forward, as the library's generate() does."""
+        if seq.started:
+            return
+        kv = None
+        cached_prefix = getattr(self.model, "cached_prefix", None)
+        if cached_prefix is not None and seq.spec.block is not None:
+            with torch.inference_mode():
+                kv = cached_prefix(seq.spec.block)
+        if kv is not None and kv.shape[0] == self.shape.layers:
+            seq.kv, seq.prefix = kv, int(kv.shape[3])
+            seq.reserve += seq.prefix
+        seq.started = True
+
+    def _failed(self, seq: _Seq, exc: Exception) -> Emitted:
+        """The error event of a sequence whose own forward (or prefix, or sampling) raised; the caller drops it."""
+        log.warning("generation sequence %d failed: %s: %s", seq.spec.id, type(exc).__name__, exc, exc_info=exc)
+        return Emitted(seq.spec.id, None, "error", f"generation failed: {type(exc).__name__}: {exc}")
 
     def _drop(self, seq_id: int) -> None:
         for seq in list(self.prefilling):
@@ -297,8 +372,9 @@ class Generator:
             self.cache.copy_row(self.cache, last + 1, last, self.partial.length)
 
     def _room(self, rows: int, length: int, extra: list[_Seq], limits: Limits) -> None:
-        """Make the slot buffers hold `rows` rows of `length` tokens. They grow by doubling (copying the live rows),
-        never past the longest reserve (prompt + max_tokens) of the live and incoming sequences, nor the budget."""
+        """Make the slot buffers hold `rows` rows of `length` columns. They grow by doubling (copying the live rows),
+        never past the longest reserve (prefix + prompt + max_tokens) of the live and incoming sequences, nor the
+        budget."""
         old = self.cache
         if old is not None and rows <= old.rows and length <= old.length:
             return
@@ -332,89 +408,184 @@ class Generator:
         return self._prefill_whole(batch, limits)
 
     def _prefill_chunk(self, seq: _Seq, limits: Limits) -> list[Emitted]:
-        """The next chunk of one long prompt, written into slot d."""
+        """The next chunk of one long prompt, written into slot d (after its prefix, written with the first chunk)."""
         slot = len(self.decoding)
-        self._room(slot + 1, seq.length + min(limits.prefill_chunk, len(seq.spec.prompt) - seq.length), [seq], limits)
-        assert self.cache is not None
+        try:
+            self._start(seq)
+        except Exception as exc:
+            self.partial = None
+            return [self._failed(seq, exc)]
+        fresh = seq.length == 0
         prompt = seq.spec.prompt
-        start = seq.length
-        chunk = prompt[start : start + limits.prefill_chunk]
-        n = len(chunk)
-        ids = torch.tensor([chunk], device=self.device)
+        start = seq.tokens if not fresh else 0
+        n = min(limits.prefill_chunk, len(prompt) - start)
+        self._room(slot + 1, seq.prefix + start + n, [seq], limits)
+        assert self.cache is not None
+        if fresh and seq.kv is not None:
+            self.cache.write_prefix(slot, seq.kv)
+            seq.length, seq.kv = seq.prefix, None
+        offset = seq.prefix + start
+        ids = torch.tensor([prompt[start : start + n]], device=self.device)
         pos = torch.arange(start, start + n, device=self.device)[None]
-        mask = (torch.arange(start + n, device=self.device)[None, :] <= pos[0, :, None])[None, None]
-        self.cache.prepare_prefill(slot, 1, start, n)
-        logits = self._forward(ids, pos, mask, self.cache, [seq.spec.block], None)
-        seq.length += n
-        if seq.length < len(prompt):
+        queries = offset + torch.arange(n, device=self.device)
+        mask = (torch.arange(offset + n, device=self.device)[None, :] <= queries[:, None])[None, None]
+        self.cache.prepare_prefill(slot, 1, [offset], n)
+        try:
+            logits = self._forward(ids, pos, mask, self.cache, [seq.spec.block], None, [seq.prefix > 0])
+        except Exception as exc:
+            self.partial = None
+            return [self._failed(seq, exc)]
+        seq.length = offset + n
+        if seq.tokens < len(prompt):
             return []
         self.partial = None
         self.decoding.append(seq)
-        return self._first_tokens([seq], logits)
+        return self._emit_tokens([seq], logits)
 
     def _prefill_whole(self, batch: list[_Seq], limits: Limits) -> list[Emitted]:
-        """Several whole prompts in one forward (right-padded), written into slots d, d+1, ..."""
+        """Several whole prompts in one forward; a sequence whose prefix lookup raises ends alone with an error."""
+        events: list[Emitted] = []
+        ready: list[_Seq] = []
+        for s in batch:
+            try:
+                self._start(s)
+                ready.append(s)
+            except Exception as exc:
+                events.append(self._failed(s, exc))
+        return events + (self._prefill_rows(ready, limits) if ready else [])
+
+    def _prefill_rows(self, batch: list[_Seq], limits: Limits) -> list[Emitted]:
+        """Whole prompts (right-padded) in one forward, written into slots d, d+1, ..., each after its own prefix.
+        If the forward raises, each sequence is prefilled alone, so only those that fail alone end with an error."""
         first = len(self.decoding)
-        self._room(first + len(batch), max(len(s.spec.prompt) for s in batch), batch, limits)
+        offsets = [s.prefix for s in batch]
+        width = max(len(s.spec.prompt) for s in batch)
+        self._room(first + len(batch), max(offsets) + width, batch, limits)
         assert self.cache is not None
+        for r, s in enumerate(batch):
+            if s.kv is not None:
+                self.cache.write_prefix(first + r, s.kv)
         lengths = torch.tensor([len(s.spec.prompt) for s in batch], device=self.device)
-        width = int(lengths.max())
         ids = torch.full((len(batch), width), self.pad, dtype=torch.long, device=self.device)
         for r, s in enumerate(batch):
             ids[r, : len(s.spec.prompt)] = torch.tensor(s.spec.prompt, device=self.device)
         ar = torch.arange(width, device=self.device)
         pos = ar[None].expand(len(batch), width)
-        mask = (ar[None, None, :] <= ar[None, :, None]) & (ar[None, None, :] < lengths[:, None, None])
-        self.cache.prepare_prefill(first, len(batch), 0, width)
-        logits = self._forward(ids, pos, mask[:, None], self.cache, [s.spec.block for s in batch], lengths - 1)
+        off = torch.tensor(offsets, device=self.device)
+        cols = torch.arange(max(offsets) + width, device=self.device)[None, None, :]
+        mask = (cols <= (off[:, None] + ar[None, :])[:, :, None]) & (cols < (off + lengths)[:, None, None])
+        self.cache.prepare_prefill(first, len(batch), offsets, width)
+        try:
+            logits = self._forward(ids, pos, mask[:, None], self.cache, [s.spec.block for s in batch], lengths - 1,
+                                   [s.prefix > 0 for s in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                return [self._failed(batch[0], exc)]
+            log.warning("prefill of %d sequences failed (%s: %s); prefilling them one by one", len(batch),
+                        type(exc).__name__, exc)
+            return [e for s in batch for e in self._prefill_rows([s], limits)]
         for s in batch:
-            s.length = len(s.spec.prompt)
+            s.length, s.kv = s.prefix + len(s.spec.prompt), None
         self.decoding.extend(batch)
-        return self._first_tokens(batch, logits)
-
-    def _first_tokens(self, seqs: list[_Seq], logits: torch.Tensor) -> list[Emitted]:
-        events = [self._advance(s, t) for s, t in zip(seqs, self._sample(logits, seqs), strict=True)]
-        for e in events:
-            if e.finish is not None:
-                self._drop(e.id)
-        return events
+        return self._emit_tokens(batch, logits)
 
     def _decode(self, limits: Limits) -> list[Emitted]:
         seqs = self.decoding
         self._room(len(seqs) + (self.partial is not None), max(s.length for s in seqs) + 1, [], limits)
-        assert self.cache is not None
-        ids = torch.tensor([[s.last] for s in seqs], device=self.device)
-        positions = torch.tensor([s.length for s in seqs], device=self.device)
-        self.cache.prepare_decode(positions)
-        kv_len = int(positions.max()) + 1
-        mask = (torch.arange(kv_len, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
-        logits = self._forward(ids, positions[:, None], mask, self.cache, [s.spec.block for s in seqs], None)
+        try:
+            logits = self._decode_forward(seqs, None)
+        except Exception as exc:
+            return self._decode_apart(list(seqs), exc)
         for s in seqs:
             s.length += 1
-        tokens = self._sample(logits, seqs)
-        events = [self._advance(s, t) for s, t in zip(list(seqs), tokens, strict=True)]
-        for e in events:
-            if e.finish is not None:
-                self._drop(e.id)
+        return self._emit_tokens(list(seqs), logits)
+
+    def _decode_forward(self, seqs: list[_Seq], slots: list[int] | None) -> torch.Tensor:
+        """One token for each of `seqs` (slots 0..len-1, or the given slots), each written at its row's next column."""
+        assert self.cache is not None
+        ids = torch.tensor([[s.last] for s in seqs], device=self.device)
+        columns = [s.length for s in seqs]
+        positions = torch.tensor(columns, device=self.device)
+        tokens = torch.tensor([s.tokens for s in seqs], device=self.device)  # token positions: prefixes not counted
+        rows = None if slots is None else torch.tensor(slots, device=self.device)
+        kv_len = max(columns) + 1
+        self.cache.prepare_decode(positions, rows, kv_len)
+        mask = (torch.arange(kv_len, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
+        return self._forward(ids, tokens[:, None], mask, self.cache, [s.spec.block for s in seqs], None,
+                             [s.prefix > 0 for s in seqs])
+
+    def _decode_apart(self, seqs: list[_Seq], exc: Exception) -> list[Emitted]:
+        """The decode forward raised: run it again per composition (rows of equal blocks), then per sequence within a
+        composition that still raises. Sequences that fail alone end with an error; the others advance as usual."""
+        log.warning("decode forward of %d rows failed (%s: %s); running it per composition", len(seqs),
+                    type(exc).__name__, exc)
+        groups: list[tuple[Block, list[int]]] = []
+        for i, s in enumerate(seqs):
+            for block, idx in groups:
+                if block == s.spec.block:
+                    idx.append(i)
+                    break
+            else:
+                groups.append((s.spec.block, [i]))
+        out: dict[int, torch.Tensor | Exception] = {}
+        for _, idx in groups:
+            try:
+                logits = self._decode_forward([seqs[i] for i in idx], idx)
+                out.update((i, logits[j]) for j, i in enumerate(idx))
+                continue
+            except Exception as group_exc:
+                if len(idx) == 1:
+                    out[idx[0]] = group_exc
+                    continue
+            for i in idx:
+                try:
+                    out[i] = self._decode_forward([seqs[i]], [i])[0]
+                except Exception as row_exc:
+                    out[i] = row_exc
+        good = [i for i in range(len(seqs)) if isinstance(out[i], torch.Tensor)]
+        failed = [(seqs[i], out[i]) for i in range(len(seqs)) if not isinstance(out[i], torch.Tensor)]
+        for i in good:
+            seqs[i].length += 1
+        events = [self._failed(s, e) for s, e in failed if isinstance(e, Exception)]
+        if good:
+            events += self._emit_tokens([seqs[i] for i in good], torch.stack([out[i] for i in good]))  # type: ignore[misc]
+        for s, _ in failed:
+            self._drop(s.spec.id)
         return events
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: SlotCache,
-                 blocks: list[Block], last: torch.Tensor | None) -> torch.Tensor:
-        """Logits at each row's last position (or at `last[row]`), under each row's composition."""
+                 blocks: list[Block], last: torch.Tensor | None, in_cache: list[bool]) -> torch.Tensor:
+        """Logits at each row's last position (or at `last[row]`), under each row's composition; rows marked in
+        `in_cache` have their prefix in the cache (the attention wrapper prepends nothing for them)."""
         from adapters_core import AdapterSetup
 
         if self.additive:
             mask = torch.zeros(mask.shape, dtype=self.dtype, device=self.device).masked_fill(~mask, torch.finfo(self.dtype).min)
         setup = setup_for_rows(blocks)
-        with torch.inference_mode(), AdapterSetup(setup) if setup is not None else nullcontext():
+        cached = self.model.prefixes_in_cache(in_cache) if any(in_cache) else nullcontext()
+        with torch.inference_mode(), AdapterSetup(setup) if setup is not None else nullcontext(), cached:
             out = self.base(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
             hidden = out.last_hidden_state
             rows = hidden[:, -1] if last is None else hidden[torch.arange(hidden.shape[0], device=self.device), last]
             return (rows @ self.head.T).float()
 
     # -- sampling -----------------------------------------------------------------------------------
-    def _sample(self, logits: torch.Tensor, seqs: list[_Seq]) -> list[int]:
-        return sample_tokens(logits, seqs)
+    def _emit_tokens(self, seqs: list[_Seq], logits: torch.Tensor) -> list[Emitted]:
+        """Each sequence's next token (greedy, or drawn from its own generator); a sequence that finished, or whose
+        draw raised (e.g. NaN logits), leaves."""
+        greedy = logits.argmax(dim=-1).tolist()
+        events: list[Emitted] = []
+        for row, seq in enumerate(seqs):
+            try:
+                token = next_token(logits, row, int(greedy[row]), seq)
+            except Exception as exc:
+                events.append(self._failed(seq, exc))
+                continue
+            events.append(self._advance(seq, token))
+        for e in events:
+            if e.finish is not None:
+                self._drop(e.id)
+        return events
 
     def _advance(self, seq: _Seq, token: int) -> Emitted:
         return advance(seq, token, self.eos)
@@ -432,14 +603,13 @@ def sequence_rng(sampling: Sampling, device: torch.device) -> torch.Generator | 
 def sample_tokens(logits: torch.Tensor, seqs: list[_Seq]) -> list[int]:
     """Each row's next token: argmax when greedy, else drawn with the row's sampling parameters and generator."""
     greedy = logits.argmax(dim=-1).tolist()
-    out = []
-    for row, seq in enumerate(seqs):
-        p = seq.spec.sampling
-        if p.temperature <= 0 or seq.rng is None:
-            out.append(int(greedy[row]))
-            continue
-        out.append(sample_row(logits[row], p, seq.rng))
-    return out
+    return [next_token(logits, row, int(greedy[row]), seq) for row, seq in enumerate(seqs)]
+
+
+def next_token(logits: torch.Tensor, row: int, greedy: int, seq: _Seq) -> int:
+    """Row `row`'s next token for `seq`: `greedy` (its argmax) unless the sequence samples."""
+    p = seq.spec.sampling
+    return greedy if p.temperature <= 0 or seq.rng is None else sample_row(logits[row], p, seq.rng)
 
 
 def advance(seq: _Seq, token: int, eos: frozenset[int]) -> Emitted:

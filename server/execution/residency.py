@@ -59,6 +59,7 @@ class Residency:
         self._moved: dict[str, Path] = {}  # internal -> version folder in the trash after a delete
         self._retired: dict[str, _Retired] = {}  # internal -> its trash record
         self._doomed: set[str] = set()  # deleted and resident: unload once no request uses it
+        self._verified: dict[str, tuple] = {}  # internal -> (file, size, mtime) seen at its checksummed load
         self.on_doomed: Callable[[], None] | None = None  # asks the inference thread to run unload_pending
 
     # -- event-loop side -------------------------------------------------------------------------
@@ -111,6 +112,7 @@ class Residency:
 
     def _forget(self, internal: str) -> Path | None:
         """Under the lock: drop a retired version's records; the trash folder to remove if it was the last one."""
+        self._verified.pop(internal, None)
         record = self._retired.pop(internal, None)
         self._moved.pop(internal, None)
         if record is None:
@@ -156,28 +158,38 @@ class Residency:
                 return
             path = self._moved.get(internal) or self._path_of(meta)
         self._make_room(meta.nbytes)
+        method = self.metrics.method_label(meta.method)
         start = time.perf_counter()
         try:
             self._verify(meta, path)
             nbytes = self.loader.load(path, internal, meta.fused_internals)
         except Exception as exc:
-            self.metrics.adapter_loads.labels(result="error").inc()
+            self.metrics.adapter_loads.labels(result="error", method=method).inc()
             log.error("loading %s/%s v%d failed: %s", meta.tenant, meta.name, meta.version, exc)
             raise AdapterUnavailable(f"adapter {meta.name!r} (version {meta.version}) cannot be loaded: {exc}") from exc
-        self.metrics.adapter_loads.labels(result="ok").inc()
-        self.metrics.adapter_load_seconds.observe(time.perf_counter() - start)
+        self.metrics.adapter_loads.labels(result="ok", method=method).inc()
+        self.metrics.adapter_load_seconds.labels(method=method).observe(time.perf_counter() - start)
         with self._lock:
             self._resident[internal] = _Entry(meta, nbytes)
             self._publish()
 
-    @staticmethod
-    def _verify(meta: VersionMeta, path: Path) -> None:
-        """Refuse files whose checksum no longer matches meta.json (corruption on the volume)."""
+    def _verify(self, meta: VersionMeta, path: Path) -> None:
+        """Refuse files whose checksum no longer matches meta.json (corruption on the volume).
+
+        The checksum is read on a version's first load in this process; a reload after an eviction only
+        compares each file's size and modification time with what that verified load saw (a rewrite shows
+        there), so a busy cache does not hash the same bytes at every reload.
+        """
         if not path.is_dir():
             raise FileNotFoundError(f"{path} is gone (the adapter was deleted)")
+        stamps = tuple((name, *_stamp(path / name)) for name in meta.files)
+        if self._verified.get(meta.internal) == stamps:
+            return
         for name, info in meta.files.items():
             if file_sha256(path / name) != info.sha256:
                 raise ValueError(f"{name} does not match its stored sha256")
+        with self._lock:
+            self._verified[meta.internal] = stamps
 
     def _make_room(self, incoming: int) -> None:
         while True:
@@ -189,7 +201,9 @@ class Residency:
                 if victim is None:  # everything resident is pinned by this batch: exceed the budget briefly
                     log.warning("adapter cache over budget: all %d resident adapters are in use", len(self._resident))
                     return
+                method = self.metrics.method_label(self._resident[victim].meta.method)
             self._unload(victim)
+            self.metrics.adapter_evictions.labels(method=method).inc()
 
     def _unload(self, internal: str) -> None:
         try:
@@ -238,6 +252,11 @@ class Residency:
     def is_resident(self, internal: str) -> bool:
         with self._lock:
             return internal in self._resident
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
 
 
 def _remove(trash: Path) -> None:

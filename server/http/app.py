@@ -44,6 +44,8 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
             log.warning("no API keys file: running OPEN (every caller is tenant 'default' with the admin role), bound to %s", settings.host)
         engine = await asyncio.to_thread(engine_factory, settings)
         runtime = build_runtime(settings, app.state.metrics, engine)
+        lm_head = getattr(engine, "lm_head", None)  # a causal LM's LM head may come with an upload, beyond its limit
+        app.state.upload_extra_bytes = 0 if lm_head is None else lm_head.allowance
         runtime.batcher.start()
         app.state.runtime = runtime
         log.info("ready: store %s, %d tenants configured", runtime.store.root, len(keyring.tenants()))
@@ -67,6 +69,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory =
     app.state.runtime = None
     app.state.draining = False
     app.state.inflight = 0
+    app.state.upload_extra_bytes = 0
     install_problem_handlers(app)
     for module in (adapters, inference, openai, completions, health):
         app.include_router(module.router)

@@ -19,7 +19,7 @@ class ServeMiddleware:
     def __init__(self, app: ASGIApp, metrics: Metrics, state: Any, max_upload_bytes: int, max_json_bytes: int) -> None:
         self.app = app
         self.metrics = metrics
-        self.state = state  # app.state: .runtime (None until loaded), .draining, .inflight
+        self.state = state  # app.state: .runtime (None until loaded), .draining, .inflight, .upload_extra_bytes
         self.max_body = max_upload_bytes + UPLOAD_SLACK
         self.max_json = max_json_bytes
 
@@ -48,7 +48,8 @@ class ServeMiddleware:
                 return
             if scope["method"] == "POST" and api:
                 upload = path.startswith("/v1/adapters")
-                limit = self.max_body if upload else self.max_json
+                # an upload may carry an LM head beyond the upload limit (server.registry.lm_head)
+                limit = self.max_body + getattr(self.state, "upload_extra_bytes", 0) if upload else self.max_json
                 shown = limit - UPLOAD_SLACK if upload else limit
                 length = _content_length(scope)
                 if length is not None and length > limit:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
+from starlette.requests import ClientDisconnect
 
 from server.errors import UploadRejected
 from server.http.problems import ProblemError
@@ -21,6 +22,8 @@ async def read_form(request: Request) -> tuple[dict[str, str], list[UploadFile],
         form = await request.form(max_files=MAX_PARTS, max_fields=MAX_PARTS, max_part_size=64 * 1024)
     except MultiPartException as exc:
         raise ProblemError(400, "bad-multipart", f"cannot parse the multipart body: {exc.message}") from None
+    except ClientDisconnect:  # nothing was staged; a 400 (no one reads it) instead of a logged 500
+        raise ProblemError(400, "client-disconnect", "the client hung up before the upload's body was complete") from None
     fields: dict[str, str] = {}
     files: list[UploadFile] = []
     archive: UploadFile | None = None

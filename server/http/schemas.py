@@ -45,7 +45,12 @@ class AdapterOut(BaseModel):
     )
     warnings: list[str] = Field(
         default_factory=list, description="what the upload holds that is kept but not used: config keys the library does "
-        "not know (a foreign file), PEFT target_modules entries that match no tensor, a target_modules pattern left unchecked",
+        "not know (a foreign file), PEFT target_modules entries that match no tensor, a target_modules pattern left "
+        "unchecked; or not kept: an LM head equal to the backbone's",
+    )
+    lm_head: Literal["backbone"] | None = Field(
+        None, description="'backbone': the upload held an LM head (AdapterHub's head_config.json + "
+        "model_head.safetensors) equal to the backbone's LM head; it is not stored and generation uses the backbone's",
     )
     shadowed: bool = Field(
         False, description="in a listing: a shared adapter hidden by the tenant's own adapter of the same name "
@@ -79,7 +84,9 @@ UPLOAD_SCHEMA: dict[str, Any] = {
                             "description": "adapter files; each part's filename is its name in the adapter folder "
                             "(adapter_config.json, adapter.safetensors or adapter_model.safetensors, "
                             "head_config.json, model_head.safetensors; or, for an AdapterFusion over adapters "
-                            "already uploaded, adapter_fusion_config.json and model_adapter_fusion.safetensors)",
+                            "already uploaded, adapter_fusion_config.json and model_adapter_fusion.safetensors). On "
+                            "a causal LM backbone an LM head may exceed the upload limit up to a float32 copy of the "
+                            "backbone's LM head; it is accepted (and not stored) only if it equals the backbone's",
                         },
                         "archive": {"type": "string", "format": "binary", "description": ".tar (plain, .gz, .bz2 or .xz) or .zip of one adapter folder"},
                     },

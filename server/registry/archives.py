@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 from server.errors import UploadRejected
-from server.registry.intake import ByteBudget, accepted_name
+from server.registry.intake import ByteBudget, UploadBudget, accepted_name
 
 MAX_ARCHIVE_MEMBERS = 64
 TAR_HEADER_ROOM = 1024 * 1024  # tar headers and padding on top of the member bytes
@@ -55,7 +55,7 @@ class _BudgetedReader:
         if self.budget.used > self.budget.limit:
             raise UploadRejected(
                 413, "upload-too-large",
-                f"the archive unpacks to more than the upload's limit of {self.limit // (1024 * 1024)} MiB (uncompressed)",
+                f"the archive unpacks to more than the upload's limit of {self.limit / (1024 * 1024):g} MiB (uncompressed)",
             )
         return data
 
@@ -116,10 +116,8 @@ class _Placement:
 
 def _check_size(name: str, size: int, budget: ByteBudget) -> None:
     if budget.used + size > budget.limit:
-        raise UploadRejected(
-            413, "upload-too-large",
-            f"archive member {name!r} unpacks to {size} bytes; the upload's limit is {budget.limit // (1024 * 1024)} MiB (uncompressed)",
-        )
+        limit = budget.detail or f"the upload's limit is {budget.limit / (1024 * 1024):g} MiB (uncompressed)"
+        raise UploadRejected(413, "upload-too-large", f"archive member {name!r} unpacks to {size} bytes; {limit}")
 
 
 def _open_tar_stream(f: BinaryIO) -> BinaryIO:
@@ -131,7 +129,7 @@ def _open_tar_stream(f: BinaryIO) -> BinaryIO:
     return f
 
 
-def _extract_tar(path: Path, dest: Path, budget: ByteBudget) -> None:
+def _extract_tar(path: Path, dest: Path, budget: UploadBudget) -> None:
     with path.open("rb") as raw, _open_tar_stream(raw) as stream:
         try:
             tf = tarfile.open(fileobj=_BudgetedReader(stream, budget.limit), mode="r|")
@@ -145,7 +143,7 @@ def _extract_tar(path: Path, dest: Path, budget: ByteBudget) -> None:
             tf.close()
 
 
-def _extract_tar_members(tf: tarfile.TarFile, dest: Path, budget: ByteBudget) -> None:
+def _extract_tar_members(tf: tarfile.TarFile, dest: Path, budget: UploadBudget) -> None:
     """One pass over a stream-mode tar: each member is checked, then written, before the next is read."""
     placement = _Placement()
     for info in tf:
@@ -160,10 +158,10 @@ def _extract_tar_members(tf: tarfile.TarFile, dest: Path, budget: ByteBudget) ->
         base = placement.place(info.name)
         if base is None:
             continue
-        _check_size(info.name, info.size, budget)
+        _check_size(info.name, info.size, budget.for_file(base))
         src = tf.extractfile(info)
         assert src is not None
-        _write(_read_chunks(src), dest / base, budget)
+        _write(_read_chunks(src), dest / base, budget.for_file(base))
 
 
 def _lzma_inflater(raw: Iterator[bytes]) -> tuple[lzma.LZMADecompressor, bytes]:
@@ -253,7 +251,7 @@ def _zip_member(f: BinaryIO, info: zipfile.ZipInfo) -> Iterator[bytes]:
         raise UploadRejected(422, "bad-archive", f"zip member {info.filename!r} fails its CRC check (corrupt archive)")
 
 
-def _extract_zip(path: Path, dest: Path, budget: ByteBudget) -> None:
+def _extract_zip(path: Path, dest: Path, budget: UploadBudget) -> None:
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, ValueError, struct.error, EOFError, NotImplementedError) as exc:
@@ -273,14 +271,17 @@ def _extract_zip(path: Path, dest: Path, budget: ByteBudget) -> None:
             base = placement.place(info.filename)
             if base is None:
                 continue
-            _check_size(info.filename, info.file_size, budget)
-            _write(_zip_member(f, info), dest / base, budget)
+            _check_size(info.filename, info.file_size, budget.for_file(base))
+            _write(_zip_member(f, info), dest / base, budget.for_file(base))
 
 
-def extract_archive(path: Path, filename: str, dest: Path, budget: ByteBudget) -> None:
+def extract_archive(path: Path, filename: str, dest: Path, budget: ByteBudget | UploadBudget) -> None:
     """Extract a .tar (.gz, .bz2, .xz) or .zip into dest (flat), refusing links, absolute paths, '..',
-    members in several folders and a file name given twice; decompressed bytes count against `budget`.
+    members in several folders and a file name given twice; decompressed bytes count against `budget` (an
+    UploadBudget: each member against its file's budget, the tar stream against their sum).
     Members are written as they stream, so a rejected archive's files are removed again."""
+    if isinstance(budget, ByteBudget):
+        budget = UploadBudget(budget)
     try:
         if zipfile.is_zipfile(path):
             _extract_zip(path, dest, budget)

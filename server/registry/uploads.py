@@ -14,7 +14,8 @@ from typing import BinaryIO, Protocol
 
 from server.errors import InvalidName, QuotaExceeded, UploadRejected
 from server.registry.archives import extract_archive
-from server.registry.intake import ByteBudget, accepted_name, clear, copy_limited
+from server.registry.intake import ByteBudget, UploadBudget, accepted_name, clear, copy_limited
+from server.registry.lm_head import BackboneHead, lm_head_in
 from server.registry.store import NAME_RE, SHARED_TENANT, AdapterStore, Upload, VersionMeta
 from server.registry.validation import Inspector, validate_upload
 
@@ -48,13 +49,18 @@ def check_name(name: object) -> str:
     return name
 
 
-def _stage(staged: Path, files: Sequence[FilePart], archive: FilePart | None, limit: int) -> None:
-    budget = ByteBudget(limit)
+def upload_budget(max_upload_bytes: int, lm_head: BackboneHead | None) -> UploadBudget:
+    """The upload limit for the adapter's files; on a causal LM backbone a budget of its own for an LM head."""
+    return UploadBudget(ByteBudget(max_upload_bytes), None if lm_head is None else lm_head.budget(max_upload_bytes))
+
+
+def _stage(staged: Path, files: Sequence[FilePart], archive: FilePart | None, budget: UploadBudget) -> None:
+    """Copy the parts (or unpack the archive) into `staged`, each file within its budget, streamed in chunks."""
     if archive is not None:
         raw = staged.parent / (staged.name + ".archive")
         try:
             archive.file.seek(0)
-            copy_limited(archive.file, raw, ByteBudget(limit))
+            copy_limited(archive.file, raw, ByteBudget(budget.limit))
             extract_archive(raw, archive.filename or "archive", staged, budget)
         finally:
             raw.unlink(missing_ok=True)
@@ -68,7 +74,7 @@ def _stage(staged: Path, files: Sequence[FilePart], archive: FilePart | None, li
             raise UploadRejected(422, "bad-upload", f"{base} was sent twice")
         seen.add(base)
         part.file.seek(0)
-        copy_limited(part.file, staged / base, budget)
+        copy_limited(part.file, staged / base, budget.for_file(base))
 
 
 def _member(store: AdapterStore, tenant: str, name: str) -> tuple[VersionMeta, Path] | None:
@@ -103,10 +109,15 @@ def ingest(
     archive: FilePart | None, uploader: str, limits: UploadLimits,
 ) -> VersionMeta:
     """Store a new version of `tenant`'s `name` from the parts; nothing is stored unless every check passes.
-    The inspector probes a meta-device copy of the architecture, so this need not wait for the inference thread."""
+    The inspector probes a meta-device copy of the architecture, so this need not wait for the inference thread.
+    Only an LM head's file may go beyond the upload limit (server.registry.lm_head), and it is never stored: one
+    equal to the backbone's LM head is dropped, any other is refused."""
     staged = store.staging_dir()
     try:
-        _stage(staged, files, archive, limits.max_upload_bytes)
+        budget = upload_budget(limits.max_upload_bytes, inspector.lm_head)
+        _stage(staged, files, archive, budget)
+        if budget.head is not None and lm_head_in(staged) is None:
+            budget.charge_head_to_main()
         upload = validate_upload(staged, inspector, lambda n: _member(store, tenant, n))
         with store.tenant_lock(tenant):
             _check_kind(store, tenant, name, upload)

@@ -12,6 +12,7 @@ from adapters_core.formats import FUSION_CONFIG, FUSION_WEIGHTS
 from server.errors import UploadRejected
 from server.registry.head_check import check_head_config
 from server.registry.jsonsafe import MAX_CONFIG_NUMBER, load_json
+from server.registry.lm_head import DROPPED, BackboneHead, settle_lm_head
 from server.registry.peft_check import check_target_modules
 from server.registry.safetensors_check import TensorEntry, read_safetensors_header
 from server.registry.store import Upload, VersionMeta
@@ -28,6 +29,7 @@ class Inspector(Protocol):
     """The backbone-side validation (server.execution.engine.Engine provides it)."""
 
     hidden_size: int
+    lm_head: BackboneHead | None  # a causal LM backbone's LM head in its files (server.registry.lm_head)
 
     def inspect(self, folder: Path) -> Upload: ...
 
@@ -153,11 +155,19 @@ def validate_fusion(folder: Path, inspector: Inspector, member: MemberLookup) ->
 
 def validate_upload(folder: Path, inspector: Inspector, member: MemberLookup | None = None) -> Upload:
     """All checks, in order; raises UploadRejected (4xx) naming the problem. A folder holding a fusion config
-    is an AdapterFusion, checked against the adapters `member` finds."""
+    is an AdapterFusion, checked against the adapters `member` finds. An LM head equal to the backbone's is
+    removed from the folder first (recorded as extra["lm_head"] = "backbone"); any other LM head is refused."""
     if (folder / FUSION_CONFIG).exists():
         if member is None:
             raise UploadRejected(422, "bad-file", f"{FUSION_CONFIG} cannot be uploaded here")
         return validate_fusion(folder, inspector, member)
-    warnings = check_files(folder)
+    lm_head = settle_lm_head(folder, inspector.lm_head)
+    warnings = list(check_files(folder))
     upload = check_backbone(folder, inspector)
-    return dataclasses.replace(upload, extra={**upload.extra, "warnings": warnings}) if warnings else upload
+    extra = dict(upload.extra)
+    if lm_head is not None:
+        extra["lm_head"] = lm_head
+        warnings.append(DROPPED)
+    if warnings:
+        extra["warnings"] = warnings
+    return dataclasses.replace(upload, extra=extra) if extra != upload.extra else upload

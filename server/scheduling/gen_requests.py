@@ -164,12 +164,15 @@ def start(rt: Runtime, tenant: str, prompts: list[list[int]], resolved: Resolved
     queue: asyncio.Queue[gen.Event] = asyncio.Queue()
     decode = _decoder(rt)
     seqs = []
+    # versions stored before uploads recorded prefix_tokens count none (their prefixes still run, uncounted)
+    prefix = sum(int(m.extra.get("prefix_tokens", 0)) for m in resolved.metas) if resolved is not None else 0
     for i, ids in enumerate(prompts):
         if not ids:
             raise InvalidGenerationRequest(f"prompt {i} has no tokens")
         max_tokens = _max_tokens(rt, i, len(ids), params.max_tokens)
-        scheduler.check_fits(len(ids) + max_tokens)
-        seqs.append(gen.Sequence(i, ids, resolved, max_tokens, params.sampling, Detokenizer(decode, params.stop), queue, tenant))
+        scheduler.check_fits(len(ids) + max_tokens, prefix)
+        seqs.append(gen.Sequence(i, ids, resolved, max_tokens, params.sampling, Detokenizer(decode, params.stop), queue, tenant,
+                                 prefix_tokens=prefix))
     if resolved is not None:
         rt.residency.hold(resolved.metas)
     try:

@@ -81,6 +81,7 @@ class Sequence:
     detok: Detokenizer
     events: asyncio.Queue[Event]
     tenant: str
+    prefix_tokens: int = 0  # cache columns its prefix-tuning adapters take (written once, before the prompt)
     id: int = 0
     enqueued: float = field(default_factory=time.monotonic)
     deadline: float = 0.0
@@ -91,7 +92,8 @@ class Sequence:
 
     @property
     def reserve(self) -> int:
-        return len(self.prompt) + self.max_tokens
+        """Cache columns it may take: prefixes, prompt and every token it may generate."""
+        return self.prefix_tokens + len(self.prompt) + self.max_tokens
 
     @property
     def block(self) -> Any:
@@ -132,12 +134,13 @@ class GenerationScheduler:
         self.peak_running = 0  # most sequences admitted at once (for tests and benchmarks)
 
     # -- requests --------------------------------------------------------------------------------
-    def check_fits(self, reserve: int) -> None:
+    def check_fits(self, reserve: int, prefix_tokens: int = 0) -> None:
         """A single sequence's worst case must fit the KV budget on its own, or it would wait forever."""
-        need = self.shape.bytes(1, reserve)
+        need = self.shape.bytes(1, reserve + prefix_tokens)
         if need > self.limits.kv_budget_bytes:
+            prefixes = f" (+ {prefix_tokens} prefix tokens)" if prefix_tokens else ""
             raise ContextTooLong(
-                f"prompt + max_tokens = {reserve} tokens need {need / 2**20:.1f} MiB of KV cache; the budget is "
+                f"prompt + max_tokens = {reserve} tokens{prefixes} need {need / 2**20:.1f} MiB of KV cache; the budget is "
                 f"{self.limits.kv_budget_bytes / 2**20:.1f} MiB (ADAPTERSERVE_KV_CACHE_MB); lower max_tokens or shorten the prompt",
             )
 
@@ -225,6 +228,7 @@ class GenerationScheduler:
                     self._finish(seq)
             self._dispatch(result)
             self.metrics.kv_cache_bytes.set(result.kv_bytes)
+            self.metrics.kv_cache_used_bytes.set(result.kv_used_bytes)
             self._publish()
 
     def _on_thread(self, admit: list[Sequence], cancels: list[int]) -> tuple[StepResult, list[tuple[Sequence, DomainError]]]:
@@ -345,6 +349,7 @@ class GenerationScheduler:
         except RuntimeError:
             pass
         self.metrics.kv_cache_bytes.set(0)
+        self.metrics.kv_cache_used_bytes.set(0)
         self._publish()
 
     def _publish(self) -> None:

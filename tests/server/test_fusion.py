@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
+from server.metrics import LOAD_METHODS
 from tests.server.conftest import (
     SENTENCES,
     Reference,
@@ -215,7 +216,7 @@ def test_fusion_survives_eviction_and_a_worker_restart(
             assert _infer(c, "x1").status_code == 200
             assert not rt.residency.is_resident(fusion_internal)  # evicted with ea
         assert _infer(c, {"fuse": ["ea", "eb"]}).status_code == 200
-        loads = rt.metrics.adapter_loads.labels(result="ok")._value.get()
+        loads = sum(rt.metrics.adapter_loads.labels(result="ok", method=m)._value.get() for m in LOAD_METHODS)
         old = rt.engine.pid
         os.kill(old, signal.SIGKILL)
         deadline = time.monotonic() + 30
@@ -226,4 +227,4 @@ def test_fusion_survives_eviction_and_a_worker_restart(
         assert r.status_code == 200, r.text
         assert np.abs(_emb(r.json()) - want).max() < 1e-5
         assert rt.engine.pid not in (None, old)
-        assert rt.metrics.adapter_loads.labels(result="ok")._value.get() == loads  # the worker's replay, no reload
+        assert sum(rt.metrics.adapter_loads.labels(result="ok", method=m)._value.get() for m in LOAD_METHODS) == loads  # the worker's replay, no reload

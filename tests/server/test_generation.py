@@ -211,15 +211,18 @@ def test_compositions_generate_as_the_library_does_also_beside_single_adapters(
     from adapters_core import Average, Stack
 
     a = {"sa": lm_adapters[(family, "seq_bn")], "sb": lm_adapters[(family, "lora")]}
+    p = lm_adapters[(family, "prefix_tuning")]  # its prefix sits in the scheduler's KV cache, written once
     cases = [
         ({"stack": ["seq-bn", "lora"]}, Stack("sa", "sb"), a),
         ({"average": ["lora", "ia3"], "weights": [0.7, 0.3]},
          Average("sb", "si", weights=[0.7, 0.3]), {"sb": a["sb"], "si": lm_adapters[(family, "ia3")]}),
+        ({"stack": ["prefix-tuning", "lora"]}, Stack("sp", "sb"), {"sp": p, "sb": a["sb"]}),
+        ({"stack": ["prefix-tuning", "seq-bn"]}, Stack("sp", "sa"), {"sp": p, "sa": a["sa"]}),
     ]
     prompt = "the movie was"
     want = [solo.composed(prompt, folders, setup, MAX_TOKENS) for _, setup, folders in cases]
     want_single = solo.text(prompt, lm_adapters[(family, "par_bn")], MAX_TOKENS)
-    with gen_srv.client() as c, ThreadPoolExecutor(6) as pool:
+    with gen_srv.client() as c, ThreadPoolExecutor(2 * len(cases) + 2) as pool:
         bodies = [("x", {"adapters": spec}) for spec, _, _ in cases] * 2 + [("par-bn", {})] * 2
         got = list(pool.map(lambda b: complete(c, b[0], prompt, **b[1]), bodies))
     texts = [r.json()["choices"][0]["text"] for r in got]

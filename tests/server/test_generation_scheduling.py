@@ -127,10 +127,11 @@ def check_a_disconnected_stream_frees_its_cache(srv: Running, model: str) -> Non
     with srv.client() as c:
         assert metric(c, "adapterserve_generation_running_sequences") == 1
         assert metric(c, "adapterserve_kv_cache_bytes") > 0
+        assert 0 < metric(c, "adapterserve_kv_cache_used_bytes") <= metric(c, "adapterserve_kv_cache_bytes")
         long.stop.set()
         long.join()
         wait_for(lambda: metric(c, "adapterserve_generation_running_sequences") == 0)
-        assert metric(c, "adapterserve_kv_cache_bytes") == 0
+        assert metric(c, "adapterserve_kv_cache_bytes") == 0 and metric(c, "adapterserve_kv_cache_used_bytes") == 0
     assert gen.steps - steps < 200  # it stopped long before its 230 tokens
     assert not long.done.is_set()
 
@@ -251,3 +252,33 @@ def test_generation_metrics_and_tenancy(llama: Path, tmp_path: Path, keys_file: 
     assert "adapterserve_generation_inter_token_seconds_count 4.0" in text
     assert "adapterserve_generated_tokens_total 5.0" in text
     assert 'adapterserve_tenant_generated_tokens_total{tenant="acme"} 5.0' in text
+
+
+def test_prefix_tokens_count_against_the_kv_budget(llama: Path, tmp_path: Path, solo: SoloReference) -> None:
+    # 1 KiB per token, a 100 KiB budget: two bare sequences of prompt + 40 tokens fit at once, but with a 20-token
+    # prefix written before each prompt only one does; a 70-token prefix does not fit a single sequence at all
+    from tests.server.gen_support import make_lm_adapter
+
+    short = make_lm_adapter(llama, tmp_path / "p20", "prefix_tuning[prefix_length=20,bottleneck_size=16]", 7)
+    long = make_lm_adapter(llama, tmp_path / "p70", "prefix_tuning[prefix_length=70,bottleneck_size=16]", 8)
+    prompts = ["the movie was", "a very boring film", "once upon a time"]
+    with serve(_settings(llama, tmp_path / "store", kv_cache_mb=100 / 1024)) as running, running.client() as c:
+        for name, folder in (("p20", short), ("p70", long)):
+            r = upload_files(c, name, folder)
+            assert r.status_code == 201, r.text
+        results: list[str | None] = [None] * len(prompts)
+
+        def run(i: int) -> None:
+            r = c.post("/v1/completions", json={"model": "p20", "prompt": prompts[i], "max_tokens": 40, "temperature": 0})
+            assert r.status_code == 200, r.text
+            results[i] = r.json()["choices"][0]["text"]
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert results == [solo.text(p, short, 40) for p in prompts]
+        assert running.app.state.runtime.generation.peak_running == 1
+        too_big = c.post("/v1/completions", json={"model": "p70", "prompt": PROMPT, "max_tokens": 40})
+        assert too_big.status_code == 422 and "70 prefix tokens" in too_big.json()["detail"], too_big.text

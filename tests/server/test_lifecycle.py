@@ -68,7 +68,8 @@ def test_metrics_promtool(tiny_model_dir: Path, keys_file: Path, tmp_path: Path,
     assert 'adapterserve_requests_total{route="/v1/infer",status="404"}' in text
     assert 'adapterserve_tenant_requests_total{tenant="acme"}' in text
     assert "m1" not in text and "missing" not in text  # never adapter names as labels
-    assert 'adapter_loads_total{result="ok"} 1.0' in text
+    assert 'adapter_loads_total{method="seq_bn",result="ok"} 1.0' in text
+    assert 'adapterserve_adapter_load_seconds_count{method="seq_bn"} 1.0' in text
     promtool = shutil.which("promtool")
     if promtool is None:
         if os.environ.get("CI"):

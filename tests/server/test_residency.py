@@ -110,6 +110,24 @@ def test_corrupt_file_is_refused(tmp_path: Path) -> None:
     assert not loader.loaded
 
 
+def test_reloads_hash_only_files_that_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.execution import residency as residency_module
+
+    store, m = _metas(tmp_path, 2)
+    res, loader, _ = _residency(store, 150)  # room for one: each prepare evicts the other
+    hashed: list[str] = []
+    real = residency_module.file_sha256
+    monkeypatch.setattr(residency_module, "file_sha256", lambda p: hashed.append(p.parent.parent.name) or real(p))
+    for meta in (m[0], m[1], m[0], m[1]):
+        res.prepare([meta])
+        res.unpin_metas([meta])
+    assert hashed == ["a0", "a1"], "the checksum is read at a version's first load only"
+    assert loader.log.count("load " + m[0].internal) == 2
+    (store.version_dir("t", "a0", 1) / "adapter.safetensors").write_bytes(b"rewritten later")
+    with pytest.raises(AdapterUnavailable, match="sha256"):
+        res.prepare([m[0]])  # its size and mtime changed: hashed again, and refused
+
+
 def test_evicting_a_fused_adapter_forgets_its_fusion(tmp_path: Path) -> None:
     store, m = _metas(tmp_path, 3)
     d = store.staging_dir()

@@ -143,6 +143,12 @@ class BottleneckAdapter(nn.Module):
     def batchable(self) -> bool:
         return self._plain and not (self.training and self.dropout.p > 0)
 
+    def slot_parameters(self) -> list[nn.Parameter]:
+        """What the batched kernel stacks (see methods.slots): both nn.Linear projections' weights and biases."""
+        if type(self.down_proj) is not nn.Linear or type(self.adapter_up) is not nn.Linear:
+            return []  # computed weights (Compacter): nothing resident to gather
+        return [t for m in (self.down_proj, self.adapter_up) for t in (m.weight, m.bias) if t is not None]
+
     def linear_params(self) -> tuple[tuple[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]]:
         down = self.down_proj
         up = self.adapter_up

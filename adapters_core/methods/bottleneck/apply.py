@@ -38,11 +38,13 @@ def _gathered_linear(
 
     row_slot None: row r uses slot r (one row per adapter, in order), so no gather is needed.
     """
-    cached = cache is not None and not torch.is_grad_enabled()
-    w_t, b = cache.get(params) if cached else stack_params(params)
-    if row_slot is not None:
-        w_t = w_t[row_slot]
-        b = None if b is None else b[row_slot]
+    if cache is not None and not torch.is_grad_enabled():
+        w_t, b = cache.gather(params, row_slot)
+    else:
+        w_t, b = stack_params(params)
+        if row_slot is not None:
+            w_t = w_t[row_slot]
+            b = None if b is None else b[row_slot]
     if b is None:
         y = torch.bmm(x, w_t)
         return y * scale if scale != 1.0 else y

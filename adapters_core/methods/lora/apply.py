@@ -111,12 +111,17 @@ def _gathered(mods: Sequence[LinearAdapter], slot: torch.Tensor | None, xs: torc
         vecs = torch.stack([m.vector() for m in mods])
         vecs = vecs if slot is None else vecs[slot]  # [R, out]
         return vecs.view(vecs.shape[0], *([1] * (xs.dim() - 2)), vecs.shape[-1])
-    stack = cache.get if cache is not None and not torch.is_grad_enabled() else stack_params
-    a_t, _ = stack([(m.lora_A, None) for m in mods])  # [S, in, r]
-    b_t, _ = stack([(m.b_effective(), None) for m in mods])  # [S, r, out]
     s = shared_tensor([m.scaling for m in mods], xs.device, xs.dtype)
+    if cache is not None and not torch.is_grad_enabled():
+        a_t, _ = cache.gather([(m.lora_A, None) for m in mods], slot)  # [R, in, r]
+        b_t, _ = cache.gather([(m.b_effective(), None) for m in mods], slot)  # [R, r, out]
+    else:
+        a_t, _ = stack_params([(m.lora_A, None) for m in mods])  # [S, in, r]
+        b_t, _ = stack_params([(m.b_effective(), None) for m in mods])  # [S, r, out]
+        if slot is not None:
+            a_t, b_t = a_t[slot], b_t[slot]
     if slot is not None:
-        a_t, b_t, s = a_t[slot], b_t[slot], s[slot]
+        s = s[slot]
     flat = xs.reshape(xs.shape[0], -1, xs.shape[-1])
     y = torch.bmm(torch.bmm(flat, a_t), b_t) * s[:, None, None]
     return y.reshape(*xs.shape[:-1], y.shape[-1])

@@ -62,6 +62,10 @@ class LoRA(LinearAdapter):
             else:
                 raise ValueError(f"unknown init_weights {config.init_weights!r}")
 
+    def slot_parameters(self) -> list[nn.Parameter]:
+        """What the batched kernel stacks (see methods.slots); a fused layer's block-diagonal B is computed."""
+        return [self.lora_A, self.lora_B] if self.groups == 1 else [self.lora_A]
+
     def b_effective(self) -> torch.Tensor:
         """B as one (out_enabled, r * groups) matrix: block-diagonal when the layer is fused."""
         if self.groups == 1:

@@ -20,6 +20,7 @@ from ..base import Holder, Host, Method, child_module, get_path
 from .attention import install_prefix_attention
 from .config import PrefixTuningConfig
 from .eject import EjectAPI
+from .kv_cache import PrefixCacheAPI
 from .module import PrefixTuningModule
 from .routing import ROOM, PrefixState, lookup, prefixes
 from .rule import check_implementation
@@ -45,13 +46,17 @@ def dedupe_prefix_aliases(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
+class PrefixTuningAPI(EjectAPI, PrefixCacheAPI):
+    """The room's model methods: eject_prefix_tuning, cached_prefix, prefixes_in_cache."""
+
+
 class PrefixTuningMethod(Method):
     """Prefix tuning (reparameterised or flat); every attention layer gets the rows' prefixes."""
 
     name = ROOM
     config_types = (PrefixTuningConfig,)
     key_slots = ("prefix_tunings",)
-    api = EjectAPI
+    api = PrefixTuningAPI
 
     def handles(self, config: AdapterConfigBase) -> bool:
         return isinstance(config, PrefixTuningConfig)

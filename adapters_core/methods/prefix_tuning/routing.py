@@ -8,6 +8,7 @@ ForwardContext: all layers come from one gather when every row has at most one f
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,14 @@ class PrefixState:
     prefix_tunings: nn.ModuleDict
     locations: dict[str, list[int]] = field(default_factory=dict)
     layer_index: dict[str, dict[str, dict[int, int]]] = field(default_factory=dict)
+    _cached: threading.local = field(default_factory=threading.local, repr=False, compare=False)
+
+    def in_cache(self, rows: tuple[bool, ...]) -> tuple[bool, ...]:
+        """Mark, on this thread, the rows whose prefixes the caller's KV cache holds (kv_cache.py); returns the
+        previous marking (() = none)."""
+        previous: tuple[bool, ...] = getattr(self._cached, "rows", ())
+        self._cached.rows = rows
+        return previous
 
     def module(self, name: str, location: str = "self") -> PrefixTuningModule:
         return self.prefix_tunings[name][f"{location}_prefix"]
@@ -48,8 +57,7 @@ class PrefixState:
         cache = ctx.prefix_states
         if (location, layer) in cache:
             return cache[(location, layer)]
-        present = {n for n, index in self.layer_index.items() if location in index}
-        rows = [tuple(n for n in stack if n in present) for stack in ctx.plan.rows]
+        rows = self._routed(ctx, location)
         if not any(rows):
             cache[(location, layer)] = None
             return None
@@ -80,6 +88,44 @@ class PrefixState:
         cache[(location, layer)] = found
         cache[("lengths", location, layer)] = lengths
         return found
+
+    def _routed(self, ctx: ForwardContext, location: str) -> list[tuple[str, ...]]:
+        """Each row's prefix adapters at `location` (once per forward); rows whose prefixes sit in the caller's KV
+        cache (`in_cache`) get none."""
+        key = ("rows", location)
+        hit = ctx.prefix_states.get(key)
+        if hit is not None:
+            return hit
+        assert ctx.plan is not None
+        present = {n for n, index in self.layer_index.items() if location in index}
+        rows = [tuple(n for n in stack if n in present) for stack in ctx.plan.rows]
+        cached: tuple[bool, ...] = getattr(self._cached, "rows", ())
+        if cached:
+            if len(cached) != len(rows):
+                raise ValueError(f"prefixes_in_cache marks {len(cached)} rows, the forward routes {len(rows)}")
+            rows = [() if c else r for r, c in zip(rows, cached, strict=True)]
+        ctx.prefix_states[key] = rows
+        return rows
+
+    def sequence_prefix(self, location: str, stack: tuple[str, ...]) -> torch.Tensor | None:
+        """[layers, 2, n_kv_heads, P, head_dim]: what one row running `stack` gets prepended at each layer of
+        `location` (in the wrapper's order); None without a prefix or when P differs between layers."""
+        layers = self.locations.get(location, [])
+        names = [n for n in stack if location in self.layer_index.get(n, {})]
+        if not names or not layers:
+            return None
+        kvs = {n: self.module(n, location).key_values() for n in set(names)}
+        keys, values = [], []
+        for layer in layers:
+            row = [kvs[n][self.layer_index[n][location][layer]] for n in names if layer in self.layer_index[n][location]]
+            if not row:
+                return None
+            # as gather_prefixes: AdapterHub prepends each stacked prefix in turn, the last of the stack ends up first
+            keys.append(torch.cat([k for k, _ in reversed(row)], dim=1) if len(row) > 1 else row[0][0])
+            values.append(torch.cat([v for _, v in reversed(row)], dim=1) if len(row) > 1 else row[0][1])
+        if len({k.shape[1] for k in keys}) != 1:
+            return None
+        return torch.stack([torch.stack(keys), torch.stack(values)], dim=1)
 
     def _all_layers(self, ctx: ForwardContext, location: str,
                     rows: list[tuple[str, ...]]) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -31,7 +31,7 @@ def adapter_out(meta: VersionMeta, versions: list[int] | None = None, shadowed: 
         sha256=meta.sha256, method=meta.method, methods=list(meta.methods), has_head=meta.has_head, head=meta.head,
         nbytes=meta.nbytes, size=meta.size, files={k: FileOut(sha256=v.sha256, size=v.size) for k, v in meta.files.items()},
         created=meta.created, uploader=meta.uploader, versions=versions, fuses=fuses,
-        warnings=list(meta.extra.get("warnings", ())), shadowed=shadowed,
+        warnings=list(meta.extra.get("warnings", ())), shadowed=shadowed, lm_head=meta.extra.get("lm_head"),
     )
 
 
