@@ -22,6 +22,7 @@ from adapters_core import FusionInfo, mean_pool
 from adapters_core.composition import AdapterCompositionBlock, BatchSplit, Fuse, Stack
 from server.execution.backbone_head import find_backbone_head
 from server.execution.generator import Generator, Limits, SeqSpec, StepResult, is_causal_lm
+from server.execution.seq2seq_generator import Seq2SeqGenerator, is_seq2seq_lm, position_limits
 from server.registry.store import Upload
 
 log = logging.getLogger("adapterserve.engine")
@@ -93,11 +94,15 @@ class Backbone:
         cfg = model.config
         self.config = cfg
         self.causal_lm: bool = is_causal_lm(cfg)
+        self.seq2seq_lm: bool = is_seq2seq_lm(cfg)  # generates too: prompt into the encoder, text out of the decoder
         self.lm_head = find_backbone_head(self.model_path, model) if self.causal_lm else None  # uploads' LM heads
         self.hidden_size: int = int(cfg.hidden_size)
         self.vocab_size: int = int(cfg.vocab_size)  # rows of the input embedding: the bound on token ids
         self.num_layers: int = int(cfg.num_hidden_layers)
         self.max_positions: int = int(getattr(cfg, "max_position_embeddings", 512) or 512)
+        self.max_new_positions = self.max_positions  # causal LMs: prompt + new tokens share max_positions
+        if self.seq2seq_lm:  # the encoder's limit bounds inputs; the decoder's, new tokens
+            self.max_positions, self.max_new_positions = position_limits(cfg)
 
     def close(self) -> None:
         """Release what the engine holds outside this process (nothing here)."""
@@ -167,7 +172,7 @@ class Engine(Backbone):
         self.model.set_stack_cache_limit(stack_cache_bytes)
         self.model.enable_adapter_slots()  # resident adapters live in stacked slot pools (methods.slots)
         self._fusions: dict[str, tuple[str, ...]] = {}  # loaded fusion -> the adapters it fuses
-        self._generator: Generator | None = None
+        self._generator: Generator | Seq2SeqGenerator | None = None
         self._describe(self.model)
         log.info("backbone %s: hidden %d, %d layers, %s %s", model_path, self.hidden_size, self.num_layers, self.device, dtype)
 
@@ -198,9 +203,10 @@ class Engine(Backbone):
     def generation_step(self, admit: list[SeqSpec], cancel: list[int], limits: Limits) -> StepResult:
         """One iteration of the running set (see server.execution.generator); built on first use."""
         if self._generator is None:
-            if not self.causal_lm:
-                raise ValueError(f"{self.name} is not a causal language model")
-            self._generator = Generator(self.model, self.model_path, self.device, self.dtype)
+            if not (self.causal_lm or self.seq2seq_lm):
+                raise ValueError(f"{self.name} is not a causal or encoder-decoder language model")
+            kind = Seq2SeqGenerator if self.seq2seq_lm else Generator
+            self._generator = kind(self.model, self.model_path, self.device, self.dtype)
         return self._generator.step(admit, cancel, limits)
 
     def generation_reset(self) -> None:
@@ -325,6 +331,8 @@ class Engine(Backbone):
 
     def _hidden(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         base = getattr(self.model, "base_model", self.model)
+        if self.seq2seq_lm:  # an encoder-decoder LM embeds with its encoder (mean-pooled, as Sentence-T5 does)
+            base = base.get_encoder()
         out = base(**inputs)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 

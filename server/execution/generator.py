@@ -324,11 +324,7 @@ class Generator:
 
     # -- admission and leaving ----------------------------------------------------------------------
     def _admit(self, spec: SeqSpec) -> None:
-        rng = None
-        if spec.sampling.temperature > 0:
-            rng = torch.Generator(device=self.device)
-            rng.manual_seed(spec.sampling.seed if spec.sampling.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-        self.prefilling.append(_Seq(spec, rng=rng, reserve=len(spec.prompt) + spec.max_tokens))
+        self.prefilling.append(_Seq(spec, rng=sequence_rng(spec.sampling, self.device), reserve=len(spec.prompt) + spec.max_tokens))
 
     def _start(self, seq: _Seq) -> None:
         """At a sequence's first prefill: the prefix its cache row starts with. None when its composition has no
@@ -580,9 +576,8 @@ class Generator:
         greedy = logits.argmax(dim=-1).tolist()
         events: list[Emitted] = []
         for row, seq in enumerate(seqs):
-            p = seq.spec.sampling
             try:
-                token = int(greedy[row]) if p.temperature <= 0 or seq.rng is None else sample_row(logits[row], p, seq.rng)
+                token = next_token(logits, row, int(greedy[row]), seq)
             except Exception as exc:
                 events.append(self._failed(seq, exc))
                 continue
@@ -593,13 +588,39 @@ class Generator:
         return events
 
     def _advance(self, seq: _Seq, token: int) -> Emitted:
-        seq.generated += 1
-        seq.last = token
-        if token in self.eos and not seq.spec.sampling.ignore_eos:
-            return Emitted(seq.spec.id, None, "stop")
-        if seq.generated >= seq.spec.max_tokens:
-            return Emitted(seq.spec.id, token, "length")
-        return Emitted(seq.spec.id, token)
+        return advance(seq, token, self.eos)
+
+
+def sequence_rng(sampling: Sampling, device: torch.device) -> torch.Generator | None:
+    """A sampled sequence's own generator, seeded by the request's seed (else at random); None when greedy."""
+    if sampling.temperature <= 0:
+        return None
+    rng = torch.Generator(device=device)
+    rng.manual_seed(sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    return rng
+
+
+def sample_tokens(logits: torch.Tensor, seqs: list[_Seq]) -> list[int]:
+    """Each row's next token: argmax when greedy, else drawn with the row's sampling parameters and generator."""
+    greedy = logits.argmax(dim=-1).tolist()
+    return [next_token(logits, row, int(greedy[row]), seq) for row, seq in enumerate(seqs)]
+
+
+def next_token(logits: torch.Tensor, row: int, greedy: int, seq: _Seq) -> int:
+    """Row `row`'s next token for `seq`: `greedy` (its argmax) unless the sequence samples."""
+    p = seq.spec.sampling
+    return greedy if p.temperature <= 0 or seq.rng is None else sample_row(logits[row], p, seq.rng)
+
+
+def advance(seq: _Seq, token: int, eos: frozenset[int]) -> Emitted:
+    """`token` sampled for `seq`: the event it makes (a token, or its end at EOS or max_tokens)."""
+    seq.generated += 1
+    seq.last = token
+    if token in eos and not seq.spec.sampling.ignore_eos:
+        return Emitted(seq.spec.id, None, "stop")
+    if seq.generated >= seq.spec.max_tokens:
+        return Emitted(seq.spec.id, token, "length")
+    return Emitted(seq.spec.id, token)
 
 
 def sample_row(logits: torch.Tensor, p: Sampling, rng: torch.Generator) -> int:

@@ -30,11 +30,11 @@ class GenerationParams:
 
 def scheduler_of(rt: Runtime) -> GenerationScheduler:
     """The generation scheduler, or a 422 saying why this backbone cannot generate."""
-    if rt.generation is None or not rt.engine.causal_lm:
+    if rt.generation is None:
         kind = getattr(rt.engine.config, "model_type", "?")
         raise GenerationUnsupported(
             f"the backbone {rt.engine.name!r} is an encoder-only model ({kind}) without a language-model head; "
-            "completions need a causal LM backbone (e.g. --model smollm2)",
+            "completions need a causal LM backbone (e.g. --model smollm2) or an encoder-decoder LM (T5, BART)",
         )
     return rt.generation
 
@@ -158,7 +158,6 @@ class Generation:
 def start(rt: Runtime, tenant: str, prompts: list[list[int]], resolved: Resolved | None, params: GenerationParams) -> Generation:
     """Check every prompt against the context, the limits and the KV budget, then queue them all (or raise)."""
     scheduler = scheduler_of(rt)
-    context = rt.engine.max_positions
     limit = rt.settings.max_new_tokens
     if params.max_tokens is not None and params.max_tokens > limit:
         raise InvalidGenerationRequest(f"max_tokens is {params.max_tokens}; the limit is {limit} (ADAPTERSERVE_MAX_NEW_TOKENS)")
@@ -170,12 +169,7 @@ def start(rt: Runtime, tenant: str, prompts: list[list[int]], resolved: Resolved
     for i, ids in enumerate(prompts):
         if not ids:
             raise InvalidGenerationRequest(f"prompt {i} has no tokens")
-        max_tokens = params.max_tokens if params.max_tokens is not None else min(limit, context - len(ids))
-        if max_tokens < 1 or len(ids) + max_tokens > context:
-            raise ContextTooLong(
-                f"prompt {i} has {len(ids)} tokens and max_tokens is {max_tokens}: {len(ids) + max_tokens} tokens, "
-                f"over the context of {context} tokens",
-            )
+        max_tokens = _max_tokens(rt, i, len(ids), params.max_tokens)
         scheduler.check_fits(len(ids) + max_tokens, prefix)
         seqs.append(gen.Sequence(i, ids, resolved, max_tokens, params.sampling, Detokenizer(decode, params.stop), queue, tenant,
                                  prefix_tokens=prefix))
@@ -188,6 +182,30 @@ def start(rt: Runtime, tenant: str, prompts: list[list[int]], resolved: Resolved
             rt.residency.release(resolved.metas)
         raise
     return Generation(rt, scheduler, seqs, queue, resolved)
+
+
+def _max_tokens(rt: Runtime, i: int, prompt: int, asked: int | None) -> int:
+    """max_tokens for prompt i (`asked`, else what the context leaves up to ADAPTERSERVE_MAX_NEW_TOKENS), or
+    ContextTooLong. A causal LM holds prompt + new tokens in one context; an encoder-decoder takes the prompt into its
+    encoder and generates with its decoder, each with its own limit."""
+    engine, limit = rt.engine, rt.settings.max_new_tokens
+    if not engine.seq2seq_lm:
+        context = engine.max_positions
+        max_tokens = asked if asked is not None else min(limit, context - prompt)
+        if max_tokens < 1 or prompt + max_tokens > context:
+            raise ContextTooLong(
+                f"prompt {i} has {prompt} tokens and max_tokens is {max_tokens}: {prompt + max_tokens} tokens, "
+                f"over the context of {context} tokens",
+            )
+        return max_tokens
+    if prompt > engine.max_positions:
+        raise ContextTooLong(f"prompt {i} has {prompt} tokens; the encoder of {engine.name!r} takes at most "
+                             f"{engine.max_positions}")
+    max_tokens = asked if asked is not None else min(limit, engine.max_new_positions)
+    if max_tokens > engine.max_new_positions:
+        raise ContextTooLong(f"max_tokens is {max_tokens}; the decoder of {engine.name!r} generates at most "
+                             f"{engine.max_new_positions} tokens")
+    return max_tokens
 
 
 def _decoder(rt: Runtime) -> Any:

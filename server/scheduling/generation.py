@@ -33,6 +33,7 @@ from server.errors import (
 )
 from server.execution.generator import KVShape, Limits, Sampling, SeqSpec, StepResult
 from server.execution.residency import Residency
+from server.execution.seq2seq_generator import generation_kv_shape
 from server.metrics import Metrics
 from server.scheduling.batcher import cancel_and_wait
 from server.scheduling.detokenize import Detokenizer
@@ -110,6 +111,7 @@ class GenerationLimits:
     queue_size: int
     prefill_chunk: int
     wait_timeout_s: float
+    encoder_decoder: bool = False  # prompts sit in cross-attention, new tokens in self-attention: two rectangles
 
 
 class GenerationScheduler:
@@ -245,18 +247,23 @@ class GenerationScheduler:
         return self.engine.generation_step(specs, cancels, limits), refused
 
     def _admissible(self) -> list[Sequence]:
-        """Waiting sequences that fit now, in arrival order (the head blocks the rest: no starvation)."""
+        """Waiting sequences that fit now, in arrival order (the head blocks the rest: no starvation). The cache is
+        budgeted as rows x the longest prompt + max_tokens (causal LMs), or rows x (the longest prompt + the longest
+        max_tokens) for an encoder-decoder, whose prompts and new tokens fill two buffers of their own."""
         out: list[Sequence] = []
         rows = len(self._running)
-        longest = max((s.reserve for s in self._running.values()), default=0)
+        longest = (0, 0, 0)  # prompt, max_tokens, both
+        for s in self._running.values():
+            longest = _longest(longest, s)
         while self._waiting:
             head = self._waiting[0]
-            length = max(longest, head.reserve)
+            grown = _longest(longest, head)
+            length = grown[0] + grown[1] if self.limits.encoder_decoder else grown[2]
             if rows + 1 > self.limits.max_running or self.shape.bytes(rows + 1, length) > self.limits.kv_budget_bytes:
                 break
             self._waiting.popleft()
             out.append(head)
-            rows, longest = rows + 1, length
+            rows, longest = rows + 1, grown
         return out
 
     def _expire(self) -> None:
@@ -350,10 +357,14 @@ class GenerationScheduler:
         self.metrics.sequences_waiting.set(len(self._waiting))
 
 
+def _longest(longest: tuple[int, int, int], seq: Sequence) -> tuple[int, int, int]:
+    return max(longest[0], len(seq.prompt)), max(longest[1], seq.max_tokens), max(longest[2], seq.reserve)
+
+
 def generation_scheduler(settings: Settings, engine: Any, residency: Residency, executor: Executor,
                          metrics: Metrics) -> GenerationScheduler:
-    """The scheduler for a causal LM engine, sized by the ADAPTERSERVE_* generation settings."""
-    shape = KVShape.of(engine.config, getattr(torch, settings.dtype))
+    """The scheduler for a causal or encoder-decoder LM engine, sized by the ADAPTERSERVE_* generation settings."""
+    shape = generation_kv_shape(engine.config, getattr(torch, settings.dtype))
     limits = GenerationLimits(settings.kv_cache_bytes, settings.max_running_sequences, settings.generation_queue_size,
-                              settings.prefill_chunk_tokens, settings.request_timeout_s)
+                              settings.prefill_chunk_tokens, settings.request_timeout_s, bool(engine.seq2seq_lm))
     return GenerationScheduler(engine, residency, executor, metrics, shape, limits)

@@ -168,6 +168,6 @@ def build_runtime(settings: Settings, metrics: Metrics, engine: AnyEngine) -> Ru
         engine.on_lost = residency.drop
     tokenizers = ThreadPoolExecutor(settings.tokenize_threads, thread_name_prefix="tokenize")
     runtime = Runtime(settings, store, metrics, engine, residency, batcher, tokenizers)
-    if engine.causal_lm:
+    if engine.causal_lm or engine.seq2seq_lm:
         runtime.generation = generation_scheduler(settings, engine, residency, batcher.executor, metrics)
     return runtime

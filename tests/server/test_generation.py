@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -23,15 +24,23 @@ def family(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+@contextmanager
+def serve_adapters(model_dir: Path, store: Path, adapters: dict[str, Path]) -> Iterator[Running]:
+    """A real server on `model_dir` with every adapter (method -> folder) uploaded under its method's name."""
+    settings = settings_for(model_dir, store, prefill_chunk_tokens=16, torch_threads=1)
+    with serve(settings) as running:
+        with running.client() as c:
+            for method, folder in adapters.items():
+                r = upload_files(c, _name(method), folder)
+                assert r.status_code == 201, r.text
+        yield running
+
+
 @pytest.fixture(scope="module")
 def gen_srv(family: str, lm_dirs: dict[str, Path], lm_adapters: dict[tuple[str, str], Path],
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    settings = settings_for(lm_dirs[family], tmp_path_factory.mktemp(f"store-{family}"), prefill_chunk_tokens=16, torch_threads=1)
-    with serve(settings) as running:
-        with running.client() as c:
-            for method in METHODS:
-                r = upload_files(c, _name(method), lm_adapters[(family, method)])
-                assert r.status_code == 201, r.text
+    adapters = {method: lm_adapters[(family, method)] for method in METHODS}
+    with serve_adapters(lm_dirs[family], tmp_path_factory.mktemp(f"store-{family}"), adapters) as running:
         yield running
 
 
@@ -95,19 +104,24 @@ def test_concurrent_requests_on_different_adapters_each_equal_solo(gen_srv: Runn
 def test_streamed_text_equals_non_streamed(gen_srv: Running) -> None:
     with gen_srv.client() as c:
         for prompt in PROMPTS:
-            body = {"model": "lora", "prompt": prompt, "max_tokens": 16, "temperature": 0, "stream_options": {"include_usage": True}}
-            plain = c.post("/v1/completions", json=body).json()
-            text, events = stream_text(c, "/v1/completions", body)
-            assert text == plain["choices"][0]["text"]
-            assert events[-1]["usage"] == plain["usage"] and events[-1]["choices"] == []
-            finishes = [ch["finish_reason"] for ev in events for ch in ev["choices"] if ch["finish_reason"]]
-            assert finishes == [plain["choices"][0]["finish_reason"]]
+            check_streamed_completion(c, "lora", prompt)
             chat = {"model": "prefix-tuning", "messages": [{"role": "user", "content": prompt}], "max_tokens": 16, "temperature": 0}
             plain = c.post("/v1/chat/completions", json=chat).json()
             assert plain["object"] == "chat.completion" and plain["choices"][0]["message"]["role"] == "assistant"
             text, events = stream_text(c, "/v1/chat/completions", chat)
             assert text == plain["choices"][0]["message"]["content"]
             assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+
+
+def check_streamed_completion(c: httpx.Client, model: str, prompt: str) -> None:
+    """The streamed completion's text, usage and finish_reason are the plain JSON answer's."""
+    body = {"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0, "stream_options": {"include_usage": True}}
+    plain = c.post("/v1/completions", json=body).json()
+    text, events = stream_text(c, "/v1/completions", body)
+    assert text == plain["choices"][0]["text"]
+    assert events[-1]["usage"] == plain["usage"] and events[-1]["choices"] == []
+    finishes = [ch["finish_reason"] for ev in events for ch in ev["choices"] if ch["finish_reason"]]
+    assert finishes == [plain["choices"][0]["finish_reason"]]
 
 
 def test_chat_uses_the_chat_template(gen_srv: Running, family: str, solo: SoloReference,

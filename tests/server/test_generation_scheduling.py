@@ -115,9 +115,14 @@ def test_a_short_request_joins_a_long_generation_and_finishes_first(srv: Running
 
 
 def test_a_disconnected_stream_leaves_the_running_set_and_frees_its_cache(srv: Running) -> None:
+    check_a_disconnected_stream_frees_its_cache(srv, "lora")
+
+
+def check_a_disconnected_stream_frees_its_cache(srv: Running, model: str) -> None:
+    """A stream of 230 tokens whose client leaves after the first chunk: it leaves the running set, the cache is freed."""
     gen = srv.app.state.runtime.generation
     steps = gen.steps
-    long = Stream(srv, long_body("lora", 230))
+    long = Stream(srv, long_body(model, 230))
     assert long.first.wait(30)
     with srv.client() as c:
         assert metric(c, "adapterserve_generation_running_sequences") == 1

@@ -2,7 +2,8 @@
 
 AdapterHub computes T5's bias after prepending the prefix, so key positions start at the first prefix
 position: a row with P prefix positions sees its real key j at position P + j. Rows of a mixed batch carry
-different P (left-padded, masked); each row's bias is computed with its own offset.
+different P (left-padded, masked); each row's bias is computed with its own offset. `compute_bias` may answer
+one bias for all rows ([1, heads, q, k], as transformers' T5 does) or one per row ([B, heads, q, k]).
 """
 
 from __future__ import annotations
@@ -49,4 +50,9 @@ def _compute(source: nn.Module, q_len: int, k_len: int, p: int, offsets: tuple[i
     if len(blocks) == 1:
         return blocks[0].to(bias.dtype)
     index = shared_tensor([distinct.index(d) for d in offsets], bias.device)
-    return torch.cat(blocks).index_select(0, index).to(bias.dtype)
+    if blocks[0].shape[0] == 1:
+        return torch.cat(blocks).index_select(0, index).to(bias.dtype)
+    # compute_bias answered one bias per row (a caller decoding rows at different positions, such as the server's
+    # seq2seq generator, makes it so): row r takes its own row of its offset's block
+    rows = torch.arange(len(offsets), device=bias.device)
+    return torch.stack(blocks)[index, rows].to(bias.dtype)
