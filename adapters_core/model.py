@@ -37,7 +37,7 @@ from .formats import (
     write_adapter_dir,
 )
 from .methods.base import Host, OutputRows, get_path
-from .methods.registry import METHODS, key_slots, methods_for, room_apis
+from .methods.registry import METHODS, adapter_entries, key_slots, methods_for, room_apis
 from .methods.staging import copy_into
 from .models import ArchSpec, spec_for
 from .routing import ForwardContext, compile_setup, forward_context
@@ -241,7 +241,7 @@ class AdapterModelMixin(*room_apis()):
         The walk never enters a container, so its cost follows the backbone's size, not the number of
         adapters loaded (a server with a thousand adapters loads and unloads each in the same time).
         """
-        yield from _modules_named(self.adapter_base, name, "")
+        yield from adapter_entries(self.adapter_base, name)
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return [p for _, p in self.adapter_named_parameters(name)]
@@ -592,16 +592,3 @@ def init(model: nn.Module) -> nn.Module:
 
 
 __all__ = ["BATCH_KWARGS", "AdapterModelMixin", "AdapterInfo", "init", "replicate_batch", "wire"]
-
-
-def _modules_named(module: nn.Module, name: str, path: str) -> Iterator[tuple[str, nn.Module]]:
-    """Depth first under `module`: adapter `name`'s entry of every container named in _NAME_SLOTS."""
-    for child_name, child in module._modules.items():
-        if child is None:
-            continue
-        child_path = f"{path}{child_name}"
-        if child_name in _NAME_SLOTS and isinstance(child, nn.ModuleDict):
-            if (entry := child._modules.get(name)) is not None:
-                yield f"{child_path}.{name}", entry
-            continue
-        yield from _modules_named(child, name, child_path + ".")

@@ -5,6 +5,10 @@ Order matters where a room builds on another's state: phm and fusion on bottlene
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+from torch import nn
+
 from ..configuration import AdapterConfigBase
 from .base import Method
 from .bottleneck.method import BottleneckMethod
@@ -43,3 +47,23 @@ def key_slots() -> tuple[str, ...]:
 def room_apis() -> tuple[type, ...]:
     """The model-method mixins the rooms add (merge_adapter, eject_prefix_tuning, add_adapter_fusion, ...)."""
     return tuple(m.api for m in METHODS if m.api is not None)
+
+
+def adapter_entries(root: nn.Module, name: str, path: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """(dotted path, module) of adapter `name` in every per-adapter container under `root`, depth first.
+
+    The walk never enters a container (a ModuleDict named by a `key_slots` segment), so its cost follows the
+    backbone's size, not the number of adapters loaded.
+    """
+    for child_name, child in root._modules.items():
+        if child is None:
+            continue
+        child_path = f"{path}{child_name}"
+        if child_name in _KEY_SLOTS and isinstance(child, nn.ModuleDict):
+            if (entry := child._modules.get(name)) is not None:
+                yield f"{child_path}.{name}", entry
+            continue
+        yield from adapter_entries(child, name, child_path + ".")
+
+
+_KEY_SLOTS = frozenset(key_slots())

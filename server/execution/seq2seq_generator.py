@@ -224,11 +224,16 @@ class Seq2SeqGenerator:
             events += self._decode(limits)
         if not self.decoding:
             self.own = self.cross = None
-        return StepResult(events, self.kv_bytes, len(self.decoding) + len(self.waiting), decoded)
+        return StepResult(events, self.kv_bytes, len(self.decoding) + len(self.waiting), decoded, self.kv_used_bytes)
 
     @property
     def kv_bytes(self) -> int:
         return sum(c.nbytes for c in (self.own, self.cross) if c is not None)
+
+    @property
+    def kv_used_bytes(self) -> int:
+        """Bytes of the columns live rows hold: their decoder tokens so far and their prompts' cross keys/values."""
+        return sum(s.length + s.source for s in self.decoding) * self.shape.token_bytes
 
     def reset(self) -> None:
         self.own = self.cross = None
@@ -292,8 +297,8 @@ class Seq2SeqGenerator:
         for r, s in enumerate(batch):
             ids[r, : s.source] = torch.tensor(s.spec.prompt, device=self.device)
         sources = torch.tensor([s.source for s in batch], device=self.device)
-        self.own.prepare_prefill(first, n, 0, 1)
-        self.cross.prepare_prefill(first, n, 0, width)
+        self.own.prepare_prefill(first, n, [0] * n, 1)
+        self.cross.prepare_prefill(first, n, [0] * n, width)
         inputs = {"input_ids": ids, "attention_mask": (torch.arange(width, device=self.device)[None] < sources[:, None]).long(),
                   "decoder_input_ids": torch.full((n, 1), self.start, dtype=torch.long, device=self.device)}
         own_mask = torch.ones((n, 1, 1, 1), dtype=torch.bool, device=self.device)

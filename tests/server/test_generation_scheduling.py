@@ -50,6 +50,23 @@ def wait_for(cond: Callable[[], bool], timeout: float = 30.0) -> None:
         time.sleep(0.01)
 
 
+def complete_all_at_once(c: httpx.Client, model: str, prompts: list[str], max_tokens: int) -> list[str | None]:
+    """Greedy completions of every prompt, all sent at once (one thread each); each must answer 200."""
+    results: list[str | None] = [None] * len(prompts)
+
+    def run(i: int) -> None:
+        r = c.post("/v1/completions", json={"model": model, "prompt": prompts[i], "max_tokens": max_tokens, "temperature": 0})
+        assert r.status_code == 200, r.text
+        results[i] = r.json()["choices"][0]["text"]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
 class Stream:
     """A streaming completion read on a thread: its chunks' texts, its error events, whether [DONE] came."""
 
@@ -144,19 +161,7 @@ def test_more_requests_than_the_kv_budget_holds_wait_and_all_finish(llama: Path,
     want = [solo.text(p, None, 40) for p in prompts]
     with serve(settings) as running, running.client() as c:
         backbone = llama.name
-        results: list[str | None] = [None] * len(prompts)
-
-        def run(i: int) -> None:
-            r = c.post("/v1/completions", json={"model": backbone, "prompt": prompts[i], "max_tokens": 40, "temperature": 0})
-            assert r.status_code == 200, r.text
-            results[i] = r.json()["choices"][0]["text"]
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert results == want
+        assert complete_all_at_once(c, backbone, prompts, 40) == want
         gen = running.app.state.runtime.generation
         assert gen.peak_running == 2 and metric(c, "adapterserve_kv_cache_bytes") == 0
         too_big = c.post("/v1/completions", json={"model": backbone, "prompt": PROMPT, "max_tokens": 200})
@@ -266,19 +271,7 @@ def test_prefix_tokens_count_against_the_kv_budget(llama: Path, tmp_path: Path, 
         for name, folder in (("p20", short), ("p70", long)):
             r = upload_files(c, name, folder)
             assert r.status_code == 201, r.text
-        results: list[str | None] = [None] * len(prompts)
-
-        def run(i: int) -> None:
-            r = c.post("/v1/completions", json={"model": "p20", "prompt": prompts[i], "max_tokens": 40, "temperature": 0})
-            assert r.status_code == 200, r.text
-            results[i] = r.json()["choices"][0]["text"]
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert results == [solo.text(p, short, 40) for p in prompts]
+        assert complete_all_at_once(c, "p20", prompts, 40) == [solo.text(p, short, 40) for p in prompts]
         assert running.app.state.runtime.generation.peak_running == 1
         too_big = c.post("/v1/completions", json={"model": "p70", "prompt": PROMPT, "max_tokens": 40})
         assert too_big.status_code == 422 and "70 prefix tokens" in too_big.json()["detail"], too_big.text
