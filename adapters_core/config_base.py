@@ -201,7 +201,12 @@ class _FrozenConfig:
         return tuple((f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "extra")
 
     def _identity(self) -> tuple[Any, ...]:
-        return (self.architecture, self._field_items())
+        # computed once: the values are frozen, and spare-module keys and lookups hash configs per location
+        cached = self.__dict__.get("_identity_memo")
+        if cached is None:
+            cached = (self.architecture, self._field_items())
+            object.__setattr__(self, "_identity_memo", cached)
+        return cached
 
     def __eq__(self, other: object) -> bool:
         # Value equality (like AdapterHub): SeqBnConfig() equals a BnConfig holding the same values.

@@ -37,7 +37,15 @@ from .formats import (
     write_adapter_dir,
 )
 from .methods.base import Host, OutputRows, get_path
-from .methods.registry import METHODS, adapter_entries, key_slots, methods_for, room_apis
+from .methods.registry import (
+    METHODS,
+    Containers,
+    adapter_containers,
+    adapter_entries,
+    key_slots,
+    methods_for,
+    room_apis,
+)
 from .methods.staging import copy_into
 from .models import ArchSpec, spec_for
 from .routing import ForwardContext, compile_setup, forward_context
@@ -70,6 +78,8 @@ class Registry:
     configs: dict[str, AdapterConfigBase] = field(default_factory=dict)
     active: AdapterCompositionBlock | None = None
     hook_state: threading.local = field(default_factory=threading.local)
+    # the per-adapter containers under one root, found once: the rooms make them all when they are wired
+    containers: tuple[nn.Module, Containers] | None = None
 
 
 def _check_name(name: str) -> None:
@@ -202,10 +212,14 @@ class AdapterModelMixin(*room_apis()):
         """Keep adapters loaded from now on in stacked per-shape slot pools (see methods.slots), so mixed
         batches gather their weights by slot index instead of stacking them per combination of adapters.
 
-        For serving: call it after the model has its final device and dtype. Adapters already loaded stay
-        where they are.
+        It also keeps deleted adapters' modules as spares (methods.spares) that a later load of the same shape
+        takes instead of building new ones. For serving: call it after the model has its final device and
+        dtype. Adapters already loaded stay where they are.
         """
         self._host.stack_cache.slots.enabled = enabled
+        self._host.stack_cache.spares.enabled = enabled
+        if not enabled:
+            self._host.stack_cache.spares.clear()
 
     def adapter_slot_stats(self) -> dict[str, int]:
         """The slot pools' size: pools, rows held, rows allocated, bytes (free rows included)."""
@@ -238,10 +252,17 @@ class AdapterModelMixin(*room_apis()):
     def adapter_modules(self, name: str) -> Iterator[tuple[str, nn.Module]]:
         """(dotted path, module) of adapter `name` in every per-adapter container of the model.
 
-        The walk never enters a container, so its cost follows the backbone's size, not the number of
-        adapters loaded (a server with a thousand adapters loads and unloads each in the same time).
+        The containers are found once per model (the rooms make them all when they are wired) and a walk
+        only looks `name` up in each, so its cost follows the backbone's size, not the number of adapters
+        loaded (a server with a thousand adapters loads and unloads each in the same time).
         """
-        yield from adapter_entries(self.adapter_base, name)
+        yield from adapter_entries(self._containers(), name)
+
+    def _containers(self) -> Containers:
+        reg, root = self.adapters_registry, self.adapter_base
+        if reg.containers is None or reg.containers[0] is not root:
+            reg.containers = (root, tuple(adapter_containers(root)))
+        return reg.containers[1]
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return [p for _, p in self.adapter_named_parameters(name)]
@@ -373,7 +394,8 @@ class AdapterModelMixin(*room_apis()):
         name = load_as or files.name
         self._check_compatible(files)
         state = self._translate(files, name)
-        self.add_adapter(name, files.config)
+        with self._host.stack_cache.spares.loading():  # every parameter is written next: spare modules may serve
+            self.add_adapter(name, files.config)
         try:
             self._assign(name, state)
             if with_head and files.head_config is not None:

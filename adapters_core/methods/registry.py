@@ -49,21 +49,28 @@ def room_apis() -> tuple[type, ...]:
     return tuple(m.api for m in METHODS if m.api is not None)
 
 
-def adapter_entries(root: nn.Module, name: str, path: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """(dotted path, module) of adapter `name` in every per-adapter container under `root`, depth first.
+Containers = tuple[tuple[str, nn.ModuleDict], ...]
 
-    The walk never enters a container (a ModuleDict named by a `key_slots` segment), so its cost follows the
-    backbone's size, not the number of adapters loaded.
-    """
+
+def adapter_containers(root: nn.Module, path: str = "") -> Iterator[tuple[str, nn.ModuleDict]]:
+    """(dotted path, container) of every per-adapter container under `root` (a ModuleDict named by a
+    `key_slots` segment), depth first. The walk never enters a container, so its cost follows the backbone's
+    size, not the number of adapters loaded."""
     for child_name, child in root._modules.items():
         if child is None:
             continue
         child_path = f"{path}{child_name}"
         if child_name in _KEY_SLOTS and isinstance(child, nn.ModuleDict):
-            if (entry := child._modules.get(name)) is not None:
-                yield f"{child_path}.{name}", entry
+            yield child_path, child
             continue
-        yield from adapter_entries(child, name, child_path + ".")
+        yield from adapter_containers(child, child_path + ".")
+
+
+def adapter_entries(containers: Containers, name: str) -> Iterator[tuple[str, nn.Module]]:
+    """(dotted path, module) of adapter `name` in each of `containers`, in their order."""
+    for path, container in containers:
+        if (entry := container._modules.get(name)) is not None:
+            yield f"{path}.{name}", entry
 
 
 _KEY_SLOTS = frozenset(key_slots())

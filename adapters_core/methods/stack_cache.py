@@ -6,7 +6,8 @@ while no weight changed. Those copies are memory the model holds beyond the adap
 `StackCache` per model counts them, holds at most `limit` bytes (least recently used entries go first)
 and tells a server how much it holds (`nbytes`), so a residency budget can include it. With slot pools on
 (methods.slots) resident adapters are gathered from their pools and nothing is stacked for them; the same
-limit then bounds the pools' free rows, so stacks and free rows together stay near `limit`.
+limit then bounds the pools' free rows and the spare modules of deleted adapters (methods.spares, at most a
+quarter of it), so stacks, free rows and spares together stay near `limit`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from .slots import SlotPools
+from .spares import SpareModules
 
 __all__ = ["DEFAULT_STACK_CACHE_BYTES", "StackCache", "stack_params"]
 
@@ -62,6 +64,7 @@ class StackCache:
 
     def __init__(self, limit: int = DEFAULT_STACK_CACHE_BYTES, slots: SlotPools | None = None) -> None:
         self.slots = slots if slots is not None else SlotPools()
+        self.spares = SpareModules()
         self._entries: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()
         self._nbytes = 0
         self._limit = 0
@@ -84,6 +87,7 @@ class StackCache:
         with self._lock:
             self._limit = nbytes
             self.slots.slack_limit = nbytes
+            self.spares.limit_bytes = nbytes // 4
             self._evict(0)
 
     def get(self, params: Sequence[Pair]) -> Pair:
@@ -104,7 +108,7 @@ class StackCache:
             old = self._entries.pop(key, None)
             if old is not None:
                 self._nbytes -= old.nbytes
-            if entry.nbytes + self.slots.free_nbytes <= self._limit:
+            if entry.nbytes + self._others() <= self._limit:
                 self._evict(entry.nbytes)
                 self._entries[key] = entry
                 self._nbytes += entry.nbytes
@@ -133,9 +137,13 @@ class StackCache:
             self._entries.clear()
             self._nbytes = 0
 
+    def _others(self) -> int:
+        """Bytes that share the bound with the stacks: the slot pools' free rows and the spare modules."""
+        return self.slots.free_nbytes + self.spares.nbytes
+
     def _evict(self, room: int) -> None:
         """Evict least recently used entries until `room` more bytes fit under the limit (lock held)."""
-        spare = self.slots.free_nbytes  # the slot pools' free rows share the bound
+        spare = self._others()
         while self._entries and self._nbytes + room + spare > self._limit:
             _, entry = self._entries.popitem(last=False)
             self._nbytes -= entry.nbytes

@@ -43,7 +43,11 @@ def place_bottlenecks(host: Host, name: str, config: BnConfig, projection: Proje
         if loc.layer in config.leave_out or not getattr(config, loc.site.location):
             continue
         down = int(host.hidden // config.reduction_factor_for(loc.layer))
-        loc.adapters[name] = BottleneckAdapter(host.hidden, down, config, projection)
+        if projection is nn.Linear:  # a PHM projection holds its adapter's shared parameters: never reused
+            key = ("bottleneck", loc.layer, loc.site.location, down, config)
+            loc.adapters[name] = host.stack_cache.spares.build(key, BottleneckAdapter, host.hidden, down, config)
+        else:
+            loc.adapters[name] = BottleneckAdapter(host.hidden, down, config, projection)
         added += 1
     if not added:
         raise ValueError(f"bottleneck config for {name!r} places no adapter (check leave_out and locations)")
@@ -53,6 +57,7 @@ def remove_bottlenecks(host: Host, name: str) -> None:
     """Drop adapter `name` from every location (a no-op where it has none)."""
     for loc in bottlenecks(host):
         if name in loc.adapters:
+            host.stack_cache.spares.keep(loc.adapters[name])
             del loc.adapters[name]
 
 

@@ -126,7 +126,8 @@ def place_linear_adapters(host: Host, name: str, config: LoRAConfig, factory: Mo
             out_enabled = out_all
             target.cover[name] = None
         groups = sum(enabled) if target.fused else 1
-        target.loras[name] = factory(config, target.in_features, out_enabled, groups)
+        key = ("linear", id(target), factory, target.in_features, out_enabled, groups, config)
+        target.loras[name] = host.stack_cache.spares.build(key, factory, config, target.in_features, out_enabled, groups)
         added += 1
     if not added:
         raise ValueError(f"LoRA config for {name!r} matches no layer of this model")
@@ -151,6 +152,7 @@ def remove_linear_adapters(host: Host, name: str) -> None:
         if name in target.loras:
             if target.merged == name:
                 unmerge_target(target)
+            host.stack_cache.spares.keep(target.loras[name])
             del target.loras[name]
         target.cover.pop(name, None)
 

@@ -89,8 +89,9 @@ class PrefixTuningMethod(Method):
             layers = [i for i in all_layers if i not in config.leave_out]
             if not layers:
                 continue
-            modules[f"{location}_prefix"] = PrefixTuningModule(
-                len(layers), arch.n_kv_heads(conf), arch.head_dim(conf), host.hidden, config)
+            shape = (len(layers), arch.n_kv_heads(conf), arch.head_dim(conf), host.hidden)
+            modules[f"{location}_prefix"] = host.stack_cache.spares.build(
+                ("prefix", location, tuple(layers), shape, config), PrefixTuningModule, *shape, config)
             index[location] = {layer: j for j, layer in enumerate(layers)}
         if not modules:
             raise ValueError(f"prefix tuning config for {name!r} leaves out every layer")
@@ -100,6 +101,8 @@ class PrefixTuningMethod(Method):
     def remove(self, host: Host, name: str) -> None:
         state = prefixes(host)
         if name in state.prefix_tunings:
+            for module in state.prefix_tunings[name].values():
+                host.stack_cache.spares.keep(module)
             del state.prefix_tunings[name]
         state.layer_index.pop(name, None)
 

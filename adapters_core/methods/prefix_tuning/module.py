@@ -40,6 +40,10 @@ class PrefixTuningModule(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self._cache: tuple[tuple, torch.Tensor] | None = None
 
+    def reset_cached(self) -> None:
+        """Forget the computed prefixes (a spare module about to get another adapter's weights)."""
+        self._cache = None
+
     def flat_weights(self) -> torch.Tensor:
         """The (prefix_length * n_layers * 2 * n_kv_heads * head_dim) vector a flat prefix stores."""
         if self.flat:
