@@ -8,9 +8,10 @@ the weights of each new combination of adapters (no per-combination copy kept, n
 
 A module opts in by defining `slot_parameters()`: the parameters its batched kernel stacks. A freed row
 is reused first; a full pool grows (copying the buffer and re-pointing every resident view), by half its
-capacity while the free rows of all pools stay under `slack_limit` bytes, else by one row; when releases
-leave more than `slack_limit` bytes free, the pool with the most free rows is compacted. So the pools hold
-the resident adapters' bytes plus at most about `slack_limit`. Enable the pools after the model has its
+capacity while the free rows of all pools stay under `slack_limit` bytes, else by a sixteenth of it (so a
+pool is copied a few times per doubling, not at every load); when releases leave more than `slack_limit`
+bytes free, the pool with the most free rows is compacted. So the pools hold the resident adapters' bytes
+plus about `slack_limit` and a sixteenth of the pool that grew last. Enable the pools after the model has its
 final device and dtype: a parameter given new storage later simply stops being read from its pool.
 """
 
@@ -96,7 +97,9 @@ class SlotPools:
         row = pool.top
         if row == pool.capacity:
             room = (self.slack_limit - self._free_bytes()) // max(1, pool.row_bytes)
-            self._resize(pool, pool.capacity + max(1, min(max(4, pool.capacity // 2), room)))
+            # at least a sixteenth more: growing row by row copied (and re-pointed) the whole pool at every load
+            step = max(4, pool.capacity // 16, min(pool.capacity // 2, room))
+            self._resize(pool, pool.capacity + step)
         return row
 
     def _resize(self, pool: _Pool, capacity: int, rows: list[int] | None = None) -> None:

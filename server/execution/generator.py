@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from adapters_core.composition import AdapterCompositionBlock, BatchSplit, Fuse, Stack
+from adapters_core.routing import host_to_device
 from server.execution.kv_cache import KVShape, SlotCache
 
 __all__ = ["Generator", "KVShape", "Limits", "Sampling", "SeqSpec", "SlotCache", "StepResult", "is_causal_lm"]
@@ -400,12 +401,12 @@ class Generator:
     def _decode_forward(self, seqs: list[_Seq], slots: list[int] | None) -> torch.Tensor:
         """One token for each of `seqs` (slots 0..len-1, or the given slots), each written at its row's next column."""
         assert self.cache is not None
-        ids = torch.tensor([[s.last] for s in seqs], device=self.device)
         columns = [s.length for s in seqs]
-        positions = torch.tensor(columns, device=self.device)
-        tokens = torch.tensor([s.tokens for s in seqs], device=self.device)  # token positions: prefixes not counted
-        rows = None if slots is None else torch.tensor(slots, device=self.device)
-        kv_len = max(columns) + 1
+        # the step's routing state in one host->device copy; token positions do not count prefixes
+        packed = host_to_device([[s.last for s in seqs], columns, [s.tokens for s in seqs], slots or columns], self.device)
+        ids, positions, tokens = packed[0][:, None], packed[1], packed[2]
+        rows = None if slots is None else packed[3]
+        kv_len = max(columns) + 1  # from the host: no device sync
         self.cache.prepare_decode(positions, rows, kv_len)
         mask = (torch.arange(kv_len, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
         return self._forward(ids, tokens[:, None], mask, self.cache, [s.spec.block for s in seqs], None,

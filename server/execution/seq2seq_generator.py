@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import EncoderDecoderCache
 
+from adapters_core.routing import host_to_device
 from server.execution.generator import (
     _ROUND,
     Emitted,
@@ -314,16 +315,16 @@ class Seq2SeqGenerator:
         n = len(seqs)
         self._room(n, max(s.length for s in seqs) + 1, max(s.source for s in seqs), [], limits)
         assert self.own is not None and self.cross is not None
-        positions = torch.tensor([s.length for s in seqs], device=self.device)
-        sources = torch.tensor([s.source for s in seqs], device=self.device)
-        width = int(sources.max())
-        self.own.prepare_decode(positions)
-        kv_len = int(positions.max()) + 1
+        lengths, source_lengths = [s.length for s in seqs], [s.source for s in seqs]
+        packed = host_to_device([lengths, source_lengths, [s.last for s in seqs]], self.device)  # one copy per step
+        positions, sources = packed[0], packed[1]
+        width, kv_len = max(source_lengths), max(lengths) + 1  # from the host: no device sync
+        self.own.prepare_decode(positions, None, kv_len)
         own_mask = (torch.arange(kv_len, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
         source_mask = (torch.arange(width, device=self.device)[None, :] < sources[:, None])[:, None, None, :]
         states = torch.zeros((), dtype=self.dtype, device=self.device).expand(n, width, self.head.shape[1])  # never read
         inputs = {"encoder_outputs": (states,), "attention_mask": self._mask(source_mask),
-                  "decoder_input_ids": torch.tensor([[s.last] for s in seqs], device=self.device)}
+                  "decoder_input_ids": packed[2][:, None]}
         logits = self._forward(inputs, own_mask, _SlotPair(self.own, self.cross, (n, width)), positions, [s.spec.block for s in seqs])
         for s in seqs:
             s.length += 1

@@ -203,9 +203,7 @@ class Batcher:
             await self._wakeup.wait()
 
     async def _collect_window(self) -> None:
-        """Wait for more rows until the oldest queued job has waited max_wait_s: rows that queued while the
-        previous batch ran have waited already, so they start at once instead of idling the model again."""
-        end = self._pending[0].enqueued + self.max_wait_s if self._pending else time.monotonic()
+        end = time.monotonic() + self.max_wait_s
         while not self._full():
             remaining = end - time.monotonic()
             if remaining <= 0 or not self._pending or self._pending[0].solo:  # a job may expire meanwhile

@@ -14,7 +14,7 @@ from adapters_core.methods.bottleneck import apply as bottleneck_apply
 from .conftest import add_noise, build, make_inputs, max_diff, run, valid
 
 ARCHS = ("bert", "gpt2", "llama")
-METHODS = ("seq_bn", "lora", "par_bn", "lora[r=4]")
+METHODS = ("seq_bn", "lora", "par_bn", "lora[r=4]", "ia3")
 
 
 @pytest.fixture(autouse=True)
@@ -125,6 +125,24 @@ def test_compaction_bounds_free_rows_and_keeps_values(tmp_path: Path) -> None:
     assert slots.free_nbytes <= 4096 + max(p.row_bytes for p in slots._pools.values())
     assert torch.equal(run(model, inputs, split), before)
     assert all(slots.row_of(p) is not None for name in keep for p in model._slot_parameters(name))
+
+
+def test_full_pools_grow_geometrically_even_without_slack(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no slack left a pool still grows by a sixteenth, so it is copied a few times per doubling and not
+    at every load (the row-by-row growth made cold loads into a large cache take 100+ ms)."""
+    model = _slotted("bert")
+    slots = _slots(model)
+    slots.slack_limit = 0
+    resizes: list[int] = []
+    real = slots._resize
+    monkeypatch.setattr(slots, "_resize", lambda pool, capacity, rows=None: (resizes.append(id(pool)), real(pool, capacity, rows))[1])
+    for i in range(150):
+        model.add_adapter(f"a{i}", "seq_bn")
+    rows = max(len(p.owners) for p in slots._pools.values())
+    assert rows >= 150
+    per_pool = max(resizes.count(k) for k in set(resizes))
+    assert per_pool <= rows // 4, f"{per_pool} copies of a pool of {rows} rows"
+    assert slots.free_nbytes <= sum(p.capacity * p.row_bytes for p in slots._pools.values()) // 8
 
 
 def test_training_an_adapter_in_a_pool_updates_its_row() -> None:

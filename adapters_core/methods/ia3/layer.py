@@ -32,6 +32,10 @@ class IA3(LinearAdapter):
             elif config.init_weights != "lora":
                 raise ValueError(f"unknown init_weights {config.init_weights!r}")
 
+    def slot_parameters(self) -> list[nn.Parameter]:
+        """The vector a mixed batch gathers per row (see methods.slots)."""
+        return [self.lora_B]
+
     def vector(self) -> torch.Tensor:
         return self.lora_B[:, 0] * self.scaling
 

@@ -107,11 +107,15 @@ def _gathered(mods: Sequence[LinearAdapter], slot: torch.Tensor | None, xs: torc
               cache: StackCache | None = None) -> torch.Tensor:
     """Row r of xs through the LoRA (or IA3 vector) of slot[r] (slot None: row r uses module r), in one bmm
     pair; stacked weights come from `cache` when no gradient is recorded."""
-    if mods[0].kind == "scale":
-        vecs = torch.stack([m.vector() for m in mods])
-        vecs = vecs if slot is None else vecs[slot]  # [R, out]
-        return vecs.view(vecs.shape[0], *([1] * (xs.dim() - 2)), vecs.shape[-1])
     s = shared_tensor([m.scaling for m in mods], xs.device, xs.dtype)
+    if mods[0].kind == "scale":
+        if cache is not None and not torch.is_grad_enabled():
+            b_t, _ = cache.gather([(m.lora_B, None) for m in mods], slot)  # [R, 1, out]: one index_select
+            vecs = b_t[:, 0, :] * (s if slot is None else s[slot])[:, None]
+        else:
+            vecs = torch.stack([m.vector() for m in mods])
+            vecs = vecs if slot is None else vecs[slot]  # [R, out]
+        return vecs.view(vecs.shape[0], *([1] * (xs.dim() - 2)), vecs.shape[-1])
     if cache is not None and not torch.is_grad_enabled():
         a_t, _ = cache.gather([(m.lora_A, None) for m in mods], slot)  # [R, in, r]
         b_t, _ = cache.gather([(m.b_effective(), None) for m in mods], slot)  # [R, r, out]
