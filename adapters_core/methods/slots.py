@@ -118,8 +118,9 @@ class SlotPools:
                 self._where[id(p)] = (self._where[id(p)][0], new)
         pool.data = data
         pool.owners = moved
+        views = (data.transpose(1, 2) if pool.transposed else data).unbind(0)  # every row's view in one call
         for row, p in moved.items():
-            p.data = _view(data, row, pool.transposed)
+            p.data = views[row]
 
     def _free_bytes(self) -> int:
         return sum((p.capacity - len(p.owners)) * p.row_bytes for p in self._pools.values())

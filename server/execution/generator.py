@@ -240,11 +240,6 @@ class Generator:
             seq.reserve += seq.prefix
         seq.started = True
 
-    def _failed(self, seq: _Seq, exc: Exception) -> Emitted:
-        """The error event of a sequence whose own forward (or prefix, or sampling) raised; the caller drops it."""
-        log.warning("generation sequence %d failed: %s: %s", seq.spec.id, type(exc).__name__, exc, exc_info=exc)
-        return Emitted(seq.spec.id, None, "error", f"generation failed: {type(exc).__name__}: {exc}")
-
     def _drop(self, seq_id: int) -> None:
         for seq in list(self.prefilling):
             if seq.spec.id == seq_id:
@@ -312,7 +307,7 @@ class Generator:
             self._start(seq)
         except Exception as exc:
             self.partial = None
-            return [self._failed(seq, exc)]
+            return [failed_event(seq, exc)]
         fresh = seq.length == 0
         prompt = seq.spec.prompt
         start = seq.tokens if not fresh else 0
@@ -332,7 +327,7 @@ class Generator:
             logits = self._forward(ids, pos, mask, self.cache, [seq.spec.block], None, [seq.prefix > 0])
         except Exception as exc:
             self.partial = None
-            return [self._failed(seq, exc)]
+            return [failed_event(seq, exc)]
         seq.length = offset + n
         if seq.tokens < len(prompt):
             return []
@@ -349,7 +344,7 @@ class Generator:
                 self._start(s)
                 ready.append(s)
             except Exception as exc:
-                events.append(self._failed(s, exc))
+                events.append(failed_event(s, exc))
         return events + (self._prefill_rows(ready, limits) if ready else [])
 
     def _prefill_rows(self, batch: list[_Seq], limits: Limits) -> list[Emitted]:
@@ -378,7 +373,7 @@ class Generator:
                                    [s.prefix > 0 for s in batch])
         except Exception as exc:
             if len(batch) == 1:
-                return [self._failed(batch[0], exc)]
+                return [failed_event(batch[0], exc)]
             log.warning("prefill of %d sequences failed (%s: %s); prefilling them one by one", len(batch),
                         type(exc).__name__, exc)
             return [e for s in batch for e in self._prefill_rows([s], limits)]
@@ -444,7 +439,7 @@ class Generator:
         failed = [(seqs[i], out[i]) for i in range(len(seqs)) if not isinstance(out[i], torch.Tensor)]
         for i in good:
             seqs[i].length += 1
-        events = [self._failed(s, e) for s, e in failed if isinstance(e, Exception)]
+        events = [failed_event(s, e) for s, e in failed if isinstance(e, Exception)]
         if good:
             events += self._emit_tokens([seqs[i] for i in good], torch.stack([out[i] for i in good]))  # type: ignore[misc]
         for s, _ in failed:
@@ -471,15 +466,8 @@ class Generator:
     def _emit_tokens(self, seqs: list[_Seq], logits: torch.Tensor) -> list[Emitted]:
         """Each sequence's next token (greedy, or drawn from its own generator); a sequence that finished, or whose
         draw raised (e.g. NaN logits), leaves."""
-        greedy = logits.argmax(dim=-1).tolist()
-        events: list[Emitted] = []
-        for row, seq in enumerate(seqs):
-            try:
-                token = next_token(logits, row, int(greedy[row]), seq)
-            except Exception as exc:
-                events.append(self._failed(seq, exc))
-                continue
-            events.append(self._advance(seq, token))
+        events = [failed_event(s, t) if isinstance(t, Exception) else self._advance(s, t)
+                  for s, t in zip(seqs, sample_tokens(logits, seqs), strict=True)]
         for e in events:
             if e.finish is not None:
                 self._drop(e.id)
@@ -487,6 +475,12 @@ class Generator:
 
     def _advance(self, seq: _Seq, token: int) -> Emitted:
         return advance(seq, token, self.eos)
+
+
+def failed_event(seq: _Seq, exc: Exception) -> Emitted:
+    """The error event of a sequence whose own forward (or prefix, or sampling) raised; the caller drops it."""
+    log.warning("generation sequence %d failed: %s: %s", seq.spec.id, type(exc).__name__, exc, exc_info=exc)
+    return Emitted(seq.spec.id, None, "error", f"generation failed: {type(exc).__name__}: {exc}")
 
 
 def sequence_rng(sampling: Sampling, device: torch.device) -> torch.Generator | None:
@@ -498,16 +492,27 @@ def sequence_rng(sampling: Sampling, device: torch.device) -> torch.Generator | 
     return rng
 
 
-def sample_tokens(logits: torch.Tensor, seqs: list[_Seq]) -> list[int]:
-    """Each row's next token: argmax when greedy, else drawn with the row's sampling parameters and generator."""
-    greedy = logits.argmax(dim=-1).tolist()
-    return [next_token(logits, row, int(greedy[row]), seq) for row, seq in enumerate(seqs)]
-
-
-def next_token(logits: torch.Tensor, row: int, greedy: int, seq: _Seq) -> int:
-    """Row `row`'s next token for `seq`: `greedy` (its argmax) unless the sequence samples."""
-    p = seq.spec.sampling
-    return greedy if p.temperature <= 0 or seq.rng is None else sample_row(logits[row], p, seq.rng)
+def sample_tokens(logits: torch.Tensor, seqs: list[_Seq]) -> list[int | Exception]:
+    """Each row's next token, or the exception its draw raised (e.g. NaN logits): argmax when greedy, else drawn
+    with the row's sampling parameters and generator. The argmaxes and every draw reach the host in one copy (one
+    device sync per step, not one per sampling stream)."""
+    greedy = logits.argmax(dim=-1)
+    out: list[int | Exception] = [0] * len(seqs)
+    draws: dict[int, torch.Tensor] = {}
+    for row, seq in enumerate(seqs):
+        p = seq.spec.sampling
+        if p.temperature > 0 and seq.rng is not None:
+            try:
+                draws[row] = sample_row(logits[row], p, seq.rng)
+            except Exception as exc:
+                out[row] = exc
+    host = torch.cat([greedy, *draws.values()]).tolist() if draws else greedy.tolist()
+    for row in range(len(seqs)):
+        if not isinstance(out[row], Exception):
+            out[row] = int(host[row])
+    for k, row in enumerate(draws):
+        out[row] = int(host[len(seqs) + k])
+    return out
 
 
 def advance(seq: _Seq, token: int, eos: frozenset[int]) -> Emitted:
@@ -521,8 +526,9 @@ def advance(seq: _Seq, token: int, eos: frozenset[int]) -> Emitted:
     return Emitted(seq.spec.id, token)
 
 
-def sample_row(logits: torch.Tensor, p: Sampling, rng: torch.Generator) -> int:
-    """Temperature, then top-k, then top-p (nucleus), then one draw from `rng`."""
+def sample_row(logits: torch.Tensor, p: Sampling, rng: torch.Generator) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus), then one draw from `rng`: the token as a one-element tensor
+    on the logits' device (the caller copies all rows' draws to the host at once)."""
     scores = logits / p.temperature
     if p.top_k > 0 and p.top_k < scores.shape[-1]:
         kth = torch.topk(scores, p.top_k).values[-1]
@@ -534,4 +540,4 @@ def sample_row(logits: torch.Tensor, p: Sampling, rng: torch.Generator) -> int:
         sorted_scores = sorted_scores.masked_fill(cut, float("-inf"))
         scores = torch.full_like(scores, float("-inf")).scatter(0, order, sorted_scores)
     probs = torch.softmax(scores, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=rng).item())
+    return torch.multinomial(probs, 1, generator=rng)

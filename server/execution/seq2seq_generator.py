@@ -52,6 +52,7 @@ from server.execution.generator import (
     _Seq,
     advance,
     eos_ids,
+    failed_event,
     lm_head_weight,
     sample_tokens,
     sequence_rng,
@@ -350,7 +351,8 @@ class Seq2SeqGenerator:
             return logits.float()
 
     def _emit(self, seqs: list[_EncSeq], logits: torch.Tensor) -> list[Emitted]:
-        events = [advance(s, t, self.eos) for s, t in zip(seqs, sample_tokens(logits, seqs), strict=True)]
+        events = [failed_event(s, t) if isinstance(t, Exception) else advance(s, t, self.eos)
+                  for s, t in zip(seqs, sample_tokens(logits, seqs), strict=True)]
         for e in events:
             if e.finish is not None:
                 self._drop(e.id)

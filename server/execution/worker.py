@@ -16,6 +16,7 @@ ever unpickled (clients' texts arrive as token ids in lists).
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -38,6 +39,7 @@ from server.execution.generator import Limits, SeqSpec, StepResult
 log = logging.getLogger("adapterserve.worker")
 
 START_TIMEOUT_S = 600.0  # loading a large backbone onto a GPU can take minutes
+SETTLE_EVERY_LOADS = 32  # adapter loads between two settle_heap() calls (each walks only what came since the last)
 
 
 class WorkerDied(RuntimeError):
@@ -225,7 +227,9 @@ def worker_main(conn: Connection) -> None:
     except Exception as exc:
         conn.send(("error", (type(exc).__name__, str(exc))))
         return
+    settle_heap()
     conn.send(("ok", {"device": str(engine.device)}))
+    loads = 0
     while True:
         try:
             op, args = conn.recv()
@@ -243,6 +247,23 @@ def worker_main(conn: Connection) -> None:
             conn.send(reply)
         except (EOFError, OSError):
             return
+        if op == "load":
+            loads += 1
+            if loads % SETTLE_EVERY_LOADS == 0:
+                settle_heap()
+
+
+def settle_heap() -> None:
+    """Collect, then move every live object out of the collector's reach (gc.freeze).
+
+    The backbone, torch and transformers are most of this process's heap and live as long as it does, and a full
+    collection walks everything tracked: on MiniLM each took ~300 ms, three times in the middle of loads while 1000
+    adapters were loaded, then up to 120 ms as the adapters' own modules piled up. Frozen objects are still freed
+    by reference counting when they are dropped (an adapter's modules hold no reference cycles), so nothing leaks;
+    collecting first keeps cyclic garbage from being frozen.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 if __name__ == "__main__":
