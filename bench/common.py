@@ -296,3 +296,29 @@ def quantile_bucket(q: float, buckets: Buckets) -> tuple[float, float]:
     if i < 0:
         return math.nan, math.nan
     return (buckets[i - 1][0] if i > 0 else 0.0), buckets[i][0]
+
+
+# -- CPU time of processes (Linux /proc) ----------------------------------------------------------------
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process `pid` has used (all its threads); 0.0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (e.g. a server's inference worker)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+

@@ -58,7 +58,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import Histogram, histograms, multipart_body, prom_value  # noqa: E402
+from bench.common import Histogram, child_pids, histograms, multipart_body, process_cpu_seconds, prom_value  # noqa: E402
 from bench.http_client import HTTPError, KeepAliveClient  # noqa: E402
 from bench.serve_load import (  # noqa: E402
     CONFIGS,
@@ -151,6 +151,19 @@ class Case:
     load: Load | None  # None: the in-process bare backbone
     tally: Tally = field(default_factory=Tally)
     cold_loads: float = 0.0
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds over the measured slices, by process
+    busy: float = 0.0  # seconds the server's inference thread spent in batches (inference_seconds_sum)
+
+
+def _cpu_now(case: Case) -> dict[str, float]:
+    """CPU seconds so far of this process (the load client, or the in-process backbone) and, for a server case, of
+    the server's API process and its inference worker."""
+    now = {"this process (client / bare backbone)": process_cpu_seconds(os.getpid())}
+    if case.load is not None:
+        pid = case.load.server.proc.pid
+        now["server API process"] = process_cpu_seconds(pid)
+        now["inference worker"] = sum(process_cpu_seconds(k) for k in child_pids(pid))
+    return now
 
 
 async def scrape(load: Load) -> str:
@@ -162,12 +175,24 @@ async def scrape(load: Load) -> str:
 
 async def run_slice(case: Case, seconds: float, bare: InProcess) -> None:
     if case.load is None:
+        cpu0 = _cpu_now(case)
         bare.run(seconds, case.tally)
+        _add_cpu(case, cpu0)
         return
-    before = prom_value(await scrape(case.load), "adapterserve_adapter_loads_total", result="ok")
+    metrics0 = await scrape(case.load)
+    cpu0 = _cpu_now(case)
     await case.load.run(seconds, case.tally)
-    case.cold_loads += prom_value(await scrape(case.load), "adapterserve_adapter_loads_total", result="ok") - before
+    _add_cpu(case, cpu0)
+    metrics1 = await scrape(case.load)
+    ok = {"result": "ok"}
+    case.cold_loads += prom_value(metrics1, "adapterserve_adapter_loads_total", **ok) - prom_value(metrics0, "adapterserve_adapter_loads_total", **ok)
+    case.busy += prom_value(metrics1, "adapterserve_inference_seconds_sum") - prom_value(metrics0, "adapterserve_inference_seconds_sum")
     await case.load.close()  # an idle server holds no connections (they reconnect on the next slice)
+
+
+def _add_cpu(case: Case, before: dict[str, float]) -> None:
+    for key, value in _cpu_now(case).items():
+        case.cpu[key] = case.cpu.get(key, 0.0) + value - before[key]
 
 
 def calibrate(bare: InProcess, batches: list[int], buckets: list[int], seconds: float) -> tuple[dict[tuple[int, int], Tally], tuple[int, int]]:
@@ -420,6 +445,22 @@ def report(args: argparse.Namespace, res: Result, sizes: dict, timings: dict[str
     for case in c.values():
         for what, n in case.tally.failures.most_common(5):
             print(f"\nnon-200 in {case.label}: {n} x {what}")
+
+    print("\nWhere the cores went during the measured slices (CPU seconds / wall seconds of each process, from /proc; "
+          "worker busy: the server's `adapterserve_inference_seconds_sum` / wall seconds):\n")
+    print("| case | client / bare backbone (cores) | server API process (cores) | inference worker (cores) | worker busy | "
+          "worker CPU ms per input | API CPU ms per input |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for case in c.values():
+        t = case.tally
+        wall = t.seconds or 1.0
+        me = case.cpu.get("this process (client / bare backbone)", 0.0)
+        if case.load is None:
+            print(f"| {case.label} | {me / wall:.2f} |  |  |  | {1000 * me / max(t.inputs, 1):.2f} |  |")
+            continue
+        api, worker = case.cpu.get("server API process", 0.0), case.cpu.get("inference worker", 0.0)
+        print(f"| {case.label} | {me / wall:.2f} | {api / wall:.2f} | {worker / wall:.2f} | {case.busy / wall:.2f} | "
+              f"{1000 * worker / max(t.inputs, 1):.2f} | {1000 * api / max(t.inputs, 1):.2f} |")
 
     print("\nBare backbone calibration (in-process, each setting "
           f"{args.bare_calibrate:g} s in two passes):\n")

@@ -113,3 +113,25 @@ def test_histogram_difference_is_what_was_observed_in_between() -> None:
     delta = later - earlier
     assert delta.buckets == [(0.001, 0.0), (0.0025, 3.0), (0.005, 15.0), (float("inf"), 17.0)]
     assert delta.total == 17 and delta.sum == pytest.approx(0.09)
+
+
+def test_process_cpu_seconds_and_child_pids_read_proc() -> None:
+    """The scale bench's CPU accounting: a busy child shows up under its parent and its CPU time grows."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 5\nwhile time.time() < end: pass"])
+    try:
+        deadline = time.monotonic() + 10
+        while child.pid not in common.child_pids(os.getpid()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert child.pid in common.child_pids(os.getpid())
+        first = common.process_cpu_seconds(child.pid)
+        time.sleep(0.5)
+        assert common.process_cpu_seconds(child.pid) > first
+    finally:
+        child.kill()
+        child.wait()
+    assert common.process_cpu_seconds(child.pid) == 0.0, "a process that is gone has used nothing we can read"
