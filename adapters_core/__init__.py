@@ -32,6 +32,7 @@ from .heads import (
     XLMRobertaAdapterModel,
     mean_pool,
 )
+from .inspection import AdapterInfo
 from .methods.bottleneck.config import (
     AdapterConfig,
     BnConfig,
@@ -50,7 +51,7 @@ from .methods.lora.config import LoRAConfig
 from .methods.mam import MAMConfig
 from .methods.phm.config import CompacterConfig, CompacterPlusPlusConfig
 from .methods.prefix_tuning.config import PrefixTuningConfig
-from .model import AdapterInfo, AdapterModelMixin, init
+from .model import AdapterModelMixin, init
 
 __all__ = [
     "AdapterCompositionBlock", "Average", "BatchSplit", "Fuse", "Parallel", "Split", "Stack",

@@ -16,7 +16,6 @@ import os
 import threading
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 from .composition import AdapterCompositionBlock, Split, parse_composition, validate_composition
-from .configuration import AdapterConfigBase, method_kinds, method_name
+from .configuration import AdapterConfigBase, method_kinds
 from .context import AdapterSetup
 from .formats import (
     FORMAT_VERSION,
@@ -36,6 +35,7 @@ from .formats import (
     read_peft_dir,
     write_adapter_dir,
 )
+from .inspection import NAME_CHARS, InspectionAPI
 from .methods.base import Host, OutputRows, get_path
 from .methods.registry import (
     METHODS,
@@ -50,23 +50,8 @@ from .methods.staging import copy_into
 from .models import ArchSpec, spec_for
 from .routing import ForwardContext, compile_setup, forward_context
 
-_INSPECT_LOCK = threading.Lock()
-_NAME_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 # Segments after which AdapterHub puts the adapter name in a state-dict key.
 _NAME_SLOTS = key_slots()
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    """What an adapter folder holds, checked against a model without loading it."""
-
-    name: str
-    method: str
-    config: AdapterConfigBase
-    nbytes: int
-    n_params: int
-    has_head: bool
-    source_format: str
 
 
 @dataclass
@@ -83,7 +68,7 @@ class Registry:
 
 
 def _check_name(name: str) -> None:
-    if not name or not set(name) <= _NAME_OK or "." in name:
+    if not name or not set(name) <= NAME_CHARS or "." in name:
         raise ValueError(f"invalid adapter name {name!r}: use letters, digits, '_' and '-' only")
 
 
@@ -117,7 +102,7 @@ def _seq_len(args: tuple, kwargs: dict) -> int | None:
     return None
 
 
-class AdapterModelMixin(*room_apis()):
+class AdapterModelMixin(InspectionAPI, *room_apis()):
     """Adapter management mixed into a transformers model by `init`."""
 
     # -- plumbing ----------------------------------------------------------------------------------
@@ -425,49 +410,13 @@ class AdapterModelMixin(*room_apis()):
                 raise ValueError(f"{key} must be a floating-point tensor, got {value.dtype}")
         copy_into([(params[key], value) for key, value in state.items()])
 
-    # -- inspection on a meta-device copy ----------------------------------------------------------
-    def inspect_adapter_dir(self, path: str | os.PathLike[str], allow_pickle: bool = False) -> AdapterInfo:
-        """Validate a folder against this model's architecture without touching this model.
-
-        The probe load runs on a copy of the architecture on the meta device (shapes only, no memory), so
-        it checks every key and shape like load_adapter does, and any thread may call it while this model
-        serves forward passes.
-        """
-        with self._inspection() as skeleton:
-            return skeleton._probe(path, allow_pickle)
-
-    @contextmanager
-    def _inspection(self) -> Iterator[AdapterModelMixin]:
-        """This model's meta-device copy, held under the inspection lock while the caller probes it."""
-        with _INSPECT_LOCK, torch.device("meta"):
-            yield self._inspection_skeleton()
-
-    def _inspection_skeleton(self) -> AdapterModelMixin:
-        skeleton = self.__dict__.get("_skeleton")  # kept out of _modules: not part of this model's state
-        if skeleton is None:
-            bases = type(self).__bases__
-            config = copy.deepcopy(self.config)  # model construction may write to its config: not to ours
-            if bases[0] is AdapterModelMixin and len(bases) == 2:  # a transformers model given adapters by init()
-                skeleton = init(bases[1](config))
-            else:
-                skeleton = type(self)(config)
-            self.__dict__["_skeleton"] = skeleton
-        return skeleton
-
-    def _probe(self, path: str | os.PathLike[str], allow_pickle: bool) -> AdapterInfo:
-        files = self._read(path, allow_pickle)
-        self._check_compatible(files)
-        probe = "__probe__" + files.name.replace(".", "_")[:40]
-        probe = "".join(c if c in _NAME_OK else "_" for c in probe)
-        try:
-            self.load_adapter(path, load_as=probe, allow_pickle=allow_pickle)
-            nbytes = self.adapter_nbytes(probe)
-            n_params = sum(p.numel() for p in self.adapter_parameters(probe))
-        finally:
-            if self.has_adapter(probe):
-                self.delete_adapter(probe)
-        return AdapterInfo(files.name, method_name(files.config), files.config, nbytes, n_params,
-                           files.head_config is not None, "peft" if "peft_type" in files.meta else "adapterhub")
+    def _new_skeleton(self) -> AdapterModelMixin:
+        """A fresh copy of this model's architecture with adapter support (built on the meta device by the caller)."""
+        bases = type(self).__bases__
+        config = copy.deepcopy(self.config)  # model construction may write to its config: not to ours
+        if bases[0] is AdapterModelMixin and len(bases) == 2:  # a transformers model given adapters by init()
+            return init(bases[1](config))
+        return type(self)(config)
 
     # -- forward entry ------------------------------------------------------------------------------
     def resolve_setup(self) -> tuple[AdapterCompositionBlock | None, Any]:
@@ -613,4 +562,4 @@ def init(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["BATCH_KWARGS", "AdapterModelMixin", "AdapterInfo", "init", "replicate_batch", "wire"]
+__all__ = ["BATCH_KWARGS", "AdapterModelMixin", "init", "replicate_batch", "wire"]
