@@ -167,6 +167,7 @@ class _FrozenConfig:
                     f"({type(value).__name__})"
                 )
         self._validate()
+        self.__dict__.pop("_identity_memo", None)  # computed during validation from values not final yet
 
     def _validate(self) -> None:
         """Checks ranges and unsupported features; overridden per method."""
