@@ -63,7 +63,7 @@ class InspectionAPI:
         raise NotImplementedError
 
     def _probe(self: Any, path: str | os.PathLike[str], allow_pickle: bool) -> AdapterInfo:
-        files = self._read(path, allow_pickle)
+        files = self.read_adapter_files(path, allow_pickle)
         self._check_compatible(files)
         probe = "__probe__" + files.name.replace(".", "_")[:40]
         probe = "".join(c if c in NAME_CHARS else "_" for c in probe)

@@ -349,7 +349,11 @@ class AdapterModelMixin(InspectionAPI, *room_apis()):
                 f"adapter was made for hidden_size={hidden}, this model has hidden_size={conf.hidden_size}"
             )
 
-    def _read(self, path: str | os.PathLike[str], allow_pickle: bool) -> AdapterFiles:
+    def read_adapter_files(self, path: str | os.PathLike[str], allow_pickle: bool = False) -> AdapterFiles:
+        """An AdapterHub or PEFT folder read and translated for this model, not loaded yet: `load_adapter` takes
+        the result in place of the path. It touches no module, so it may run on another thread while this
+        model runs a forward pass (a server reads the files of the adapters its queued requests need meanwhile).
+        """
         if is_peft_dir(path):
             return self._from_peft(read_peft_dir(path))
         files = read_adapter_dir(path, allow_pickle=allow_pickle)
@@ -367,15 +371,17 @@ class AdapterModelMixin(InspectionAPI, *room_apis()):
         raise ValueError(f"PEFT adapter type {peft_type or '(missing)'} is not supported ({known} are)")
 
     def load_adapter(
-        self, adapter_name_or_path: str | os.PathLike[str], load_as: str | None = None, with_head: bool = True,
-        set_active: bool = False, allow_pickle: bool = False,
+        self, adapter_name_or_path: str | os.PathLike[str] | AdapterFiles, load_as: str | None = None,
+        with_head: bool = True, set_active: bool = False, allow_pickle: bool = False,
     ) -> str:
-        """Load an AdapterHub or PEFT folder from a local path; returns the adapter's name.
+        """Load an AdapterHub or PEFT folder from a local path (or one `read_adapter_files` read); returns the
+        adapter's name.
 
         Every tensor's key and shape is checked against the freshly built adapter; on any mismatch
         the adapter is removed again and a ValueError names the key.
         """
-        files = self._read(adapter_name_or_path, allow_pickle)
+        files = (adapter_name_or_path if isinstance(adapter_name_or_path, AdapterFiles)
+                 else self.read_adapter_files(adapter_name_or_path, allow_pickle))
         name = load_as or files.name
         self._check_compatible(files)
         state = self._translate(files, name)

@@ -40,6 +40,7 @@ class Metrics:
         self.adapter_cache_bytes = Gauge(p + "adapter_cache_bytes", "Bytes of adapter weights loaded into the model", registry=r)
         self.adapter_loads = Counter(p + "adapter_loads", "Adapter loads into the model by result and method", ["result", "method"], registry=r)
         self.adapter_load_seconds = Histogram(p + "adapter_load_seconds", "Time to load one adapter (read, check, build, copy), by method", ["method"], buckets=_LOAD, registry=r)
+        self.adapter_read_ahead = Counter(p + "adapter_read_ahead", "Adapter loads whose files a side thread had read while forward passes ran (hit) or that read them on the inference thread (miss)", ["result"], registry=r)
         self.adapter_evictions = Counter(p + "adapter_evictions", "Adapters unloaded to make room in the adapter cache, by method", ["method"], registry=r)
         self.tenant_requests = Counter(p + "tenant_requests", "API requests per tenant (tenants from the keys file only)", ["tenant"], registry=r)
         self.in_flight = Gauge(p + "requests_in_flight", "API (/v1) requests being handled now", registry=r)

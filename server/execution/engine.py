@@ -22,6 +22,8 @@ from adapters_core import FusionInfo, mean_pool
 from adapters_core.composition import AdapterCompositionBlock, BatchSplit, Fuse, Stack
 from server.execution.backbone_head import find_backbone_head
 from server.execution.generator import Generator, Limits, SeqSpec, StepResult, is_causal_lm
+from server.execution.read_ahead import ReadAhead
+from server.execution.residency import Loaded
 from server.execution.seq2seq_generator import Seq2SeqGenerator, is_seq2seq_lm, position_limits
 from server.registry.store import Upload
 
@@ -174,21 +176,30 @@ class Engine(Backbone):
         self._fusions: dict[str, tuple[str, ...]] = {}  # loaded fusion -> the adapters it fuses
         self._generator: Generator | Seq2SeqGenerator | None = None
         self._describe(self.model)
+        self._ahead = ReadAhead(lambda folder: self.model.read_adapter_files(str(folder), allow_pickle=False))
         log.info("backbone %s: hidden %d, %d layers, %s %s", model_path, self.hidden_size, self.num_layers, self.device, dtype)
 
     # -- adapters (on the inference thread) -----------------------------------------------------
-    def load(self, path: Path, internal: str, fuses: Sequence[str] = ()) -> int:
-        """Load the adapter stored at `path` as `internal`; with `fuses`, an AdapterFusion over those loaded
-        adapters. Returns the bytes it holds."""
+    def load(self, path: Path, internal: str, fuses: Sequence[str] = ()) -> Loaded:
+        """Load the adapter stored at `path` as `internal` (its files as `read_ahead` read them, when it did and
+        they are unchanged); with `fuses`, an AdapterFusion over those loaded adapters."""
         if fuses:
             self.model.load_adapter_fusion(str(path), adapter_names=list(fuses), load_as=internal)
             self._fusions[internal] = tuple(fuses)
             self.model.to(device=self.device, dtype=self.dtype)
-            return int(self.model.fusion_nbytes(internal))
-        name = self.model.load_adapter(str(path), load_as=internal, allow_pickle=False)
+            return Loaded(int(self.model.fusion_nbytes(internal)))
+        files = self._ahead.take(Path(path))
+        name = self.model.load_adapter(files if files is not None else str(path), load_as=internal, allow_pickle=False)
         if name != internal:
             raise RuntimeError(f"load_adapter returned {name!r}, expected {internal!r}")
-        return int(self.model.adapter_nbytes(internal))
+        return Loaded(int(self.model.adapter_nbytes(internal)), read_ahead=files is not None)
+
+    def read_ahead(self, folders: Sequence[Path]) -> None:
+        """Start reading these adapter folders on a side thread, for loads soon (see server.execution.read_ahead)."""
+        self._ahead.want(folders)
+
+    def close(self) -> None:
+        self._ahead.close()
 
     def unload(self, internal: str) -> None:
         """Unload an adapter (with every fusion over it) or a fusion."""

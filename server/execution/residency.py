@@ -24,10 +24,18 @@ from server.registry.store import VersionMeta, file_sha256
 log = logging.getLogger("adapterserve.residency")
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """What a load left in the model: the bytes it holds, and whether its files had been read ahead."""
+
+    nbytes: int
+    read_ahead: bool = False
+
+
 class AdapterLoader(Protocol):
     """What residency needs from the model side."""
 
-    def load(self, path: Path, internal: str, fuses: tuple[str, ...] = ()) -> int: ...  # bytes now held by the model
+    def load(self, path: Path, internal: str, fuses: tuple[str, ...] = ()) -> Loaded: ...
 
     def unload(self, internal: str) -> None: ...  # an adapter's unload also unloads the fusions over it
 
@@ -56,6 +64,7 @@ class Residency:
         self._lock = threading.Lock()
         self._resident: OrderedDict[str, _Entry] = OrderedDict()  # LRU order: oldest first
         self._inflight: dict[str, int] = {}  # internal -> queued or running requests using it
+        self._wanted: dict[str, VersionMeta] = {}  # the same keys, in the order requests first asked for them
         self._moved: dict[str, Path] = {}  # internal -> version folder in the trash after a delete
         self._retired: dict[str, _Retired] = {}  # internal -> its trash record
         self._doomed: set[str] = set()  # deleted and resident: unload once no request uses it
@@ -68,6 +77,7 @@ class Residency:
         with self._lock:
             for m in metas:
                 self._inflight[m.internal] = self._inflight.get(m.internal, 0) + 1
+                self._wanted.setdefault(m.internal, m)
 
     def release(self, metas: Iterable[VersionMeta]) -> None:
         gone: list[Path] = []
@@ -78,6 +88,7 @@ class Residency:
                     self._inflight[m.internal] = n
                     continue
                 self._inflight.pop(m.internal, None)
+                self._wanted.pop(m.internal, None)
                 if (trash := self._settle(m.internal)) is not None:
                     gone.append(trash)
         for trash in gone:
@@ -119,6 +130,14 @@ class Residency:
             return None
         record.internals.discard(internal)
         return None if record.internals else record.trash
+
+    def upcoming(self, limit: int = 16) -> list[Path]:
+        """Folders of adapters that queued or running requests use and the model does not hold (fusions left
+        out), oldest request first: what the next batches will load, for the engine to read ahead."""
+        with self._lock:
+            out = [self._moved.get(internal) or self._path_of(meta) for internal, meta in self._wanted.items()
+                   if internal not in self._resident and not meta.fused_internals]
+        return out[:limit]
 
     # -- inference-thread side -------------------------------------------------------------------
     def prepare(self, metas: Iterable[VersionMeta]) -> None:
@@ -162,15 +181,17 @@ class Residency:
         start = time.perf_counter()
         try:
             self._verify(meta, path)
-            nbytes = self.loader.load(path, internal, meta.fused_internals)
+            loaded = self.loader.load(path, internal, meta.fused_internals)
         except Exception as exc:
             self.metrics.adapter_loads.labels(result="error", method=method).inc()
             log.error("loading %s/%s v%d failed: %s", meta.tenant, meta.name, meta.version, exc)
             raise AdapterUnavailable(f"adapter {meta.name!r} (version {meta.version}) cannot be loaded: {exc}") from exc
         self.metrics.adapter_loads.labels(result="ok", method=method).inc()
         self.metrics.adapter_load_seconds.labels(method=method).observe(time.perf_counter() - start)
+        if not meta.fused_internals:
+            self.metrics.adapter_read_ahead.labels(result="hit" if loaded.read_ahead else "miss").inc()
         with self._lock:
-            self._resident[internal] = _Entry(meta, nbytes)
+            self._resident[internal] = _Entry(meta, loaded.nbytes)
             self._publish()
 
     def _verify(self, meta: VersionMeta, path: Path) -> None:

@@ -35,6 +35,7 @@ import torch
 
 from server.execution.engine import Backbone, Classified, Engine, Segment
 from server.execution.generator import Limits, SeqSpec, StepResult
+from server.execution.residency import Loaded
 
 log = logging.getLogger("adapterserve.worker")
 
@@ -167,10 +168,22 @@ class WorkerEngine(Backbone):
                 self._restart()
             return self._request(op, *args)
 
-    def load(self, path: Path, internal: str, fuses: Sequence[str] = ()) -> int:
-        nbytes = int(self._call("load", Path(path), internal, tuple(fuses)))
+    def load(self, path: Path, internal: str, fuses: Sequence[str] = ()) -> Loaded:
+        loaded: Loaded = self._call("load", Path(path), internal, tuple(fuses))
         self._loaded[internal] = (Path(path), tuple(fuses))
-        return nbytes
+        return loaded
+
+    def read_ahead(self, folders: Sequence[Path]) -> None:
+        """As Engine.read_ahead; one message the child does not answer, so the caller never waits for it."""
+        if not folders:
+            return
+        with self._lock:
+            if self._conn is None or not self.alive:
+                return
+            try:
+                self._conn.send(("read_ahead", (list(folders),)))
+            except OSError:
+                pass  # the next call finds the child gone and starts a new one
 
     def unload(self, internal: str) -> None:
         """As Engine.unload: the child drops the fusions over an unloaded adapter, and so does the replay list."""
@@ -212,6 +225,7 @@ _OPS: dict[str, Callable[..., Any]] = {
     "generation_step": Engine.generation_step,
     "generation_reset": Engine.generation_reset,
 }
+_ONE_WAY: dict[str, Callable[..., None]] = {"read_ahead": Engine.read_ahead}  # the parent reads no answer
 
 
 def worker_main(conn: Connection) -> None:
@@ -237,6 +251,12 @@ def worker_main(conn: Connection) -> None:
             return
         if op == "stop":
             return
+        if op in _ONE_WAY:
+            try:
+                _ONE_WAY[op](engine, *args)
+            except Exception:
+                log.exception("%s failed in the inference worker", op)
+            continue
         try:
             result = _OPS[op](engine, *args)
         except Exception as exc:

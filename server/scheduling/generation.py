@@ -244,6 +244,7 @@ class GenerationScheduler:
             seq.pinned = True
             specs.append(SeqSpec(seq.id, tuple(seq.prompt), seq.block, seq.max_tokens, seq.sampling))
         limits = Limits(self.limits.kv_budget_bytes, self.limits.max_running, self.limits.prefill_chunk)
+        self.engine.read_ahead(self.residency.upcoming())  # waiting sequences' cold loads, read during the step
         return self.engine.generation_step(specs, cancels, limits), refused
 
     def _admissible(self) -> list[Sequence]:

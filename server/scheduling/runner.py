@@ -109,6 +109,7 @@ def make_runner(engine: Engine | WorkerEngine, residency: Residency) -> Runner:
                 results[i] = exc
         if not ready:
             return results
+        engine.read_ahead(residency.upcoming())  # the next batches' cold loads, read while this one runs
         batch = [jobs[i] for i in ready]
         try:
             try:

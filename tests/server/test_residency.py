@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from server.errors import AdapterUnavailable
-from server.execution.residency import Residency
+from server.execution.residency import Loaded, Residency
 from server.metrics import Metrics
 from server.registry.store import AdapterStore, Upload, VersionMeta
 
@@ -21,14 +21,14 @@ class FakeLoader:
         self.fusions: dict[str, tuple[str, ...]] = {}
         self.log: list[str] = []
 
-    def load(self, path: Path, internal: str, fuses: tuple[str, ...] = ()) -> int:
+    def load(self, path: Path, internal: str, fuses: tuple[str, ...] = ()) -> Loaded:
         assert path.is_dir()
         assert all(f in self.loaded for f in fuses), "a fusion needs its adapters loaded first"
         self.loaded[internal] = 100
         if fuses:
             self.fusions[internal] = fuses
         self.log.append("load " + internal)
-        return 100
+        return Loaded(100)
 
     def unload(self, internal: str) -> None:
         del self.loaded[internal]
@@ -178,3 +178,34 @@ def test_trash_is_removed_outside_the_lock(tmp_path: Path, monkeypatch: pytest.M
     assert {p for p, _ in removed} == {trash0, trash1, trash2}
     assert not any(locked for _, locked in removed), removed
     assert not any(p.exists() for p in (trash0, trash1, trash2)) and not loader.loaded
+
+
+def test_upcoming_names_what_requests_hold_and_the_model_lacks(tmp_path: Path) -> None:
+    store, m = _metas(tmp_path, 4)
+    res, loader, metrics = _residency(store, 1000)
+    res.prepare([m[0]])
+    res.unpin_metas([m[0]])
+    res.hold([m[2]])
+    res.hold([m[0], m[1]])  # m0 is resident: nothing to read
+    res.hold([m[2]])
+    assert res.upcoming() == [store.version_dir("t", "a2", 1), store.version_dir("t", "a1", 1)]  # first asked first
+    assert res.upcoming(limit=1) == [store.version_dir("t", "a2", 1)]
+    res.prepare([m[1]])
+    res.unpin_metas([m[1]])
+    assert res.upcoming() == [store.version_dir("t", "a2", 1)]
+    res.release([m[2]])
+    assert res.upcoming() == [store.version_dir("t", "a2", 1)]  # one of its two requests is still queued
+    res.release([m[2]])
+    assert res.upcoming() == []
+    assert metrics.adapter_read_ahead.labels(result="miss")._value.get() == 2  # the fake loader never reads ahead
+
+
+def test_upcoming_follows_a_deleted_version_into_the_trash(tmp_path: Path) -> None:
+    store, m = _metas(tmp_path, 1)
+    res, _, _ = _residency(store, 1000)
+    res.hold([m[0]])
+    trash = store.delete("t", "a0")
+    assert trash is not None
+    res.retire([m[0]], trash)
+    [folder] = res.upcoming()
+    assert folder.is_relative_to(trash) and (folder / "adapter.safetensors").is_file()
