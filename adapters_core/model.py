@@ -15,7 +15,7 @@ import dataclasses
 import os
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,22 +152,27 @@ class AdapterModelMixin(InspectionAPI, *room_apis()):
             raise
         self.adapters_registry.configs[name] = cfg
         ref = host.reference()
-        for _, module in self.adapter_modules(name):
-            module.train(self.training)  # new modules follow the model's train/eval mode
-            module.to(device=ref.device, dtype=ref.dtype)
+        slotted: list[nn.Parameter] = []
+        for _, module in self.adapter_modules(name):  # one walk: mode, device and dtype, slot parameters
+            subs = list(module.modules())
+            for m in subs:
+                m.training = self.training  # new modules follow the model's train/eval mode (what train() sets)
+            if not all(_placed_like(m, ref) for m in subs):  # a spare taken back usually is already
+                module.to(device=ref.device, dtype=ref.dtype)
+            slotted += _slot_parameters_of(subs)
         if host.stack_cache.slots.enabled:
-            host.stack_cache.slots.place(self._slot_parameters(name))
+            host.stack_cache.slots.place(slotted)
         if set_active:
             self.set_active_adapters(name)
 
     def _slot_parameters(self, name: str) -> list[nn.Parameter]:
-        return [p for _, module in self.adapter_modules(name) for m in module.modules()
-                if callable(slotted := getattr(m, "slot_parameters", None)) for p in slotted()]
+        return [p for _, module in self.adapter_modules(name) for p in _slot_parameters_of(module.modules())]
 
     def _remove_modules(self, name: str) -> None:
         host = self._host
-        host.stack_cache.forget(self.adapter_parameters(name))
-        host.stack_cache.slots.release(self._slot_parameters(name))
+        subs = [m for _, module in self.adapter_modules(name) for m in module.modules()]
+        host.stack_cache.forget(p for m in subs for p in m._parameters.values() if p is not None)
+        host.stack_cache.slots.release(_slot_parameters_of(subs))
         for room in METHODS:
             room.remove(host, name)
 
@@ -459,6 +464,20 @@ class AdapterModelMixin(InspectionAPI, *room_apis()):
         for room in METHODS:
             hidden = room.before_output_embeddings(host, hidden, rows)
         return hidden
+
+
+def _slot_parameters_of(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
+    """The parameters these modules keep in slot pools (methods.slots), in order."""
+    return [p for m in modules if callable(slotted := getattr(m, "slot_parameters", None)) for p in slotted()]
+
+
+def _placed_like(module: nn.Module, ref: torch.Tensor) -> bool:
+    """Whether `module`'s own tensors already have what `.to(device=ref.device, dtype=ref.dtype)` would give them
+    (it casts floating-point tensors only), so the call can be skipped: a spare module taken back usually has."""
+    for t in (*module._parameters.values(), *module._buffers.values()):
+        if t is not None and (t.device != ref.device or (t.is_floating_point() and t.dtype != ref.dtype)):
+            return False
+    return True
 
 
 def _has_split(block: AdapterCompositionBlock) -> bool:

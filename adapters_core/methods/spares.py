@@ -25,8 +25,16 @@ M = TypeVar("M", bound=nn.Module)
 _KEY_ATTR = "_adapterserve_spare_key"
 
 
+_NBYTES_ATTR = "_adapterserve_spare_nbytes"
+
+
 def _nbytes(module: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
+    """The bytes of a kept module's parameters, counted once when it was kept (its shape never changes)."""
+    size = getattr(module, _NBYTES_ATTR, None)
+    if size is None:
+        size = sum(p.numel() * p.element_size() for p in module.parameters())
+        setattr(module, _NBYTES_ATTR, size)
+    return int(size)
 
 
 class SpareModules:
@@ -109,10 +117,11 @@ class SpareModules:
 
 def _refresh(module: nn.Module) -> None:
     """A spare as a fresh module would be: trainable, no gradient, no cached result of its old weights."""
-    for p in module.parameters():
-        p.requires_grad_(True)
-        p.grad = None
     for m in module.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                p.requires_grad_(True)
+                p.grad = None
         reset = getattr(m, "reset_cached", None)
         if callable(reset):
             reset()

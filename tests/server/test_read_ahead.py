@@ -154,8 +154,9 @@ def test_runner_reads_queued_requests_adapters_during_a_batch(tmp_path: Path, en
     engine.unload(second.internal)
 
 
-def test_worker_reads_ahead_without_an_answer(tiny_model_dir: Path, adapter_factory: Callable[[str, int], Path]) -> None:
-    """The one-way message leaves the socket in step: the next calls get their own answers."""
+def test_worker_reads_ahead_and_unloads_without_an_answer(tiny_model_dir: Path, adapter_factory: Callable[[str, int], Path]) -> None:
+    """The one-way messages (read ahead, unload) leave the socket in step: the next calls get their own answers
+    and find what those messages did."""
     folders = [adapter_factory("seq_bn", 940), adapter_factory("lora", 941)]
     worker = WorkerEngine(str(tiny_model_dir), device="cpu")
     local = Engine(str(tiny_model_dir), device="cpu")
@@ -171,6 +172,13 @@ def test_worker_reads_ahead_without_an_answer(tiny_model_dir: Path, adapter_fact
         want = np.concatenate(local.embed([Segment("w0", rows), Segment("w1", rows)]))
         np.testing.assert_allclose(np.concatenate(got), want, atol=1e-6)  # two processes may run other thread counts
         assert worker.load(folders[0], "w2").read_ahead is False  # taken already: read on the worker's main thread
+        worker.unload("w1")  # not answered either, but in order: the next calls see it gone
+        worker.load(folders[1], "w1")
+        worker.unload("w1")
+        with pytest.raises(ValueError, match="w1"):
+            worker.embed([Segment("w1", rows)])
+        with pytest.raises(ValueError, match="no adapter named 'w1'"):  # checked in this process
+            worker.unload("w1")
     finally:
         worker.close()
         local.close()
