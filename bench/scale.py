@@ -306,6 +306,7 @@ class Result:
     load_hist: dict[str, dict[str, Histogram]]  # row label -> method ("" = all methods) -> histogram
     resident: dict[str, float]
     load_errors: dict[str, float]
+    read_ahead: dict[str, tuple[float, float]]  # server -> loads whose files were read ahead, loads read on the spot
     notes: list[str]
 
 
@@ -395,6 +396,9 @@ async def measure(args: argparse.Namespace, servers: dict[str, Server], by_name:
         },
         resident={k: prom_value(text, "adapterserve_adapters_resident") for k, text in texts_by_server.items()},
         load_errors={k: prom_value(text, "adapterserve_adapter_loads_total", result="error") for k, text in texts_by_server.items()},
+        read_ahead={k: (prom_value(text, "adapterserve_adapter_read_ahead_total", result="hit"),
+                        prom_value(text, "adapterserve_adapter_read_ahead_total", result="miss"))
+                    for k, text in texts_by_server.items()},
         notes=notes,
     )
 
@@ -488,10 +492,13 @@ def report(args: argparse.Namespace, res: Result, sizes: dict, timings: dict[str
                 continue
             print(f"| {row_labels[key]} | {method or 'all'} | {h.total:.0f} | {_ms(h.sum / h.total)} | {_ms(h.quantile(0.5))} | "
                   f"{_bucket(*h.bucket_of(0.5))} | {_ms(h.quantile(0.99))} | {_bucket(*h.bucket_of(0.99))} |")
-    print("\n| server | adapters resident at the end | failed loads (adapter_loads_total{result=\"error\"}) |")
-    print("| --- | ---: | ---: |")
+    print("\n| server | adapters resident at the end | failed loads (adapter_loads_total{result=\"error\"}) | "
+          "loads with their files read ahead (adapter_read_ahead_total, whole run) |")
+    print("| --- | ---: | ---: | ---: |")
     for key in res.resident:
-        print(f"| {key} | {res.resident[key]:.0f} | {res.load_errors[key]:.0f} |")
+        hit, miss = res.read_ahead.get(key, (0.0, 0.0))
+        share = f" ({hit / (hit + miss):.0%})" if hit + miss else ""
+        print(f"| {key} | {res.resident[key]:.0f} | {res.load_errors[key]:.0f} | {hit:.0f} of {hit + miss:.0f}{share} |")
     any_h = next((h for g in res.load_hist.values() for h in g.values() if h.buckets), None)
     if any_h is not None:
         finite = [le for le, _ in any_h.buckets if not math.isinf(le)]
