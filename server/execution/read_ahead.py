@@ -86,11 +86,12 @@ class ReadAhead:
                 self._trim()
 
     def take(self, folder: Path) -> AdapterFiles | None:
-        """The files read ahead for `folder` (waiting for a read under way), or None: never wanted, dropped,
-        changed on disk since, or the read failed. Either way the entry is gone afterwards."""
+        """The files read ahead for `folder` (waiting for a read under way), or None: never wanted, dropped, not
+        begun yet (it is cancelled: the caller reads at once instead of waiting behind other reads), changed on disk
+        since, or the read failed. Either way the entry is gone afterwards."""
         with self._lock:
             entry = self._entries.pop(Path(folder), None)
-        if entry is None:
+        if entry is None or entry.future.cancel():  # still queued behind other reads: reading it now is sooner
             self.misses += 1
             return None
         try:
@@ -125,4 +126,4 @@ class ReadAhead:
         while len(self._entries) > self.limit_entries or (
             len(self._entries) > 1 and sum(e.nbytes for e in self._entries.values()) > self.limit_bytes
         ):
-            self._entries.popitem(last=False)
+            self._entries.popitem(last=False)[1].future.cancel()  # one not begun is never read
