@@ -32,7 +32,7 @@ SETTINGS = {
 }
 # The metrics contract, as exposed sample names (counters end in _total, histograms expose
 # _bucket/_sum/_count). adapterserve_draining is the server's drain gauge.
-COUNTERS = {"requests", "adapter_loads", "adapter_evictions", "tenant_requests", "inference_worker_restarts"}
+COUNTERS = {"requests", "adapter_loads", "adapter_evictions", "adapter_read_ahead", "tenant_requests", "inference_worker_restarts"}
 HISTOGRAMS = {"request_seconds", "queue_seconds", "inference_seconds", "batch_size",
               "batch_distinct_adapters", "adapter_load_seconds"}
 GAUGES = {"queue_depth", "adapters_resident", "adapter_cache_bytes", "draining", "requests_in_flight"}

@@ -4,6 +4,7 @@ runner (queued requests' adapters) and across the worker's socket."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -78,6 +79,23 @@ def test_a_failed_read_is_never_handed_out(tmp_path: Path, engine: Engine, adapt
     assert ahead.take(folder) is None
     with pytest.raises(ValueError, match="safetensors"):  # the load reads the folder itself and says what is wrong
         engine.load(folder, "broken")
+    ahead.close()
+
+
+def test_a_load_never_waits_behind_other_reads(engine: Engine, adapter_factory: Callable[[str, int], Path]) -> None:
+    first, second = adapter_factory("seq_bn", 905), adapter_factory("lora", 906)
+    gate = threading.Event()
+
+    def read(folder: Path) -> object:
+        if folder == first:
+            assert gate.wait(30)
+        return engine.model.read_adapter_files(str(folder))
+
+    ahead = ReadAhead(read)  # type: ignore[arg-type]
+    ahead.want([first, second])
+    assert ahead.take(second) is None and ahead.misses == 1  # queued behind `first`: cancelled, read by the caller
+    gate.set()
+    assert ahead.take(first) is not None and ahead.hits == 1  # under way: waited for
     ahead.close()
 
 
