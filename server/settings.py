@@ -93,9 +93,10 @@ class Settings(BaseSettings):
     )
     torch_threads: int = Field(0, ge=0, description="intra-op threads for the forward pass; 0 = torch's default")
     switch_interval_ms: float = Field(
-        0.1, ge=0, description="Python's GIL switch interval in this process. The inference thread gives up the GIL "
-        "at every torch op and must win it back from a busy event loop; 0.1 ms instead of Python's 5 ms gave "
-        "2-19% more throughput in paired runs of bench/serve_cpu.py. 0 keeps Python's default"
+        0.1, ge=0, description="Python's GIL switch interval in this process and in the inference worker. The inference "
+        "thread gives up the GIL at every torch op and must win it back from a busy event loop (in the worker, from its "
+        "read-ahead thread); 0.1 ms instead of Python's 5 ms gave 2-19% more throughput in paired runs of "
+        "bench/serve_cpu.py. 0 keeps Python's default"
     )
     kv_cache_mb: float = Field(1024, gt=0, description="KV cache budget for running generation sequences: a sequence is admitted once its worst case (prompt + max_tokens) fits beside the running ones; the buffers grow as sequences get longer")
     max_running_sequences: int = Field(32, ge=1, description="generation sequences in one decode step at most")

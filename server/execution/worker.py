@@ -53,7 +53,9 @@ class WorkerEngine(Backbone):
     """Same interface as `Engine`; the model lives in a child process."""
 
     def __init__(self, model_path: str, device: str = "auto", dtype: str = "float32", threads: int = 0,
-                 length_buckets: int = 1, stack_cache_bytes: int = 64 << 20) -> None:
+                 length_buckets: int = 1, stack_cache_bytes: int = 64 << 20, switch_interval_ms: float = 0) -> None:
+        """`switch_interval_ms` > 0: the child's GIL switch interval, so its read-ahead thread holds the GIL for no
+        longer than that while the forward pass waits to dispatch its next op (0: Python's 5 ms)."""
         from transformers import AutoConfig
 
         from adapters_core import AutoAdapterModel
@@ -63,6 +65,7 @@ class WorkerEngine(Backbone):
         with torch.device("meta"):
             self._describe(AutoAdapterModel.from_config(config))
         self._args = (model_path, device, dtype, threads, length_buckets, stack_cache_bytes)
+        self._switch_interval_s = switch_interval_ms / 1000.0
         self._lock = threading.Lock()
         self._loaded: dict[str, tuple[Path, tuple[str, ...]]] = {}  # internal -> (folder, fused): what a new child reloads
         self._proc: subprocess.Popen[bytes] | None = None
@@ -71,6 +74,7 @@ class WorkerEngine(Backbone):
         self.on_restart: Callable[[], None] | None = None
         self.on_lost: Callable[[str], None] | None = None  # an adapter the new child could not load again
         self.device = ""
+        self.child_switch_interval_s = 0.0
         self._start()
 
     # -- the child's lifecycle -------------------------------------------------------------------
@@ -83,7 +87,7 @@ class WorkerEngine(Backbone):
         theirs.close()
         conn = Connection(ours.detach())
         try:
-            conn.send(self._args)
+            conn.send((self._args, self._switch_interval_s))
             deadline = time.monotonic() + START_TIMEOUT_S
             while not conn.poll(0.2):
                 if proc.poll() is not None or time.monotonic() > deadline:
@@ -99,6 +103,7 @@ class WorkerEngine(Backbone):
             raise _error(payload)
         self._proc, self._conn = proc, conn
         self.device = str(payload["device"])
+        self.child_switch_interval_s = float(payload["switch_interval_s"])  # as the child reports it
         log.info("inference worker pid %d: %s on %s", proc.pid, self.name, self.device)
 
     @property
@@ -245,16 +250,18 @@ def worker_main(conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        args = conn.recv()
+        args, switch_interval_s = conn.recv()
     except (EOFError, OSError):
         return
+    if switch_interval_s > 0:
+        sys.setswitchinterval(switch_interval_s)
     try:
         engine = Engine(*args)
     except Exception as exc:
         conn.send(("error", (type(exc).__name__, str(exc))))
         return
     settle_heap()
-    conn.send(("ok", {"device": str(engine.device)}))
+    conn.send(("ok", {"device": str(engine.device), "switch_interval_s": sys.getswitchinterval()}))
     loads = 0
     while True:
         try:

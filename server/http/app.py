@@ -28,9 +28,11 @@ EngineFactory = Callable[[Settings], AnyEngine]
 
 def default_engine(settings: Settings) -> AnyEngine:
     """The model in a child process (the default) or on a thread of this one (INFERENCE_WORKER=false)."""
-    kind = WorkerEngine if settings.inference_worker else Engine
-    return kind(settings.model_path, settings.device, settings.dtype, settings.torch_threads, settings.length_buckets,
-                settings.stack_cache_bytes)
+    args = (settings.model_path, settings.device, settings.dtype, settings.torch_threads, settings.length_buckets,
+            settings.stack_cache_bytes)
+    if settings.inference_worker:
+        return WorkerEngine(*args, switch_interval_ms=settings.switch_interval_ms)
+    return Engine(*args)
 
 
 def create_app(settings: Settings | None = None, engine_factory: EngineFactory = default_engine) -> FastAPI:

@@ -17,6 +17,7 @@ import pytest
 
 from server.execution.engine import Engine
 from server.execution.worker import WorkerEngine
+from server.http.app import default_engine
 from tests.server.conftest import SENTENCES, Reference, serve, settings_for, upload_files
 
 CONFIGS = ("seq_bn", "lora", "prefix_tuning[prefix_length=4,bottleneck_size=16]")
@@ -65,6 +66,18 @@ def test_model_lives_in_the_child(tiny_model_dir: Path, adapter_factory: Callabl
     finally:
         engine.close()
     assert not engine.alive
+
+
+def test_the_child_takes_the_switch_interval(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The child's GIL switch interval is the setting's (its read-ahead thread shares the GIL with the forward pass),
+    and Python's own 5 ms when the setting is 0."""
+    engines = [default_engine(settings_for(tiny_model_dir, tmp_path / "store", inference_worker=True)),
+               WorkerEngine(str(tiny_model_dir), device="cpu", switch_interval_ms=0)]
+    try:
+        assert [e.child_switch_interval_s for e in engines] == [pytest.approx(0.0001), pytest.approx(0.005)]
+    finally:
+        for engine in engines:
+            engine.close()
 
 
 def test_dead_worker_is_replaced_with_its_adapters(tiny_model_dir: Path, tmp_path: Path,
