@@ -162,3 +162,29 @@ def test_deleting_a_fused_adapter_drops_the_fusion(fuse: Fuse) -> None:
     with pytest.raises(ValueError, match="no adapter fusion"):
         model.delete_adapter_fusion(fuse)
     assert {k for k, _ in model.named_parameters()} == {k for k in baseline if ".adapters.b." not in k}
+
+
+@pytest.mark.parametrize(("second", "where"), [
+    ({"config": "double_seq_bn"}, "layer 0's mh_adapter location holds 'b' but not 'a'"),
+    ({"config": "seq_bn[leave_out=[1]]"}, "layer 1's output_adapter location holds 'a' but not 'b'"),
+], ids=["double_seq_bn", "leave_out"])
+def test_fusing_adapters_at_different_locations_is_refused_when_added(second: dict, where: str) -> None:
+    """AdapterHub refuses differing mh_adapter/output_adapter settings when the fusion is added; a fusion
+    that could not fuse at some location must not wait for the first forward pass to fail."""
+    model = _model()
+    model.delete_adapter("b")
+    model.add_adapter("b", **second)
+    before = {k for k, _ in model.named_parameters()}
+    with pytest.raises(ValueError, match=f"do not sit at the same locations: {where}"):
+        model.add_adapter_fusion(Fuse("a", "b"))
+    assert {k for k, _ in model.named_parameters()} == before
+
+
+def test_seq_bn_fuses_with_par_bn_at_every_output_location() -> None:
+    model = _model()
+    model.add_adapter("p", "par_bn")
+    model.add_adapter_fusion(Fuse("a", "p"))
+    layers = {k.split(".adapter_fusion_layer.")[0] for k in dict(model.fusion_named_parameters(Fuse("a", "p")))}
+    assert len(layers) == 2
+    fused = _hidden(model, Fuse("a", "p"))
+    assert torch.isfinite(fused).all() and not torch.allclose(fused, _hidden(model, "a"))

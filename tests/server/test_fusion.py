@@ -137,6 +137,11 @@ def test_bad_fusion_uploads_and_uses(
         bad("f1", unknown, 422, "'nope'", "upload it first")
         over_lora = make_fusion(tiny_model_dir, {"ba": folders["ba"], "bl": adapter_factory("seq_bn", 523)}, tmp_path / "lora", seed=9)
         bad("f2", over_lora, 422, "'bl'", "bottleneck adapters only")
+        assert upload_files(c, "bd", adapter_factory("double_seq_bn", 524)).status_code == 201
+        snapshot = store_snapshot(root)
+        over_double = make_fusion(tiny_model_dir, {"ba": folders["ba"], "bd": adapter_factory("seq_bn", 524)},
+                                  tmp_path / "double", seed=9)  # made over a seq_bn "bd"; the server's is double_seq_bn
+        bad("f8", over_double, 422, "do not sit at the same locations", "mh_adapter location holds 'bd' but not 'ba'")
         renamed = tmp_path / "renamed"
         renamed.mkdir()
         state = load_file(str(fusion / "model_adapter_fusion.safetensors"))

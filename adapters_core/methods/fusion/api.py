@@ -96,12 +96,33 @@ def _config(meta: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def _unprobed(message: str, probes: list[str], saved: Fuse) -> str:
+    """`message` with the inspection's probe names put back to the names the fusion was saved with."""
+    for probe, name in sorted(zip(probes, saved.children, strict=True), key=lambda pn: -len(pn[0])):
+        message = message.replace(probe, str(name))
+    return message.replace("__fusion_probe", saved.name)
+
+
 class FusionAPI:
     """add_adapter_fusion, delete_adapter_fusion, train/save/load/inspect, fusion_named_parameters, fusion_nbytes."""
 
     def _fusion_locations(self, fuse: Fuse) -> list[BottleneckLocation]:
+        """The locations where every fused adapter sits. A location holding only some of them is refused:
+        it could not fuse them, and AdapterHub fails there at the first forward pass (no fusion layer)."""
         names = fuse.flatten()
-        return [loc for loc in bottlenecks(self._host) if all(n in loc.adapters for n in names)]
+        locations = []
+        for loc in bottlenecks(self._host):
+            present = [n for n in names if n in loc.adapters]
+            if present and len(present) < len(names):
+                missing = [n for n in names if n not in loc.adapters]
+                raise ValueError(
+                    f"{fuse!r}: the fused adapters do not sit at the same locations: layer {loc.layer}'s "
+                    f"{loc.site.location} location holds {', '.join(map(repr, present))} but not "
+                    f"{', '.join(map(repr, missing))}; fuse adapters with the same mh_adapter, output_adapter and leave_out "
+                    "settings (e.g. seq_bn with par_bn, not with double_seq_bn)")
+            if present:
+                locations.append(loc)
+        return locations
 
     def add_adapter_fusion(
         self, fusion: Fuse | list[str] | str, config: AdapterFusionConfig | dict | str | None = None,
@@ -230,7 +251,10 @@ class FusionAPI:
             try:
                 for i, folder in enumerate(adapter_dirs):
                     probes.append(skeleton.load_adapter(str(folder), load_as=f"__fusion_probe_{i}", allow_pickle=False))
-                fuse = skeleton.load_adapter_fusion(path, adapter_names=probes, load_as="__fusion_probe")
+                try:
+                    fuse = skeleton.load_adapter_fusion(path, adapter_names=probes, load_as="__fusion_probe")
+                except ValueError as exc:
+                    raise ValueError(_unprobed(str(exc), probes, saved)) from None
                 nbytes = skeleton.fusion_nbytes(fuse)
             finally:
                 for probe in probes:
