@@ -29,13 +29,18 @@ SETTINGS = {
     "ADAPTERSERVE_MAX_REQUEST_COST", "ADAPTERSERVE_MAX_RESPONSE_VALUES", "ADAPTERSERVE_MAX_JSON_DEPTH",
     "ADAPTERSERVE_TOKENIZE_THREADS", "ADAPTERSERVE_HEADER_TIMEOUT_S", "ADAPTERSERVE_BODY_TIMEOUT_S",
     "ADAPTERSERVE_MIN_BODY_RATE_KIB_S",
+    # generation (issues 13-14)
+    "ADAPTERSERVE_KV_CACHE_MB", "ADAPTERSERVE_MAX_RUNNING_SEQUENCES", "ADAPTERSERVE_GENERATION_QUEUE_SIZE",
+    "ADAPTERSERVE_PREFILL_CHUNK_TOKENS", "ADAPTERSERVE_MAX_NEW_TOKENS",
 }
 # The metrics contract, as exposed sample names (counters end in _total, histograms expose
 # _bucket/_sum/_count). adapterserve_draining is the server's drain gauge.
-COUNTERS = {"requests", "adapter_loads", "adapter_evictions", "adapter_read_ahead", "tenant_requests", "inference_worker_restarts"}
+COUNTERS = {"requests", "adapter_loads", "adapter_evictions", "adapter_read_ahead", "tenant_requests", "inference_worker_restarts",
+            "generated_tokens", "tenant_generated_tokens"}
 HISTOGRAMS = {"request_seconds", "queue_seconds", "inference_seconds", "batch_size",
-              "batch_distinct_adapters", "adapter_load_seconds"}
-GAUGES = {"queue_depth", "adapters_resident", "adapter_cache_bytes", "draining", "requests_in_flight"}
+              "batch_distinct_adapters", "adapter_load_seconds", "generation_ttft_seconds", "generation_inter_token_seconds"}
+GAUGES = {"queue_depth", "adapters_resident", "adapter_cache_bytes", "draining", "requests_in_flight",
+          "generation_running_sequences", "generation_waiting_sequences", "kv_cache_bytes", "kv_cache_used_bytes"}
 
 SETTING_RE = re.compile(r"\bADAPTERSERVE_[A-Z0-9_]*[A-Z0-9]\b")
 METRIC_RE = re.compile(r"\badapterserve_[a-z0-9_]*[a-z0-9]\b")
