@@ -29,6 +29,7 @@ _FLAGS: dict[str, str] = {
     "--queue-size": "queue_size", "--request-timeout-s": "request_timeout_s", "--max-upload-mb": "max_upload_mb",
     "--max-inputs": "max_inputs", "--max-input-tokens": "max_input_tokens", "--tenant-max-adapters": "tenant_max_adapters",
     "--drain-timeout-s": "drain_timeout_s", "--log-level": "log_level", "--torch-threads": "torch_threads",
+    "--forward-lanes": "forward_lanes",
     "--switch-interval-ms": "switch_interval_ms", "--inference-worker": "inference_worker",
     "--length-buckets": "length_buckets", "--max-composition-depth": "max_composition_depth",
     "--max-composition-width": "max_composition_width", "--max-adapter-applications": "max_adapter_applications",

@@ -92,6 +92,11 @@ class Settings(BaseSettings):
         "event loop's GIL; false keeps it on a thread of this process"
     )
     torch_threads: int = Field(0, ge=0, description="intra-op threads for the forward pass; 0 = torch's default")
+    forward_lanes: int = Field(
+        0, ge=0, description="parts a batch is cut into (by input length) and run side by side, each on its own thread "
+        "with torch_threads / forward_lanes intra-op threads; 1 runs one pass at a time with all threads (then "
+        "length_buckets applies). 0 = 2 on a CPU with 2 or more threads, 1 on a GPU"
+    )
     switch_interval_ms: float = Field(
         0.1, ge=0, description="Python's GIL switch interval in this process and in the inference worker. The inference "
         "thread gives up the GIL at every torch op and must win it back from a busy event loop (in the worker, from its "

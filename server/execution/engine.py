@@ -1,6 +1,7 @@
 """The model side: one backbone with adapters (adapters_core), its tokenizer, and batched forward passes.
 
-Every method that touches the model runs on the single inference thread (see server.scheduling.batcher).
+Every method that touches the model runs on the single inference thread (see server.scheduling.batcher); with
+`lanes` > 1 that thread hands the parts of one batch to lane threads and waits for them (see `lane_parts`).
 """
 
 from __future__ import annotations
@@ -8,7 +9,9 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -159,7 +162,10 @@ class Engine(Backbone):
     """Backbone + tokenizer in this process; loads adapters by internal name and runs mixed-adapter batches."""
 
     def __init__(self, model_path: str, device: str = "auto", dtype: str = "float32", threads: int = 0,
-                 length_buckets: int = 1, stack_cache_bytes: int = 64 << 20) -> None:
+                 length_buckets: int = 1, stack_cache_bytes: int = 64 << 20, lanes: int = 1) -> None:
+        """`lanes` > 1: each batch of several rows is cut into that many parts, run side by side on lane threads
+        that share the intra-op threads (`threads`, or torch's default) out; 0 picks 2 on a CPU with 2 or more
+        threads, else 1 (see `auto_lanes`)."""
         from adapters_core import AutoAdapterModel
 
         self.length_buckets = length_buckets
@@ -167,6 +173,12 @@ class Engine(Backbone):
             torch.set_num_threads(threads)
         super().__init__(model_path)
         self.device = pick_device(device)
+        self.threads = torch.get_num_threads()
+        self.lanes = lanes if lanes > 0 else auto_lanes(self.device, self.threads)
+        self._lane_pool: ThreadPoolExecutor | None = None
+        self._pinned = threading.local()  # set on each thread whose intra-op count this engine has pinned
+        if self.lanes > 1:
+            self._lane_pool = lane_pool(self.lanes, max(1, self.threads // self.lanes))
         self.dtype = _DTYPES[dtype]
         model = AutoAdapterModel.from_pretrained(model_path)
         model.eval()
@@ -200,6 +212,8 @@ class Engine(Backbone):
 
     def close(self) -> None:
         self._ahead.close()
+        if self._lane_pool is not None:
+            self._lane_pool.shutdown(wait=True)
 
     def unload(self, internal: str) -> None:
         """Unload an adapter (with every fusion over it) or a fusion."""
@@ -213,6 +227,7 @@ class Engine(Backbone):
     # -- generation ----------------------------------------------------------------------------
     def generation_step(self, admit: list[SeqSpec], cancel: list[int], limits: Limits) -> StepResult:
         """One iteration of the running set (see server.execution.generator); built on first use."""
+        self._own_threads()
         if self._generator is None:
             if not (self.causal_lm or self.seq2seq_lm):
                 raise ValueError(f"{self.name} is not a causal or encoder-decoder language model")
@@ -247,28 +262,42 @@ class Engine(Backbone):
             return blocks[0]
         return BatchSplit(*(batchable(b) for b in blocks), batch_sizes=[len(s.rows) for s in segments])
 
+    def _own_threads(self) -> None:
+        """Give the calling thread all intra-op threads, once per thread (with lanes, a lane's start changes the
+        count a thread first running torch ops would take)."""
+        if self._lane_pool is not None and not getattr(self._pinned, "done", False):
+            pin_threads(self.threads)
+            self._pinned.done = True
+
     def embed(self, segments: list[Segment]) -> list[np.ndarray]:
-        """Per segment a float32 array [rows(*width), hidden]: one forward pass per length bucket."""
+        """Per segment a float32 array [rows(*width), hidden]: one forward pass per length bucket (or lane part)."""
+        self._own_threads()
         if segments[0].width > 1:
             return self._embed_once(segments)
         return self._in_buckets(segments, self._embed_once, np.stack)
 
     def classify(self, segments: list[Segment], labels: dict[str, dict[int, str]]) -> list[list[Classified]]:
-        """Per segment its rows' labels: one forward pass per length bucket."""
+        """Per segment its rows' labels: one forward pass per length bucket (or lane part)."""
+        self._own_threads()
         if segments[0].width > 1:
             return self._classify_once(segments, labels)
         return self._in_buckets(segments, lambda segs: self._classify_once(segs, labels), list)
 
     def _in_buckets(self, segments: list[Segment], run: Callable[[list[Segment]], list[R]],
                     join: Callable[[list[Any]], R]) -> list[R]:
-        """Per segment its result, from `run` called once per length bucket (see `length_buckets`); with
-        several buckets each segment's rows are put back in order and `join`ed. Rows of one segment that
-        share a bucket stay one segment (one BatchSplit child)."""
+        """Per segment its result, from `run` called once per part of the batch: per length bucket (see
+        `length_buckets`), or with lanes, per lane part (see `lane_parts`), the parts side by side on the lane
+        threads. With several parts each segment's rows are put back in order and `join`ed. Rows of one segment
+        that share a part stay one segment (one BatchSplit child)."""
         rows = [(si, pos) for si, s in enumerate(segments) for pos in range(len(s.rows))]
-        buckets = length_buckets([len(segments[si].rows[pos]) for si, pos in rows], self.length_buckets)
+        lengths = [len(segments[si].rows[pos]) for si, pos in rows]
+        if self._lane_pool is not None:
+            buckets = lane_parts(lengths, self.lanes)
+        else:
+            buckets = length_buckets(lengths, self.length_buckets)
         if len(buckets) == 1:
             return run(segments)
-        results: list[list[Any]] = [[None] * len(s.rows) for s in segments]
+        parts: list[tuple[list[Segment], list[tuple[int, list[int]]]]] = []
         for bucket in buckets:
             subsegments: list[Segment] = []
             places: list[tuple[int, list[int]]] = []
@@ -281,7 +310,15 @@ class Engine(Backbone):
                 else:
                     subsegments.append(Segment(seg.block, [seg.rows[pos]], seg.head, seg.width))
                     places.append((si, [pos]))
-            for (si, positions), out in zip(places, run(subsegments), strict=True):
+            parts.append((subsegments, places))
+        if self._lane_pool is not None:
+            futures = [self._lane_pool.submit(run, subsegments) for subsegments, _ in parts]
+            outs = [f.result() for f in futures]  # every part ends before an error is raised: none is left running
+        else:
+            outs = [run(subsegments) for subsegments, _ in parts]
+        results: list[list[Any]] = [[None] * len(s.rows) for s in segments]
+        for (_, places), out_part in zip(parts, outs, strict=True):
+            for (si, positions), out in zip(places, out_part, strict=True):
                 for pos, value in zip(positions, out, strict=True):
                     results[si][pos] = value
         return [join(r) for r in results]
@@ -346,6 +383,68 @@ class Engine(Backbone):
             base = base.get_encoder()
         out = base(**inputs)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def pin_threads(n: int) -> None:
+    """The calling thread's intra-op threads: `n` from now on. torch keeps the count per thread (OpenMP's and MKL's),
+    but makes a thread's copy on its first op from a process-wide value that every set_num_threads call changes;
+    get_num_threads makes the copy now, and the second call sets it whatever another thread did in between."""
+    torch.set_num_threads(n)
+    torch.get_num_threads()
+    torch.set_num_threads(n)
+
+
+def lane_pool(lanes: int, threads_per_lane: int) -> ThreadPoolExecutor:
+    """`lanes` threads with `threads_per_lane` intra-op threads each, all started and pinned before this returns."""
+    pool = ThreadPoolExecutor(lanes, thread_name_prefix="lane", initializer=pin_threads, initargs=(threads_per_lane,))
+    everyone = threading.Barrier(lanes)  # each task waits for the others, so each runs on a thread of its own
+    for started in [pool.submit(everyone.wait, 60) for _ in range(lanes)]:
+        started.result()
+    return pool
+
+
+def auto_lanes(device: torch.device, threads: int) -> int:
+    """Lanes when the setting says 0: 2 on a CPU with 2 or more intra-op threads, else 1 (a GPU runs one batch at a
+    time; its host thread mostly waits on the device)."""
+    return 2 if device.type == "cpu" and threads >= 2 else 1
+
+
+def lane_parts(lengths: Sequence[int], lanes: int) -> list[list[int]]:
+    """Row indices for `lanes` forward passes run side by side: the rows sorted by length and cut into at most
+    `lanes` consecutive groups so that the largest group's padded tokens (rows x its longest row) is as small as
+    it can be; each group in the original order, none empty.
+
+    Why lanes: on a CPU, two passes of one intra-op thread each beat one pass of two threads, most of all when
+    another process (the server's HTTP side) takes cores now and then. A two-thread pass waits at every op for
+    its slower thread; a descheduled lane delays only its own part (bench/threads.py, README)."""
+    n = len(lengths)
+    if lanes <= 1 or n < 2:
+        return [list(range(n))]
+    order = sorted(range(n), key=lambda i: lengths[i])
+    sorted_len = [lengths[i] for i in order]
+
+    def cuts(limit: int) -> list[int] | None:
+        """Where groups start when each takes as many rows as fit under `limit` padded tokens; None if more than
+        `lanes` groups are needed."""
+        starts, start = [0], 0
+        for j in range(n):
+            if (j - start + 1) * sorted_len[j] > limit:
+                start = j
+                starts.append(j)
+                if len(starts) > lanes:
+                    return None
+        return starts
+
+    lo, hi = sorted_len[-1], n * sorted_len[-1]  # the longest row alone ... everything in one pass
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cuts(mid) is None:
+            lo = mid + 1
+        else:
+            hi = mid
+    starts = cuts(lo) or [0]
+    bounds = [*starts, n]
+    return [sorted(order[a:b]) for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
 
 
 def length_buckets(lengths: Sequence[int], max_buckets: int, min_rows: int = 4, min_saving: float = 0.1) -> list[list[int]]:

@@ -53,7 +53,8 @@ class WorkerEngine(Backbone):
     """Same interface as `Engine`; the model lives in a child process."""
 
     def __init__(self, model_path: str, device: str = "auto", dtype: str = "float32", threads: int = 0,
-                 length_buckets: int = 1, stack_cache_bytes: int = 64 << 20, switch_interval_ms: float = 0) -> None:
+                 length_buckets: int = 1, stack_cache_bytes: int = 64 << 20, lanes: int = 1,
+                 switch_interval_ms: float = 0) -> None:
         """`switch_interval_ms` > 0: the child's GIL switch interval, so its read-ahead thread holds the GIL for no
         longer than that while the forward pass waits to dispatch its next op (0: Python's 5 ms)."""
         from transformers import AutoConfig
@@ -64,7 +65,7 @@ class WorkerEngine(Backbone):
         config = AutoConfig.from_pretrained(model_path)
         with torch.device("meta"):
             self._describe(AutoAdapterModel.from_config(config))
-        self._args = (model_path, device, dtype, threads, length_buckets, stack_cache_bytes)
+        self._args = (model_path, device, dtype, threads, length_buckets, stack_cache_bytes, lanes)
         self._switch_interval_s = switch_interval_ms / 1000.0
         self._lock = threading.Lock()
         self._loaded: dict[str, tuple[Path, tuple[str, ...]]] = {}  # internal -> (folder, fused): what a new child reloads
@@ -75,6 +76,7 @@ class WorkerEngine(Backbone):
         self.on_lost: Callable[[str], None] | None = None  # an adapter the new child could not load again
         self.device = ""
         self.child_switch_interval_s = 0.0
+        self.lanes = 1
         self._start()
 
     # -- the child's lifecycle -------------------------------------------------------------------
@@ -104,6 +106,7 @@ class WorkerEngine(Backbone):
         self._proc, self._conn = proc, conn
         self.device = str(payload["device"])
         self.child_switch_interval_s = float(payload["switch_interval_s"])  # as the child reports it
+        self.lanes = int(payload["lanes"])
         log.info("inference worker pid %d: %s on %s", proc.pid, self.name, self.device)
 
     @property
@@ -261,7 +264,7 @@ def worker_main(conn: Connection) -> None:
         conn.send(("error", (type(exc).__name__, str(exc))))
         return
     settle_heap()
-    conn.send(("ok", {"device": str(engine.device), "switch_interval_s": sys.getswitchinterval()}))
+    conn.send(("ok", {"device": str(engine.device), "switch_interval_s": sys.getswitchinterval(), "lanes": engine.lanes}))
     loads = 0
     while True:
         try:

@@ -29,7 +29,7 @@ EngineFactory = Callable[[Settings], AnyEngine]
 def default_engine(settings: Settings) -> AnyEngine:
     """The model in a child process (the default) or on a thread of this one (INFERENCE_WORKER=false)."""
     args = (settings.model_path, settings.device, settings.dtype, settings.torch_threads, settings.length_buckets,
-            settings.stack_cache_bytes)
+            settings.stack_cache_bytes, settings.forward_lanes)
     if settings.inference_worker:
         return WorkerEngine(*args, switch_interval_ms=settings.switch_interval_ms)
     return Engine(*args)

@@ -92,6 +92,31 @@ def adapter_factory(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFacto
     return make
 
 
+def with_head(folder: Path, out: Path, labels: tuple[str, ...] = ("neg", "pos"), seed: int = 3) -> Path:
+    """Copy an adapter and add an AdapterHub classification head (2 layers, tanh, the given labels)."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    shutil.copytree(folder, out)
+    name = json.loads((folder / "adapter_config.json").read_text())["name"]
+    (out / "head_config.json").write_text(json.dumps({
+        "config": {"head_type": "classification", "num_labels": len(labels), "layers": 2, "activation_function": "tanh",
+                   "label2id": {label: i for i, label in enumerate(labels)}, "use_pooler": False, "bias": True,
+                   "dropout_prob": None},
+        "hidden_size": 32, "model_class": "BertAdapterModel", "model_name": "tiny", "model_type": "bert", "name": name,
+    }))
+    gen = torch.Generator().manual_seed(seed)
+    n = len(labels)
+    save_file({
+        f"heads.{name}.1.weight": torch.randn(32, 32, generator=gen), f"heads.{name}.1.bias": torch.randn(32, generator=gen),
+        f"heads.{name}.4.weight": torch.randn(n, 32, generator=gen), f"heads.{name}.4.bias": torch.randn(n, generator=gen),
+    }, str(out / "model_head.safetensors"))
+    return out
+
+
 class Reference:
     """What the library computes in-process: mean-pooled, L2-normalised last_hidden_state."""
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.server.conftest import SENTENCES, Reference, Running, serve, settings_for, upload_files
+from tests.server.conftest import SENTENCES, Reference, Running, serve, settings_for, upload_files, with_head
 
 pytestmark = pytest.mark.slow
 
@@ -223,33 +223,10 @@ def test_delete_then_gone(srv: Running, adapter_factory: Callable[[str, int], Pa
         assert c.post("/v1/infer", json={"inputs": ["fun"], "adapters": "tmp"}).status_code == 404
 
 
-def _with_head(folder: Path, out: Path, labels: tuple[str, ...] = ("neg", "pos"), seed: int = 3) -> Path:
-    """Copy an adapter and add an AdapterHub classification head (2 layers, tanh, the given labels)."""
-    import json
-    import shutil
-
-    import torch
-    from safetensors.torch import save_file
-
-    shutil.copytree(folder, out)
-    name = json.loads((folder / "adapter_config.json").read_text())["name"]
-    (out / "head_config.json").write_text(json.dumps({
-        "config": {"head_type": "classification", "num_labels": len(labels), "layers": 2, "activation_function": "tanh",
-                   "label2id": {label: i for i, label in enumerate(labels)}, "use_pooler": False, "bias": True,
-                   "dropout_prob": None},
-        "hidden_size": 32, "model_class": "BertAdapterModel", "model_name": "tiny", "model_type": "bert", "name": name,
-    }))
-    gen = torch.Generator().manual_seed(seed)
-    n = len(labels)
-    save_file({
-        f"heads.{name}.1.weight": torch.randn(32, 32, generator=gen), f"heads.{name}.1.bias": torch.randn(32, generator=gen),
-        f"heads.{name}.4.weight": torch.randn(n, 32, generator=gen), f"heads.{name}.4.bias": torch.randn(n, generator=gen),
-    }, str(out / "model_head.safetensors"))
-    return out
 
 
 def test_classification_head(srv: Running, adapter_factory: Callable[[str, int], Path], reference: Reference, tmp_path: Path) -> None:
-    folder = _with_head(adapter_factory("seq_bn", 91), tmp_path / "headed")
+    folder = with_head(adapter_factory("seq_bn", 91), tmp_path / "headed")
     with srv.client("acme-key") as c:
         r = upload_files(c, "clf", folder)
         assert r.status_code == 201, r.text
@@ -272,7 +249,7 @@ def test_classifiers_with_different_heads_share_forward_passes(
     each row through its own head, and each answer equals the library run alone."""
     label_sets = [("neg", "pos"), ("a", "b", "c"), ("x", "y", "z", "w")]
     configs = ["seq_bn", "lora", "prefix_tuning[prefix_length=4,bottleneck_size=16]"]
-    folders = {f"clf{i}": _with_head(adapter_factory(configs[i % 3], 200 + i), tmp_path / f"clf{i}", label_sets[i % 3], seed=30 + i)
+    folders = {f"clf{i}": with_head(adapter_factory(configs[i % 3], 200 + i), tmp_path / f"clf{i}", label_sets[i % 3], seed=30 + i)
                for i in range(6)}
     with srv.client("acme-key") as c:
         for name, folder in folders.items():

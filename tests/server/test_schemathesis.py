@@ -47,7 +47,7 @@ def srv(tiny_model_dir: Path, keys_file: Path, tmp_path_factory: pytest.TempPath
 def seeded(srv: Running, tiny_model_dir: Path, adapter_factory: Callable[[str, int], Path],
            tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folders = {"alpha": adapter_factory("seq_bn", 31), "beta": adapter_factory("lora", 32),
-               "gamma": adapter_factory("double_seq_bn", 33)}
+               "gamma": adapter_factory("par_bn", 33)}
     fusion = make_fusion(tiny_model_dir, {"alpha": folders["alpha"], "gamma": folders["gamma"]},
                          tmp_path_factory.mktemp("schemathesis-fusion") / "f", seed=34)
     with srv.client(KEY) as c:
