@@ -45,4 +45,7 @@ def test_peft_lora_on_encoder_decoders(arch: str, tmp_path: Path) -> None:
                 b = state[key.replace("lora_A", "lora_B")]
                 merged.get_submodule(path).weight.add_(b @ a * (alpha / r))
     x = seq2seq_inputs()
-    assert float((logits(model, x, name) - logits(merged, x)).abs().max()) < 5e-5
+    # float32: W x + s B (A x) and (W + s B A) x round differently; with these large deltas (0.3-scale A and B)
+    # through four layers that reached 6.8e-5 on BART with transformers 5.24 (logits up to ~3)
+    got, want = logits(model, x, name), logits(merged, x)
+    assert float((got - want).abs().max()) < 2e-4 and float((got - want).abs().mean()) < 1e-5
