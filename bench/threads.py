@@ -154,7 +154,7 @@ def report(cases: dict[str, Case]) -> None:
     for a, b in (("server-lanes", "server-t2"), ("server-t2", "server-t1"), ("bare-t2", "bare-t1"),
                  ("bare-t2+cpu", "bare-t2"), ("bare-2x1", "bare-t2"), ("bare-2x1+cpu", "bare-2x1"),
                  ("bare-2x1+cpu", "bare-t2+cpu"), ("server-t1", "bare-t1"), ("server-t2", "bare-t2"),
-                 ("server-lanes", "bare-t2")):
+                 ("server-lanes", "bare-t2"), ("server-lanes", "bare-2x1")):
         print(ratio(a, b))
     for label in ("bare-t2+cpu", "bare-2x1+cpu"):
         burn = cases[label]
